@@ -1,0 +1,42 @@
+"""surgery: a declarative model-surgery language and graph rewriter for PyTorch models.
+
+    from surgery import rewrite
+    report = rewrite(model, "apply lora(r=8) to *.self_attn.<q,v>_proj")
+"""
+
+from surgery.api import load_rules, plan, rewrite
+from surgery.errors import (
+    ExecutionError,
+    ModelLoadError,
+    OutputError,
+    PlanError,
+    ResolveError,
+    SurgeryError,
+    SurgerySyntaxError,
+)
+from surgery.execute import Report
+from surgery.graph.site import Site
+from surgery.lang import parse, parse_file
+from surgery.methods import REGISTRY as METHODS
+from surgery.plan import Plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "ExecutionError",
+    "ModelLoadError",
+    "OutputError",
+    "Plan",
+    "PlanError",
+    "Report",
+    "ResolveError",
+    "Site",
+    "SurgeryError",
+    "SurgerySyntaxError",
+    "load_rules",
+    "parse",
+    "parse_file",
+    "plan",
+    "rewrite",
+]

@@ -1,0 +1,47 @@
+"""`rewrite(model, rules)`: parse -> resolve/validate (plan) -> execute, in one call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import overload, Literal
+
+from torch import nn
+
+from surgery.execute import Report, execute
+from surgery.lang import ast, parse, parse_file
+from surgery.plan import Plan, make_plan
+
+Rules = str | Path | ast.Program
+
+
+def load_rules(rules: Rules) -> ast.Program:
+    """Rules as a parsed program: `.surg` text, a path to a `.surg` file, or a `Program`."""
+    if isinstance(rules, ast.Program):
+        return rules
+    if isinstance(rules, Path) or ("\n" not in rules and rules.strip().endswith(".surg")):
+        return parse_file(rules)
+    return parse(rules)
+
+
+@overload
+def rewrite(model: nn.Module, rules: Rules, *, dry_run: Literal[True]) -> Plan: ...
+@overload
+def rewrite(model: nn.Module, rules: Rules, *, dry_run: Literal[False] = ...) -> Report: ...
+
+
+def rewrite(model: nn.Module, rules: Rules, *, dry_run: bool = False) -> Report | Plan:
+    """Apply `rules` to `model` in place and return a `Report`.
+
+    With `dry_run=True`, return the `Plan` instead and leave the model untouched. Any mistake
+    in the rules raises a `SurgeryError` before the model changes; a failure during execution
+    restores the model exactly before raising.
+    """
+    plan = make_plan(model, load_rules(rules))
+    if dry_run:
+        return plan
+    return execute(model, plan)
+
+
+def plan(model: nn.Module, rules: Rules) -> Plan:
+    """The plan `rewrite` would follow; the model is not changed."""
+    return make_plan(model, load_rules(rules))

@@ -1,0 +1,163 @@
+"""Execute a `Plan` on the model, transactionally.
+
+Every mutation pushes its inverse on an undo log; if anything raises, the log runs backwards
+and the model is exactly as it was (same module objects, same weights, same requires_grad).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from surgery.errors import ExecutionError, SurgeryError
+from surgery.graph.site import Site, add_edit, drop_edit, wrap
+from surgery.methods import REGISTRY
+from surgery.plan import Plan, Step, Target, totals_line
+
+
+def logical_module(model: nn.Module, path: str) -> nn.Module:
+    """The module at a logical path: sites are transparent unless the name is one of its edits."""
+    module = model
+    for part in path.split(".") if path else ():
+        if isinstance(module, Site) and part not in module.edit_names():
+            module = module._modules["base"]
+        module = module._modules[part]
+    return module
+
+
+def logical_parameter(model: nn.Module, path: str) -> nn.Parameter:
+    owner_path, _, name = path.rpartition(".")
+    owner = logical_module(model, owner_path)
+    if isinstance(owner, Site):
+        owner = owner._modules["base"]
+    return owner._parameters[name]
+
+
+def parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The real module holding the child at `path` (the `base` of a site on the way)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = logical_module(model, parent_path)
+    if isinstance(parent, Site) and name not in parent.edit_names():
+        parent = parent._modules["base"]
+    return parent, name
+
+
+@dataclass
+class Report:
+    """What `rewrite` did: the plan it followed and the real counts afterwards."""
+
+    plan: Plan
+    trainable: int
+    total: int
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        return self.plan.steps
+
+    def totals_line(self) -> str:
+        return totals_line(self.trainable, self.total)
+
+    def __str__(self) -> str:
+        lines = [f"{s.location}: {s.action} -> {len(s.targets) or len(s.param_paths)} "
+                 f"{'site(s)' if s.targets else 'parameter(s)'}" for s in self.plan.steps]
+        return "\n".join([*lines, self.totals_line()])
+
+
+class Transaction:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.undo: list[Callable[[], None]] = []
+        self.flags = {p: p.requires_grad for p in model.parameters()}
+
+    def replace(self, path: str, new: nn.Module) -> None:
+        parent, name = parent_of(self.model, path)
+        old = parent._modules[name]
+        parent._modules[name] = new
+        self.undo.append(lambda: parent._modules.__setitem__(name, old))
+
+    def rollback(self) -> None:
+        for action in reversed(self.undo):
+            action()
+        for param, flag in self.flags.items():
+            param.requires_grad_(flag)
+
+
+def execute(model: nn.Module, plan: Plan) -> Report:
+    transaction = Transaction(model)
+    try:
+        for step in plan.steps:
+            _STEP_RUNNERS[step.action](model, step, transaction)
+    except BaseException as error:
+        transaction.rollback()
+        if isinstance(error, SurgeryError):
+            raise
+        if isinstance(error, Exception):
+            raise ExecutionError(f"rewrite failed and the model was restored: "
+                                 f"{type(error).__name__}: {error}") from error
+        raise
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return Report(plan, trainable, total)
+
+
+def _apply(model: nn.Module, step: Step, tx: Transaction) -> None:
+    method = REGISTRY[step.method]
+    args = dict(step.arguments)
+    adapters: list[nn.Module] = []
+    for target in step.targets:
+        current = logical_module(model, target.path)
+        base = current._modules["base"] if isinstance(current, Site) else current
+        adapter = method.build(base, args)
+        key = method.edit_key(target.edit, base, args)
+        site = add_edit(current, key, adapter) if isinstance(current, Site) else wrap(base, key,
+                                                                                      adapter)
+        tx.replace(target.path, site)
+        adapters.append(adapter)
+    new = {id(p) for a in adapters for p in a.parameters()}
+    adapter_params = {id(p) for s in model.modules() if isinstance(s, Site)
+                      for e in s.edits for p in s._modules[e.name].parameters()}
+    for param in model.parameters():
+        if id(param) in new:
+            param.requires_grad_(True)
+        elif id(param) not in adapter_params:
+            param.requires_grad_(False)
+
+
+def _take_out(model: nn.Module, step: Step, tx: Transaction, merge: bool) -> None:
+    for target in step.targets:
+        site = logical_module(model, target.path)
+        assert isinstance(site, Site), target
+        if merge:
+            _merge_one(site, target, tx)
+        tx.replace(target.path, drop_edit(site, target.edit))
+
+
+def _merge_one(site: Site, target: Target, tx: Transaction) -> None:
+    base = site._modules["base"]
+    saved = {name: p.detach().clone() for name, p in base.named_parameters(recurse=False)
+             if not p.is_meta}
+
+    def restore() -> None:
+        with torch.no_grad():
+            for name, value in saved.items():
+                getattr(base, name).copy_(value)
+
+    tx.undo.append(restore)
+    REGISTRY[target.method].merge(base, site._modules[target.edit])
+
+
+def _set_trainable(model: nn.Module, step: Step, tx: Transaction, value: bool) -> None:
+    for path in step.param_paths:
+        logical_parameter(model, path).requires_grad_(value)
+
+
+_STEP_RUNNERS: dict[str, Callable[[nn.Module, Step, Transaction], None]] = {
+    "apply": _apply,
+    "merge": lambda m, s, t: _take_out(m, s, t, merge=True),
+    "remove": lambda m, s, t: _take_out(m, s, t, merge=False),
+    "freeze": lambda m, s, t: _set_trainable(m, s, t, False),
+    "unfreeze": lambda m, s, t: _set_trainable(m, s, t, True),
+}

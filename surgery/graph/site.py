@@ -1,0 +1,251 @@
+"""Sites: the torch.fx GraphModules that replace targeted modules.
+
+A site's graph calls the original module as submodule `base` and adds each edit's nodes
+(a low-rank branch, a scaling, ...). `print(site.code)` shows exactly what runs.
+
+Graphs are *templates*: every site with the same structure (same base signature, same edits
+with the same static options) shares one fx.Graph and one compiled `forward`, held by a
+per-structure subclass of `Site`. Building a GraphModule costs ~1.5 ms (code generation and
+`exec`); sharing makes wrapping the 224 projections of a 7B model cost microseconds each.
+Editing a site (adding, merging or removing an edit) moves it to another template; erasing
+edits works on a copy of the graph, so templates are never mutated once published.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+from torch.fx.graph_module import _forward_from_src
+
+EDIT_META = "surgery_edit"  # node.meta key: the name of the edit that created the node
+REPLACES_META = "surgery_replaces"  # on an edit's output node: the name of the node it replaced
+
+
+@dataclass(frozen=True)
+class EditKey:
+    """What a graph needs to know about one edit: its name, method and static options."""
+
+    name: str
+    method: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return dict(self.options).get(key, default)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The placeholders of a base module's forward: names, defaults, `*args`/`**kwargs`."""
+
+    params: tuple[tuple[str, Any], ...]  # (name, default or inspect.Parameter.empty)
+
+    @property
+    def primary(self) -> str:
+        return self.params[0][0]
+
+
+@cache
+def signature_of(cls: type[nn.Module]) -> Signature:
+    """The base module's forward parameters, which become the site's placeholders.
+
+    Raises TypeError for a forward taking `*args`/`**kwargs`: a site must forward the exact
+    arguments it receives, and those cannot be spelled as fixed placeholders.
+    """
+    params: list[tuple[str, Any]] = []
+    for p in list(inspect.signature(cls.forward).parameters.values())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.KEYWORD_ONLY):
+            raise TypeError(f"{cls.__name__}.forward takes {p} and cannot be wrapped in a site")
+        params.append((p.name, p.default))
+    if not params:
+        raise TypeError(f"{cls.__name__}.forward takes no input")
+    return Signature(tuple(params))
+
+
+class GraphBuilder:
+    """What a method sees while it adds its nodes to a site graph.
+
+    `input` is the site's primary input, `value` the output so far; a method that transforms
+    the output calls `set_output(node)`. Every node created here is tagged with the edit's name,
+    which is what lets `erase_edit` take it out again.
+    """
+
+    def __init__(self, graph: fx.Graph, input: fx.Node, value: fx.Node, edit: EditKey):
+        self.graph, self.input, self.value, self.edit = graph, input, value, edit
+
+    def _tag(self, node: fx.Node) -> fx.Node:
+        node.meta[EDIT_META] = self.edit.name
+        return node
+
+    def attr(self, name: str) -> fx.Node:
+        """A tensor owned by this edit's adapter module, e.g. `attr("A")` -> self.lora.A."""
+        return self._tag(self.graph.get_attr(f"{self.edit.name}.{name}"))
+
+    def module(self, name: str, *args: Any) -> fx.Node:
+        return self._tag(self.graph.call_module(f"{self.edit.name}.{name}", args))
+
+    def function(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
+        return self._tag(self.graph.call_function(fn, args, kwargs))
+
+    def method(self, name: str, *args: Any) -> fx.Node:
+        return self._tag(self.graph.call_method(name, args))
+
+    def set_output(self, node: fx.Node) -> None:
+        node.meta[REPLACES_META] = self.value.name
+        self.value = node
+
+
+class Site(fx.GraphModule):
+    """A GraphModule standing in for one targeted module (`base`) plus its edits.
+
+    Create sites with `wrap`; never call `recompile` or edit `site.graph` in place: graphs are
+    shared by every site of the same structure.
+    """
+
+    _surgery_signature: Signature
+    _surgery_edits: tuple[EditKey, ...]
+
+    @property
+    def edits(self) -> tuple[EditKey, ...]:
+        return self._surgery_edits
+
+    def edit_names(self) -> list[str]:
+        return [e.name for e in self._surgery_edits]
+
+    def adapter(self, name: str) -> nn.Module:
+        return self._modules[name]
+
+    def __getattr__(self, name: str) -> Any:
+        # Code outside the site (HF modules, user code) may read `q_proj.weight` or
+        # `q_proj.in_features`: fall through to the wrapped module.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self._modules.get("base")
+            if base is None:
+                raise
+            return getattr(base, name)
+
+    def extra_repr(self) -> str:
+        return "edits=" + ", ".join(f"{e.name}:{e.method}" for e in self._surgery_edits)
+
+    def __str__(self) -> str:
+        return nn.Module.__str__(self)
+
+
+# ---- templates --------------------------------------------------------------------------
+
+Emitter = Callable[[GraphBuilder], None]
+_EMITTERS: dict[str, Emitter] = {}
+_TEMPLATES: dict[tuple[Signature, tuple[EditKey, ...]], type[Site]] = {}
+
+
+def register_emitter(method: str, emit: Emitter) -> None:
+    """Methods register how they add nodes; sites only know methods by name."""
+    _EMITTERS[method] = emit
+
+
+def _base_graph(signature: Signature) -> tuple[fx.Graph, fx.Node, fx.Node]:
+    graph = fx.Graph()
+    placeholders = [
+        graph.placeholder(name, default_value=default) for name, default in signature.params
+    ]
+    base = graph.call_module("base", tuple(placeholders))
+    return graph, placeholders[0], base
+
+
+def _template(signature: Signature, edits: tuple[EditKey, ...]) -> type[Site]:
+    key = (signature, edits)
+    cls = _TEMPLATES.get(key)
+    if cls is None:
+        graph, primary, value = _base_graph(signature)
+        for edit in edits:
+            builder = GraphBuilder(graph, primary, value, edit)
+            _EMITTERS[edit.method](builder)
+            value = builder.value
+        graph.output(value)
+        cls = _publish(key, graph)
+    return cls
+
+
+def _publish(key: tuple[Signature, tuple[EditKey, ...]], graph: fx.Graph) -> type[Site]:
+    graph.lint()
+    code = graph.python_code(root_module="self")
+    cls = type("Site", (Site,), {
+        "forward": _forward_from_src(code.src, code.globals),
+        "_surgery_signature": key[0],
+        "_surgery_edits": key[1],
+        "_surgery_graph": graph,
+        "_surgery_code": code.src,
+    })
+    _TEMPLATES[key] = cls
+    return cls
+
+
+def _instantiate(cls: type[Site], base: nn.Module, adapters: dict[str, nn.Module]) -> Site:
+    site = object.__new__(cls)
+    nn.Module.__init__(site)
+    site.training = base.training
+    site._modules["base"] = base
+    for name, adapter in adapters.items():
+        site._modules[name] = adapter
+    d = site.__dict__
+    d["_graph"] = cls._surgery_graph
+    d["_code"] = cls._surgery_code
+    d["_tracer_cls"] = None
+    d["_tracer_extras"] = {}
+    d["meta"] = {}
+    for hooks in ("_replace_hooks", "_create_node_hooks", "_erase_node_hooks", "_deepcopy_hooks"):
+        d[hooks] = []
+    d["shape_env"] = None
+    return site
+
+
+def wrap(base: nn.Module, edit: EditKey, adapter: nn.Module) -> Site:
+    """A new site over `base` with one edit."""
+    cls = _template(signature_of(type(base)), (edit,))
+    return _instantiate(cls, base, {edit.name: adapter})
+
+
+def add_edit(site: Site, edit: EditKey, adapter: nn.Module) -> Site:
+    """A site with one more edit (a new object: the old one stays valid for undo)."""
+    cls = _template(site._surgery_signature, (*site.edits, edit))
+    adapters = {e.name: site._modules[e.name] for e in site.edits}
+    adapters[edit.name] = adapter
+    return _instantiate(cls, site._modules["base"], adapters)
+
+
+def drop_edit(site: Site, name: str) -> Site | nn.Module:
+    """The site without edit `name`: its nodes erased; the base module itself when none remain."""
+    remaining = tuple(e for e in site.edits if e.name != name)
+    base = site._modules["base"]
+    if not remaining:
+        return base
+    key = (site._surgery_signature, remaining)
+    cls = _TEMPLATES.get(key) or _publish(key, erase_edit(site.graph, name))
+    return _instantiate(cls, base, {e.name: site._modules[e.name] for e in remaining})
+
+
+def erase_edit(graph: fx.Graph, name: str) -> fx.Graph:
+    """A copy of `graph` with every node of edit `name` erased and its output rewired."""
+    copy = fx.Graph()
+    value_map: dict[fx.Node, fx.Node] = {}
+    output = copy.graph_copy(graph, value_map)
+    copy.output(output)
+    by_name = {node.name: node for node in copy.nodes}
+    for node in reversed(list(copy.nodes)):
+        if node.meta.get(EDIT_META) != name:
+            continue
+        replaced = node.meta.get(REPLACES_META)
+        if replaced is not None:
+            node.replace_all_uses_with(by_name[replaced])
+    for node in reversed(list(copy.nodes)):
+        if node.meta.get(EDIT_META) == name:
+            copy.erase_node(node)
+    return copy
+

@@ -1,0 +1,148 @@
+"""The .surg syntax tree: frozen dataclasses, each carrying the `Span` it was parsed from."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from surgery.errors import Source, Span
+
+Value = int | float | str | bool | list["Value"]
+
+
+@dataclass(frozen=True)
+class IndexItem:
+    """One entry of `layers[...]`: an integer (`stop is None and not is_slice`) or a slice."""
+
+    start: int | None
+    stop: int | None = None
+    step: int | None = None
+    is_slice: bool = False
+
+    def __str__(self) -> str:
+        if not self.is_slice:
+            return str(self.start)
+        fmt = lambda v: "" if v is None else str(v)  # noqa: E731
+        text = f"{fmt(self.start)}:{fmt(self.stop)}"
+        return text + (f":{self.step}" if self.step is not None else "")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One dotted segment of a selector, e.g. `<q,v>_proj` or `layers[0:8]` or `**`.
+
+    `regex` matches a single module name; each `<...>` alternation is a numbered group so the
+    matcher can tell which option took part in a match (an unused option is an error).
+    """
+
+    text: str
+    regex: re.Pattern[str] = field(compare=False)
+    alternations: tuple[tuple[str, ...], ...]
+    index: tuple[IndexItem, ...] | None
+    span: Span = field(compare=False)
+
+    @property
+    def is_globstar(self) -> bool:
+        return self.text == "**"
+
+    @property
+    def is_literal(self) -> bool:
+        return not self.alternations and "*" not in self.text
+
+    def __str__(self) -> str:
+        return self.text + (f"[{', '.join(map(str, self.index))}]" if self.index else "")
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A path pattern. Unless `anchored` (written with a leading `^`), it matches path tails."""
+
+    anchored: bool
+    segments: tuple[Segment, ...]
+    types: tuple[str, ...]
+    span: Span = field(compare=False)
+
+    def __str__(self) -> str:
+        text = ("^" if self.anchored else "") + ".".join(map(str, self.segments))
+        return text + (f" : {' | '.join(self.types)}" if self.types else "")
+
+    @property
+    def literal_name(self) -> str | None:
+        """`attn.q` for a selector made only of plain names (a candidate alias reference)."""
+        if self.anchored or self.types or any(
+            not s.is_literal or s.index for s in self.segments
+        ):
+            return None
+        return ".".join(s.text for s in self.segments)
+
+
+@dataclass(frozen=True)
+class Argument:
+    name: str
+    value: Value
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Statement:
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Use(Statement):
+    """`use llama` (a family file shipped with surgery) or `use "other.surg"` (a path)."""
+
+    target: str
+    is_path: bool
+
+
+@dataclass(frozen=True)
+class Let(Statement):
+    """`let attn = *.self_attn.<q,v>_proj`: a named selector list."""
+
+    name: str
+    selectors: tuple[Selector, ...]
+
+
+@dataclass(frozen=True)
+class Apply(Statement):
+    method: str
+    method_span: Span = field(compare=False)
+    arguments: tuple[Argument, ...]
+    selectors: tuple[Selector, ...]
+    name: str | None
+    expect: int | None
+
+
+@dataclass(frozen=True)
+class Merge(Statement):
+    """`merge` (every edit), `merge lora` (a method) or `merge NAME` (an `as NAME` edit)."""
+
+    target: str | None
+
+
+@dataclass(frozen=True)
+class Remove(Statement):
+    target: str | None
+
+
+@dataclass(frozen=True)
+class Freeze(Statement):
+    selectors: tuple[Selector, ...]
+
+
+@dataclass(frozen=True)
+class Unfreeze(Statement):
+    selectors: tuple[Selector, ...]
+
+
+@dataclass(frozen=True)
+class Program:
+    statements: tuple[Statement, ...]
+    source: Source = field(compare=False)
+
+    def __iter__(self):
+        return iter(self.statements)
+
+    def __len__(self) -> int:
+        return len(self.statements)

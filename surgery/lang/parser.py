@@ -1,0 +1,299 @@
+"""Rule text -> `Program`: Lark parses with grammar/surgery.lark, this module builds the AST.
+
+Lark's own exceptions never reach the user: they are translated into `SurgerySyntaxError`s
+that say, in plain words, what was found and what was expected at `file:line:col`.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+
+import lark
+from lark.lexer import PatternStr, Token
+
+from surgery.errors import Source, Span, SurgerySyntaxError, did_you_mean
+from surgery.lang import ast
+from surgery.resources import grammar_text
+
+STATEMENT_KEYWORDS = ("use", "let", "apply", "merge", "remove", "freeze", "unfreeze")
+
+# Plain words for the grammar's named terminals (anonymous ones are shown as their literal).
+_TERMINAL_WORDS = {
+    "NAME": "a name",
+    "SEGMENT": "a module name or pattern",
+    "SIGNED_INT": "an integer",
+    "SIGNED_FLOAT": "a number",
+    "STRING": "a quoted string",
+    "ANCHOR": "'^'",
+    "$END": "end of input",
+}
+_OPTION = re.compile(r"[A-Za-z0-9_]+")
+
+
+@cache
+def _lark() -> lark.Lark:
+    return lark.Lark(
+        grammar_text(),
+        parser="lalr",
+        lexer="contextual",
+        propagate_positions=True,
+        maybe_placeholders=True,
+    )
+
+
+def parse(text: str, name: str = "<string>") -> ast.Program:
+    """Parse rule text into a `Program`; raises `SurgerySyntaxError` (and nothing else)."""
+    source = Source(name, text)
+    try:
+        tree = _lark().parse(text)
+        return ast.Program(tuple(_Builder(source).statements(tree)), source)
+    except lark.exceptions.UnexpectedInput as error:
+        raise _translate(error, source) from None
+    except RecursionError:
+        raise SurgerySyntaxError("the rules are nested too deeply to read") from None
+
+
+def parse_file(path: str | Path) -> ast.Program:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SurgerySyntaxError(f"cannot read rule file {str(path)!r}: {error}") from None
+    return parse(text, str(path))
+
+
+# ---- error translation -------------------------------------------------------------------
+
+
+def _describe_terminal(name: str) -> str:
+    if name in _TERMINAL_WORDS:
+        return _TERMINAL_WORDS[name]
+    try:
+        pattern = _lark().get_terminal(name).pattern
+    except KeyError:
+        return name.lower()
+    if isinstance(pattern, PatternStr):
+        return f"'{pattern.value}'"
+    return name.lower()
+
+
+def _expected_words(expected: set[str]) -> str:
+    words = {_describe_terminal(name) for name in expected}
+    keywords = {f"'{k}'" for k in STATEMENT_KEYWORDS}
+    parts: list[str] = []
+    if keywords <= words:
+        words -= keywords
+        parts.append("a statement (" + ", ".join(STATEMENT_KEYWORDS) + ")")
+    if "a name" in words and "a module name or pattern" in words:
+        words.discard("a name")
+    parts += sorted(words)
+    if len(parts) == 1:
+        return parts[0]
+    return ", ".join(parts[:-1]) + " or " + parts[-1]
+
+
+def _translate(error: lark.exceptions.UnexpectedInput, source: Source) -> SurgerySyntaxError:
+    line, column = max(error.line, 1), max(error.column, 1)
+    length = 1
+    if isinstance(error, lark.exceptions.UnexpectedToken):
+        token: Token = error.token
+        if token.type == "$END":
+            found = "end of input"
+            lines = source.text.splitlines() or [""]
+            line, column = len(lines), len(lines[-1]) + 1
+        else:
+            found = f"'{token.value}'"
+            length = len(str(token.value))
+        expected = error.expected
+    elif isinstance(error, lark.exceptions.UnexpectedCharacters):
+        char = source.text[error.pos_in_stream] if error.pos_in_stream < len(source.text) else ""
+        found = f"the character {char!r}"
+        expected = set(error.allowed or ())
+    else:  # UnexpectedEOF
+        found = "end of input"
+        expected = set(getattr(error, "expected", ()) or ())
+    message = f"unexpected {found}"
+    if expected:
+        message += f"; expected {_expected_words(set(expected))}"
+    span = Span(source, line, column, line, column + length)
+    hint = None
+    word = found.strip("'")
+    if "TO" in expected:
+        hint = "an apply statement reads: apply METHOD(name=value, ...) to SELECTOR, ..."
+    elif {k.upper() for k in STATEMENT_KEYWORDS} <= set(expected) and word.isidentifier():
+        hint = did_you_mean(word, STATEMENT_KEYWORDS)
+    return SurgerySyntaxError(message, span=span, hint=hint)
+
+
+# ---- tree -> AST --------------------------------------------------------------------------
+
+
+class _Builder:
+    """Walks the Lark tree of one source and builds frozen AST nodes with spans."""
+
+    def __init__(self, source: Source):
+        self.source = source
+
+    def span(self, item: lark.Tree | Token) -> Span:
+        if isinstance(item, Token):
+            return Span(self.source, item.line, item.column, item.end_line, item.end_column)
+        meta = item.meta
+        return Span(self.source, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    def statements(self, tree: lark.Tree):
+        for node in tree.children:
+            yield getattr(self, node.data)(node)
+
+    # statements
+    def use_stmt(self, node: lark.Tree) -> ast.Use:
+        (token,) = node.children
+        if token.type == "STRING":
+            return ast.Use(self.span(node), self.string(token), is_path=True)
+        return ast.Use(self.span(node), str(token), is_path=False)
+
+    def let_stmt(self, node: lark.Tree) -> ast.Let:
+        name, selectors = node.children
+        dotted = ".".join(str(t) for t in name.children)
+        return ast.Let(self.span(node), dotted, self.selector_list(selectors))
+
+    def apply_stmt(self, node: lark.Tree) -> ast.Apply:
+        method, arguments, selectors, name, expect = node.children
+        args = tuple(self.argument(a) for a in arguments.children if a is not None) if arguments else ()
+        seen: dict[str, ast.Argument] = {}
+        for arg in args:
+            if arg.name in seen:
+                raise SurgerySyntaxError(
+                    f"parameter '{arg.name}' is given twice", span=arg.span
+                )
+            seen[arg.name] = arg
+        return ast.Apply(
+            self.span(node),
+            method=str(method),
+            method_span=self.span(method),
+            arguments=args,
+            selectors=self.selector_list(selectors),
+            name=str(name) if name is not None else None,
+            expect=int(expect) if expect is not None else None,
+        )
+
+    def merge_stmt(self, node: lark.Tree) -> ast.Merge:
+        (target,) = node.children
+        return ast.Merge(self.span(node), str(target) if target is not None else None)
+
+    def remove_stmt(self, node: lark.Tree) -> ast.Remove:
+        (target,) = node.children
+        return ast.Remove(self.span(node), str(target) if target is not None else None)
+
+    def freeze_stmt(self, node: lark.Tree) -> ast.Freeze:
+        return ast.Freeze(self.span(node), self.selector_list(node.children[0]))
+
+    def unfreeze_stmt(self, node: lark.Tree) -> ast.Unfreeze:
+        return ast.Unfreeze(self.span(node), self.selector_list(node.children[0]))
+
+    # arguments and values
+    def argument(self, node: lark.Tree) -> ast.Argument:
+        name, value = node.children
+        return ast.Argument(str(name), self.value(value), self.span(node))
+
+    def value(self, node: lark.Tree | Token) -> ast.Value:
+        kind = node.data
+        if kind == "list_value":
+            return [self.value(child) for child in node.children if child is not None]
+        if kind == "true_value":
+            return True
+        if kind == "false_value":
+            return False
+        (token,) = node.children
+        if kind == "int_value":
+            return int(token)
+        if kind == "float_value":
+            return float(token)
+        if kind == "string_value":
+            return self.string(token)
+        return str(token)  # a bare symbol such as `init=gaussian` is a string
+
+    def string(self, token: Token) -> str:
+        body = str(token)[1:-1]
+        return re.sub(r"\\(.)", r"\1", body)
+
+    # selectors
+    def selector_list(self, node: lark.Tree) -> tuple[ast.Selector, ...]:
+        return tuple(self.selector(child) for child in node.children)
+
+    def selector(self, node: lark.Tree) -> ast.Selector:
+        anchor, *rest = node.children
+        types: tuple[str, ...] = ()
+        if rest and isinstance(rest[-1], lark.Tree) and rest[-1].data == "type_filter":
+            types = tuple(str(t) for t in rest[-1].children)
+            rest = rest[:-1]
+        elif rest and rest[-1] is None:
+            rest = rest[:-1]
+        segments = tuple(self.segment(child) for child in rest)
+        return ast.Selector(anchor is not None, segments, types, self.span(node))
+
+    def segment(self, node: lark.Tree) -> ast.Segment:
+        token, index = node.children
+        span = self.span(token)
+        regex, alternations = compile_segment(str(token), span)
+        items = tuple(self.index_item(i) for i in index.children) if index is not None else None
+        if items is not None and str(token) == "**":
+            raise SurgerySyntaxError("'**' spans any number of segments and cannot be indexed",
+                                     span=self.span(node))
+        return ast.Segment(str(token), regex, alternations, items, self.span(node))
+
+    def index_item(self, node: lark.Tree) -> ast.IndexItem:
+        values = [int(t) if t is not None else None for t in node.children]
+        if node.data == "index_int":
+            return ast.IndexItem(values[0])
+        start, stop, step = values
+        if step == 0:
+            raise SurgerySyntaxError("a slice step cannot be zero", span=self.span(node))
+        return ast.IndexItem(start, stop, step, is_slice=True)
+
+
+def compile_segment(text: str, span: Span) -> tuple[re.Pattern[str], tuple[tuple[str, ...], ...]]:
+    """Turn one segment's text into a regex over a single module name.
+
+    `*` alone matches any one name; inside other text it matches any run of characters within
+    the name; `<a,b>` matches one of the listed options (each one a captured group).
+    """
+    if text == "**":
+        return re.compile(r".*"), ()
+    if "**" in text:
+        at = text.index("**")
+        raise SurgerySyntaxError(
+            "'**' must be a whole segment (it spans any number of segments)",
+            span=span.shifted(at, 2),
+            hint="write `**.name` or `name.**`, or `*` for part of a name",
+        )
+    parts: list[str] = []
+    alternations: list[tuple[str, ...]] = []
+    position = 0
+    for match in re.finditer(r"<([^<>]*)>|\*|[^<>*]+", text):
+        piece = match.group(0)
+        if piece == "*":
+            parts.append(r"[^.]*" if text != "*" else r"[^.]+")
+        elif piece.startswith("<"):
+            options = tuple(o.strip() for o in match.group(1).split(","))
+            for option in options:
+                if not _OPTION.fullmatch(option):
+                    shown = f"'{option}'" if option else "an empty option"
+                    raise SurgerySyntaxError(
+                        f"{shown} in {piece} is not a plain name",
+                        span=span.shifted(match.start(), len(piece)),
+                        hint="alternatives list plain names: <q,k,v>",
+                    )
+            if len(set(options)) != len(options):
+                raise SurgerySyntaxError(
+                    f"{piece} lists the same option twice",
+                    span=span.shifted(match.start(), len(piece)),
+                )
+            alternations.append(options)
+            parts.append("(" + "|".join(re.escape(o) for o in options) + ")")
+        else:
+            parts.append(re.escape(piece))
+        position = match.end()
+    assert position == len(text)
+    return re.compile("".join(parts)), tuple(alternations)

@@ -1,0 +1,30 @@
+"""The method registry: one short file per method, registered by name."""
+
+from __future__ import annotations
+
+from surgery.errors import PlanError, Span, did_you_mean
+from surgery.graph.site import register_emitter
+from surgery.methods.base import Method, Param
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make `cls` available to rules as `apply <cls.name>(...)`."""
+    REGISTRY[cls.name] = cls()
+    register_emitter(cls.name, cls.emit)
+    return cls
+
+
+def get_method(name: str, span: Span | None = None) -> Method:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY))
+        hint = did_you_mean(name, REGISTRY) or f"known methods: {known}"
+        raise PlanError(f"unknown method '{name}'", span=span, hint=hint) from None
+
+
+from surgery.methods import lora  # noqa: E402,F401  (registers itself)
+
+__all__ = ["REGISTRY", "Method", "Param", "get_method", "register"]

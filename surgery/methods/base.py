@@ -1,0 +1,135 @@
+"""What every method declares: parameters (types, defaults, bounds), targets, counts, merge.
+
+A method is a small class registered by name (see `surgery.methods.register`). The planner
+only talks to this interface, so adding a method never touches the pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from surgery.errors import PlanError, Span, did_you_mean
+from surgery.graph.site import EditKey, GraphBuilder
+from surgery.lang.ast import Argument, Value
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               list: "a list"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One method parameter. `check` returns a complaint (e.g. "must be at least 1") or None."""
+
+    name: str
+    type: type
+    default: Any
+    doc: str
+    check: Callable[[Any], str | None] | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def coerce(self, value: Value, span: Span) -> Any:
+        ok = isinstance(value, self.type) and not (self.type is not bool and isinstance(value, bool))
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise PlanError(
+                f"parameter '{self.name}' must be {_TYPE_WORDS.get(self.type, self.type.__name__)}"
+                f", got {value!r}", span=span)
+        if self.choices is not None and value not in self.choices:
+            choices = ", ".join(map(str, self.choices))
+            hint = did_you_mean(str(value), map(str, self.choices))
+            raise PlanError(f"parameter '{self.name}' must be one of {choices}, got {value!r}",
+                            span=span, hint=hint)
+        complaint = self.check(value) if self.check else None
+        if complaint:
+            raise PlanError(f"parameter '{self.name}' {complaint}, got {value!r}", span=span)
+        return value
+
+
+def at_least(bound: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= bound else f"must be at least {bound}"
+
+
+def in_unit_interval(v: float) -> str | None:
+    return None if 0.0 <= v < 1.0 else "must be in [0, 1)"
+
+
+def positive(v: float) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype policy: adapters train in fp32 over fp16/bf16 bases, else in the base dtype.
+
+    Half-precision parameters lose small optimizer updates to rounding; the few adapter
+    parameters cost little to keep in fp32. The branch casts its input to the adapter dtype and
+    its result back to the base output dtype, so the model's dtype is unchanged.
+    """
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return weight.dtype
+
+
+class Method:
+    """Base class of every method. Subclasses set the class variables and the hooks below."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    paper: ClassVar[str]
+    params: ClassVar[tuple[Param, ...]]
+    mergeable: ClassVar[bool]
+
+    # ---- arguments
+    def bind(self, arguments: tuple[Argument, ...], method_span: Span) -> dict[str, Any]:
+        """Arguments -> a complete dict of parameter values (defaults filled, all checked)."""
+        by_name = {p.name: p for p in self.params}
+        values = {p.name: p.default for p in self.params}
+        for arg in arguments:
+            param = by_name.get(arg.name)
+            if param is None:
+                known = ", ".join(by_name) or "none"
+                hint = did_you_mean(arg.name, by_name) or f"{self.name} takes: {known}"
+                raise PlanError(f"{self.name} has no parameter '{arg.name}'",
+                                span=arg.span, hint=hint)
+            values[arg.name] = param.coerce(arg.value, arg.span)
+        return values
+
+    # ---- hooks for subclasses
+    def check_target(self, module: nn.Module, args: dict[str, Any]) -> str | None:
+        """Why this method cannot attach to `module` with `args`, or None when it can."""
+        raise NotImplementedError
+
+    def parameter_shapes(self, module: nn.Module, args: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        """The shapes of the trainable tensors the adapter will own (exact, before building)."""
+        raise NotImplementedError
+
+    def edit_key(self, name: str, module: nn.Module, args: dict[str, Any]) -> EditKey:
+        """The static options the site graph depends on."""
+        raise NotImplementedError
+
+    def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:
+        """The adapter module (initialized) that the site holds under the edit's name."""
+        raise NotImplementedError
+
+    @staticmethod
+    def emit(builder: GraphBuilder) -> None:
+        """Add this method's nodes to a site graph."""
+        raise NotImplementedError
+
+    def merge(self, base: nn.Module, adapter: nn.Module) -> None:
+        """Fold the adapter into `base`'s weights, in place (mergeable methods only)."""
+        raise NotImplementedError
+
+    def parameter_count(self, module: nn.Module, args: dict[str, Any]) -> int:
+        total = 0
+        for shape in self.parameter_shapes(module, args).values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total

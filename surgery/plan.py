@@ -1,0 +1,294 @@
+"""Resolve + validate: a `Program` and a model -> a `Plan`, with nothing mutated.
+
+The planner walks the statements in order over a *simulated* logical tree of the model: an
+`apply` adds virtual adapter nodes (so a later `freeze` can select them), `merge`/`remove`
+take them away, and a table of parameters tracks what will require grad. Every error a rule
+can cause is raised here, before the executor touches the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from surgery.errors import PlanError, ResolveError, did_you_mean
+from surgery.lang import ast, parse_file
+from surgery.methods import REGISTRY, get_method
+from surgery.resources import family_file, family_names
+from surgery.select import Alias, TreeNode, build_tree, expand_aliases, match_selector, model_order
+
+RESERVED_EDIT_NAMES = ("base",)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One module a step acts on: for `apply`, the adapter it gets and its exact size."""
+
+    path: str
+    module_type: str
+    method: str
+    edit: str
+    shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    params: int = 0
+    dtype: str = ""
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one statement will do."""
+
+    action: str  # apply | merge | remove | freeze | unfreeze
+    text: str  # the statement as written
+    location: str
+    method: str | None = None
+    edit: str | None = None
+    arguments: tuple[tuple[str, Any], ...] = ()
+    targets: tuple[Target, ...] = ()
+    param_paths: tuple[str, ...] = ()  # freeze/unfreeze: the parameters it sets
+    trainable_after: int = 0
+    total_after: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything `rewrite` will do, computed before any mutation. A plain, JSON-able value."""
+
+    steps: tuple[Step, ...]
+    trainable_before: int
+    total_before: int
+    trainable: int
+    total: int
+    statements: tuple[ast.Statement, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def targets(self) -> list[Target]:
+        return [t for s in self.steps for t in s.targets]
+
+    def totals_line(self) -> str:
+        """PEFT's `print_trainable_parameters` format, so the numbers compare at a glance."""
+        return totals_line(self.trainable, self.total)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": [asdict(s) for s in self.steps],
+            "trainable_before": self.trainable_before,
+            "total_before": self.total_before,
+            "trainable": self.trainable,
+            "total": self.total,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def totals_line(trainable: int, total: int) -> str:
+    percent = 100 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"
+
+
+# ---- the planner --------------------------------------------------------------------------
+
+
+@dataclass
+class _ParamState:
+    numel: int
+    trainable: bool
+    adapter: bool
+
+
+class Planner:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.tree = build_tree(model)
+        self.aliases: dict[str, Alias] = {}
+        self.steps: list[Step] = []
+        self.statements: list[ast.Statement] = []
+        self.params: dict[object, _ParamState] = {}
+        for p in model.parameters():
+            self.params[p] = _ParamState(p.numel(), p.requires_grad, False)
+        for node in self.tree.params():
+            if node.adapter:
+                self.params[node.key].adapter = True
+        self.trainable_before, self.total_before = self.totals()
+
+    def totals(self) -> tuple[int, int]:
+        trainable = sum(s.numel for s in self.params.values() if s.trainable)
+        return trainable, sum(s.numel for s in self.params.values())
+
+    # program flattening: `use` includes other files, `let` defines aliases
+    def run(self, program: ast.Program, including: tuple[str, ...] = ()) -> None:
+        for statement in program:
+            if isinstance(statement, ast.Use):
+                self.use(statement, program, including)
+            elif isinstance(statement, ast.Let):
+                self.aliases[statement.name] = Alias(statement.name, statement.selectors,
+                                                     statement.span)
+            else:
+                self.statements.append(statement)
+                getattr(self, type(statement).__name__.lower())(statement)
+
+    def use(self, statement: ast.Use, program: ast.Program, including: tuple[str, ...]) -> None:
+        if statement.is_path:
+            base = Path(program.source.name).parent if program.source.name != "<string>" else Path()
+            path = (base / statement.target).resolve()
+            if not path.is_file():
+                raise ResolveError(f"rule file '{statement.target}' does not exist "
+                                   f"(looked for {path})", span=statement.span)
+        else:
+            path = family_file(statement.target)
+            if not path.is_file():
+                names = family_names()
+                raise ResolveError(f"unknown model family '{statement.target}'",
+                                   span=statement.span,
+                                   hint=did_you_mean(statement.target, names)
+                                   or f"known families: {', '.join(names)}")
+        if str(path) in including:
+            raise ResolveError(f"'{statement.target}' includes itself", span=statement.span)
+        self.run(parse_file(path), (*including, str(path)))
+
+    # selector resolution
+    def resolve(self, selectors: tuple[ast.Selector, ...], *, modules_only: bool,
+                include_adapters: bool) -> list[TreeNode]:
+        order = model_order(self.tree)
+        found: dict[int, TreeNode] = {}
+        for selector in selectors:
+            for expanded, alias in expand_aliases(selector, self.aliases):
+                match = match_selector(self.tree, expanded, include_adapters=include_adapters,
+                                       include_params=not modules_only, order=order,
+                                       alias=alias)
+                for node in match.nodes:
+                    found[id(node)] = node
+        return sorted(found.values(), key=lambda n: order[id(n)])
+
+    # statements
+    def apply(self, st: ast.Apply) -> None:
+        method = get_method(st.method, st.method_span)
+        args = method.bind(st.arguments, st.method_span)
+        edit = st.name or method.name
+        if edit in RESERVED_EDIT_NAMES:
+            raise PlanError(f"'{edit}' is reserved for the wrapped module; choose another name",
+                            span=st.span)
+        nodes = self.resolve(st.selectors, modules_only=True, include_adapters=False)
+        if st.expect is not None and len(nodes) != st.expect:
+            raise PlanError(f"the selectors match {len(nodes)} module(s), but the statement "
+                            f"expects {st.expect}", span=st.span,
+                            hint="matched: " + ", ".join(n.path for n in nodes[:6])
+                            + (", ..." if len(nodes) > 6 else ""))
+        targets: list[Target] = []
+        for node in nodes:
+            module = node.module
+            assert module is not None
+            problem = method.check_target(module, args)
+            if problem:
+                raise PlanError(f"cannot apply {method.name} to {node.path or 'the model'}: "
+                                f"{problem}", span=st.span)
+            if any(name == edit for name, _ in node.edits):
+                how = ("apply it once, or name each application: "
+                       f"apply {method.name}(...) to ... as {method.name}2")
+                raise PlanError(f"{node.path} already has an edit named '{edit}'",
+                                span=st.span, hint=how)
+            if edit in node.children:
+                raise PlanError(f"'{edit}' is already the name of a child of {node.path}; "
+                                "choose another edit name with `as NAME`", span=st.span)
+            shapes = method.parameter_shapes(module, args)
+            node.add_virtual_adapter(edit, method.name, shapes)
+            targets.append(Target(
+                node.path, type(module).__name__, method.name, edit,
+                tuple(shapes.items()), method.parameter_count(module, args),
+                str(module.weight.dtype).removeprefix("torch.") if hasattr(module, "weight")
+                else ""))
+        # trainability: the base freezes, the new adapter parameters train
+        for state in self.params.values():
+            if not state.adapter:
+                state.trainable = False
+        for target in targets:
+            node = self._node(f"{target.path}.{edit}" if target.path else edit)
+            for pnode in node.params():
+                self.params[pnode.key] = _ParamState(pnode.numel, True, True)
+        self.record(st, "apply", method=method.name, edit=edit,
+                    arguments=tuple(sorted(args.items())), targets=tuple(targets))
+
+    def merge(self, st: ast.Merge) -> None:
+        self._take_out(st, "merge")
+
+    def remove(self, st: ast.Remove) -> None:
+        self._take_out(st, "remove")
+
+    def _take_out(self, st: ast.Merge | ast.Remove, action: str) -> None:
+        edits = [(n, name, method) for n in self.tree.walk() for name, method in n.edits]
+        if st.target is not None:
+            chosen = [e for e in edits if e[1] == st.target]
+            if not chosen:
+                chosen = [e for e in edits if e[2] == st.target]
+            if not chosen:
+                known = sorted({e[1] for e in edits} | {e[2] for e in edits})
+                if st.target in REGISTRY:
+                    message = f"nothing to {action}: the model has no {st.target} edit"
+                else:
+                    message = f"nothing to {action}: no edit or method is named '{st.target}'"
+                raise PlanError(message, span=st.span,
+                                hint=did_you_mean(st.target, known or REGISTRY)
+                                or (f"edits present: {', '.join(known)}" if known else None))
+        else:
+            chosen = edits
+            if not chosen:
+                raise PlanError(f"nothing to {action}: the model has no edits", span=st.span)
+        if action == "merge":
+            for node, name, method_name in chosen:
+                method = REGISTRY[method_name]
+                if not method.mergeable:
+                    raise PlanError(f"{method_name} cannot be merged ({node.path}: edit '{name}')",
+                                    span=st.span, hint=f"use `remove {name}` to take it out")
+        targets = []
+        for node, name, method_name in chosen:
+            for pnode in node.children[name].params():
+                self.params.pop(pnode.key, None)
+            node.drop_adapter(name)
+            targets.append(Target(node.path, node.type_names[0], method_name, name))
+        self.record(st, action, targets=tuple(targets))
+
+    def freeze(self, st: ast.Freeze) -> None:
+        self._set_trainable(st, "freeze", False)
+
+    def unfreeze(self, st: ast.Unfreeze) -> None:
+        self._set_trainable(st, "unfreeze", True)
+
+    def _set_trainable(self, st: ast.Freeze | ast.Unfreeze, action: str, value: bool) -> None:
+        nodes = self.resolve(st.selectors, modules_only=False, include_adapters=True)
+        paths: dict[object, str] = {}
+        for node in nodes:
+            for pnode in node.params():
+                paths.setdefault(pnode.key, pnode.path)
+        if not paths:
+            raise PlanError(f"`{action}` selects modules without parameters: "
+                            + ", ".join(n.path for n in nodes[:5]), span=st.span)
+        for key in paths:
+            self.params[key].trainable = value
+        self.record(st, action, param_paths=tuple(paths.values()))
+
+    def record(self, st: ast.Statement, action: str, **fields: Any) -> None:
+        trainable, total = self.totals()
+        self.steps.append(Step(action, st.span.text.strip(), st.span.location,
+                               trainable_after=trainable, total_after=total, **fields))
+
+    def _node(self, path: str) -> TreeNode:
+        node = self.tree
+        for part in path.split(".") if path else ():
+            node = node.children[part]
+        return node
+
+    def plan(self) -> Plan:
+        trainable, total = self.totals()
+        return Plan(tuple(self.steps), self.trainable_before, self.total_before, trainable,
+                    total, tuple(self.statements))
+
+
+def make_plan(model: nn.Module, program: ast.Program) -> Plan:
+    """Resolve and validate `program` against `model` without changing it."""
+    planner = Planner(model)
+    planner.run(program, (program.source.name,))
+    return planner.plan()

@@ -1,0 +1,303 @@
+"""Selectors -> module and parameter paths.
+
+The model is seen as a tree of *logical* paths: sites are transparent (`q_proj.weight` names the
+weight of the module wrapped by the site at `q_proj`, whose real key is `q_proj.base.weight`),
+and each edit's adapter appears as a child named after the edit (`q_proj.lora.A`).
+
+Matching rules (docs/language.md has the full reference):
+- a selector matches whole dotted segments; it is anchored at the end of the path, and at the
+  root only when written with a leading `^` (otherwise it may start at any depth);
+- `*` alone is exactly one segment, `**` is any number of segments (zero included), `*` inside a
+  name matches characters within that one segment, `<a,b>` is one of the options;
+- `name[i]`, `name[a:b]`, `name[a:b, c]` pick children of a module list by Python indexing;
+- `: Type` keeps modules whose class (or a base class) has that name.
+Nothing matches silently in part: every selector, every `<...>` option and every index must
+take part in a match, else resolution fails with the nearest real paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+from torch import nn
+
+from surgery.errors import ResolveError, Span, did_you_mean
+from surgery.graph.site import Site
+from surgery.lang import ast
+
+
+@dataclass(eq=False)
+class TreeNode:
+    """One module or parameter at a logical path. Virtual nodes (planned adapters) have no object."""
+
+    name: str
+    path: str
+    kind: str  # "module" or "param"
+    module: nn.Module | None = None
+    type_names: tuple[str, ...] = ()
+    children: dict[str, TreeNode] = field(default_factory=dict)
+    numel: int = 0
+    key: object = None  # identity of a parameter (tied weights share one)
+    adapter: bool = False  # part of an adapter: never a target of `apply`
+    edits: list[tuple[str, str]] = field(default_factory=list)  # (edit name, method)
+
+    def child_path(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def walk(self) -> Iterator[TreeNode]:
+        yield self
+        for child in self.children.values():
+            yield from child.walk()
+
+    def params(self) -> Iterator[TreeNode]:
+        return (n for n in self.walk() if n.kind == "param")
+
+    def add_virtual_adapter(self, edit: str, method: str, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Planning: show the adapter an `apply` will create, so later statements can select it."""
+        adapter = TreeNode(edit, self.child_path(edit), "module", adapter=True,
+                           type_names=(f"{method}_adapter",))
+        for pname, shape in shapes.items():
+            numel = 1
+            for d in shape:
+                numel *= d
+            adapter.children[pname] = TreeNode(pname, adapter.child_path(pname), "param",
+                                               numel=numel, key=object(), adapter=True)
+        self.children[edit] = adapter
+        self.edits.append((edit, method))
+
+    def drop_adapter(self, edit: str) -> None:
+        del self.children[edit]
+        self.edits = [e for e in self.edits if e[0] != edit]
+
+
+def _type_names(module: nn.Module) -> tuple[str, ...]:
+    return tuple(c.__name__ for c in type(module).__mro__ if c not in (object,))
+
+
+def build_tree(model: nn.Module) -> TreeNode:
+    """The logical tree of `model` (sites transparent, adapters as children named by edit)."""
+
+    def visit(module: nn.Module, name: str, path: str, adapter: bool) -> TreeNode:
+        real = module._modules["base"] if isinstance(module, Site) else module
+        node = TreeNode(name, path, "module", module=real, type_names=_type_names(real),
+                        adapter=adapter)
+        for pname, param in real._parameters.items():
+            if param is not None:
+                node.children[pname] = TreeNode(pname, node.child_path(pname), "param",
+                                                numel=param.numel(), key=param, adapter=adapter)
+        for cname, child in real._modules.items():
+            if child is not None:
+                node.children[cname] = visit(child, cname, node.child_path(cname), adapter)
+        if isinstance(module, Site):
+            for edit in module.edits:
+                node.children[edit.name] = visit(module._modules[edit.name], edit.name,
+                                                 node.child_path(edit.name), True)
+                node.edits.append((edit.name, edit.method))
+        return node
+
+    return visit(model, "", "", False)
+
+
+# ---- aliases ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Alias:
+    name: str
+    selectors: tuple[ast.Selector, ...]
+    span: Span
+
+
+def expand_aliases(selector: ast.Selector, aliases: dict[str, Alias]) -> list[tuple[ast.Selector, Alias | None]]:
+    """Replace a leading alias reference (`attn.q`, `layers[0:4].mlp`) by its definition."""
+    segments = selector.segments
+    for k in range(len(segments), 0, -1):
+        head = segments[:k]
+        if selector.anchored or any(not s.is_literal for s in head) or any(s.index for s in head[:-1]):
+            continue
+        alias = aliases.get(".".join(s.text for s in head))
+        if alias is None:
+            continue
+        out = []
+        for defined in alias.selectors:
+            last = defined.segments[-1]
+            index = head[-1].index
+            if index and last.index:
+                raise ResolveError(f"'{alias.name}' already selects indices; it cannot be "
+                                   "indexed again", span=head[-1].span)
+            if selector.types and defined.types:
+                raise ResolveError(f"'{alias.name}' already has a type filter",
+                                   span=selector.span)
+            new_last = replace(last, index=index or last.index)
+            out.append((replace(defined, segments=(*defined.segments[:-1], new_last,
+                                                   *segments[k:]),
+                                types=selector.types or defined.types,
+                                span=selector.span), alias))
+        return out
+    return [(selector, None)]
+
+
+# ---- matching -----------------------------------------------------------------------------
+
+_GLOBSTAR = None  # sentinel segment for the implicit leading `**`
+
+
+@dataclass
+class _Search:
+    selector: ast.Selector
+    segments: list[ast.Segment | None]
+    include_adapters: bool
+    include_params: bool
+    memo: dict[tuple[int, int], list[TreeNode]] = field(default_factory=dict)
+    used: set[tuple[int, int, str]] = field(default_factory=set)  # (segment, alternation, option)
+    deepest: int = 0
+    tried_at: dict[int, list[TreeNode]] = field(default_factory=dict)
+
+    def walk(self, node: TreeNode, i: int) -> list[TreeNode]:
+        key = (id(node), i)
+        if key in self.memo:
+            return self.memo[key]
+        self.memo[key] = []  # guards against revisiting while computing
+        found: list[TreeNode] = []
+        if i == len(self.segments):
+            found = [node]
+        else:
+            if i > self.deepest:
+                self.deepest = i
+            self.tried_at.setdefault(i, []).append(node)
+            segment = self.segments[i]
+            if segment is None or segment.is_globstar:
+                found += self.walk(node, i + 1)
+                for child in self._children(node):
+                    found += self.walk(child, i)
+            else:
+                for child in self._children(node):
+                    match = segment.regex.fullmatch(child.name)
+                    if match is None:
+                        continue
+                    targets = self.index(child, segment) if segment.index else [child]
+                    hits: list[TreeNode] = []
+                    for target in targets:
+                        hits += self.walk(target, i + 1)
+                    if hits:
+                        for g, option in enumerate(match.groups()):
+                            self.used.add((i, g, option))
+                    found += hits
+        self.memo[key] = found
+        return found
+
+    def _children(self, node: TreeNode) -> Iterator[TreeNode]:
+        for child in node.children.values():
+            if child.adapter and not self.include_adapters:
+                continue
+            if child.kind == "param" and not self.include_params:
+                continue
+            yield child
+
+    def index(self, node: TreeNode, segment: ast.Segment) -> list[TreeNode]:
+        items = [c for name, c in node.children.items() if name.isdigit() and c.kind == "module"]
+        items.sort(key=lambda c: int(c.name))
+        path = node.path or "the model"
+        if not items:
+            raise ResolveError(
+                f"'{node.path}' is a {node.type_names[0] if node.type_names else 'module'}, not a"
+                " list of modules, so it cannot be indexed", span=segment.span)
+        n = len(items)
+        chosen: list[TreeNode] = []
+        for item in segment.index or ():
+            if not item.is_slice:
+                if not -n <= item.start < n:
+                    raise ResolveError(f"index {item.start} is out of range: {path} has {n} "
+                                       f"entries (0..{n - 1})", span=segment.span)
+                chosen.append(items[item.start])
+                continue
+            for bound in (item.start, item.stop):
+                if bound is not None and not -n <= bound <= n:
+                    raise ResolveError(f"slice [{item}] reaches past the end: {path} has {n} "
+                                       f"entries (0..{n - 1})", span=segment.span)
+            picked = [items[j] for j in range(n)[slice(item.start, item.stop, item.step)]]
+            if not picked:
+                raise ResolveError(f"slice [{item}] of {path} ({n} entries) is empty",
+                                   span=segment.span)
+            chosen += picked
+        return list(dict.fromkeys(chosen))
+
+
+@dataclass(frozen=True)
+class Match:
+    """The nodes one selector matched, in model order, and where it came from."""
+
+    selector: ast.Selector
+    nodes: tuple[TreeNode, ...]
+    alias: Alias | None
+
+
+def match_selector(root: TreeNode, selector: ast.Selector, *, include_adapters: bool,
+                   include_params: bool, order: dict[int, int],
+                   alias: Alias | None = None) -> Match:
+    """Match one (alias-free) selector; raise `ResolveError` unless every part of it matched."""
+    segments: list[ast.Segment | None] = list(selector.segments)
+    if not selector.anchored:
+        segments.insert(0, _GLOBSTAR)
+    search = _Search(selector, segments, include_adapters, include_params)
+    nodes = search.walk(root, 0)
+    unique = sorted({id(n): n for n in nodes}.values(), key=lambda n: order[id(n)])
+    where = f" (alias '{alias.name}' defined at {alias.span.location})" if alias else ""
+    if not unique:
+        raise _no_match(root, search, selector, where)
+    offset = 0 if selector.anchored else 1
+    for i, segment in enumerate(selector.segments):
+        for g, options in enumerate(segment.alternations):
+            for option in options:
+                if (i + offset, g, option) not in search.used:
+                    raise ResolveError(
+                        f"option '{option}' of {segment.text} in `{selector}` matches nothing"
+                        f"{where}", span=segment.span if not alias else selector.span,
+                        hint="every option must match; "
+                        + (_nearest_children(search, i + offset, segment) or "drop the option"))
+    if selector.types:
+        kept = [n for n in unique if n.kind == "module" and set(selector.types) & set(n.type_names)]
+        if not kept:
+            seen = sorted({n.type_names[0] for n in unique if n.type_names})
+            all_types = {t for n in root.walk() for t in n.type_names}
+            unknown = [t for t in selector.types if t not in all_types]
+            hint = None
+            if unknown:
+                hint = did_you_mean(unknown[0], all_types) or f"no module of type {unknown[0]}"
+            raise ResolveError(
+                f"`{selector}` matches {len(unique)} path(s){where} but none is a "
+                f"{' or '.join(selector.types)} (found: {', '.join(seen) or 'parameters'})",
+                span=selector.span, hint=hint)
+        unique = kept
+    return Match(selector, tuple(unique), alias)
+
+
+def _nearest_children(search: _Search, i: int, segment: ast.Segment) -> str | None:
+    names = sorted({c.name for n in search.tried_at.get(i, []) for c in search._children(n)})
+    if not names:
+        return None
+    guess = did_you_mean(segment.text.replace("*", ""), names)
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    return (guess + " " if guess else "") + f"names found at that level: {shown}"
+
+
+def _no_match(root: TreeNode, search: _Search, selector: ast.Selector, where: str) -> ResolveError:
+    offset = 0 if selector.anchored else 1
+    failing = max(search.deepest, offset)
+    if failing - offset < len(selector.segments):
+        segment = selector.segments[failing - offset]
+        hint = _nearest_children(search, failing, segment)
+        span = segment.span if not where else selector.span
+    else:
+        hint, span = None, selector.span
+    paths = [n.path for n in root.walk() if n.path and n.kind == "module" and not n.adapter]
+    text = str(selector).replace("^", "").replace("*", "").replace("<", "").replace(">", "")
+    nearest = did_you_mean(text, paths)
+    if nearest:
+        hint = (hint + "; " if hint else "") + "nearest paths: " + nearest.removeprefix("did you mean ")
+    return ResolveError(f"`{selector}` matches nothing{where}", span=span, hint=hint)
+
+
+def model_order(root: TreeNode) -> dict[int, int]:
+    return {id(n): i for i, n in enumerate(root.walk())}
