@@ -1,7 +1,7 @@
 """surgery: a declarative model-surgery language and graph rewriter for PyTorch models.
 
-    from surgery import rewrite
-    report = rewrite(model, "apply lora(r=8) to *.self_attn.<q,v>_proj")
+from surgery import rewrite
+report = rewrite(model, "apply lora(r=8) to *.self_attn.<q,v>_proj")
 """
 
 from surgery.api import load_rules, plan, rewrite

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import overload, Literal
+from typing import Literal, overload
 
 from torch import nn
 
@@ -36,12 +39,31 @@ def rewrite(model: nn.Module, rules: Rules, *, dry_run: bool = False) -> Report 
     in the rules raises a `SurgeryError` before the model changes; a failure during execution
     restores the model exactly before raising.
     """
-    plan = make_plan(model, load_rules(rules))
-    if dry_run:
-        return plan
-    return execute(model, plan)
+    with _paused_gc():
+        plan = make_plan(model, load_rules(rules))
+        if dry_run:
+            return plan
+        return execute(model, plan)
+
+
+@contextmanager
+def _paused_gc() -> Iterator[None]:
+    """Pause the cyclic GC while planning and executing.
+
+    Surgery allocates thousands of small objects; each automatic collection then traverses the
+    whole model's object graph, which on a 7B skeleton doubled the time of a q,v LoRA rewrite.
+    Nothing here creates garbage cycles worth collecting mid-call.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def plan(model: nn.Module, rules: Rules) -> Plan:
     """The plan `rewrite` would follow; the model is not changed."""
-    return make_plan(model, load_rules(rules))
+    with _paused_gc():
+        return make_plan(model, load_rules(rules))

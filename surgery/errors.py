@@ -63,8 +63,7 @@ class Span:
             length = max(len(text) - self.column + 1, 1)
         pad = " " * (width + 1)
         return (
-            f"{pad}|\n{self.line:>{width}} | {text}\n"
-            f"{pad}| {' ' * (self.column - 1)}{'^' * length}"
+            f"{pad}|\n{self.line:>{width}} | {text}\n{pad}| {' ' * (self.column - 1)}{'^' * length}"
         )
 
 

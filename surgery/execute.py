@@ -61,16 +61,40 @@ class Report:
         return totals_line(self.trainable, self.total)
 
     def __str__(self) -> str:
-        lines = [f"{s.location}: {s.action} -> {len(s.targets) or len(s.param_paths)} "
-                 f"{'site(s)' if s.targets else 'parameter(s)'}" for s in self.plan.steps]
+        lines = [
+            f"{s.location}: {s.action} -> {len(s.targets) or len(s.param_paths)} "
+            f"{'site(s)' if s.targets else 'parameter(s)'}"
+            for s in self.plan.steps
+        ]
         return "\n".join([*lines, self.totals_line()])
+
+
+def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """`model.parameters()` in one flat pass (tied weights once); cheaper on large skeletons."""
+    seen: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                seen.setdefault(id(param), param)
+    return list(seen.values())
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) numbers of parameters, each shared tensor counted once."""
+    params = unique_parameters(model)
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 class Transaction:
     def __init__(self, model: nn.Module):
         self.model = model
         self.undo: list[Callable[[], None]] = []
-        self.flags = {p: p.requires_grad for p in model.parameters()}
+        self.flags: dict[nn.Parameter, bool] = {}
+
+    def set_requires_grad(self, param: nn.Parameter, value: bool) -> None:
+        if param.requires_grad != value:
+            self.flags.setdefault(param, param.requires_grad)
+            param.requires_grad_(value)
 
     def replace(self, path: str, new: nn.Module) -> None:
         parent, name = parent_of(self.model, path)
@@ -95,12 +119,11 @@ def execute(model: nn.Module, plan: Plan) -> Report:
         if isinstance(error, SurgeryError):
             raise
         if isinstance(error, Exception):
-            raise ExecutionError(f"rewrite failed and the model was restored: "
-                                 f"{type(error).__name__}: {error}") from error
+            raise ExecutionError(
+                f"rewrite failed and the model was restored: {type(error).__name__}: {error}"
+            ) from error
         raise
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return Report(plan, trainable, total)
+    return Report(plan, *count_parameters(model))
 
 
 def _apply(model: nn.Module, step: Step, tx: Transaction) -> None:
@@ -112,18 +135,27 @@ def _apply(model: nn.Module, step: Step, tx: Transaction) -> None:
         base = current._modules["base"] if isinstance(current, Site) else current
         adapter = method.build(base, args)
         key = method.edit_key(target.edit, base, args)
-        site = add_edit(current, key, adapter) if isinstance(current, Site) else wrap(base, key,
-                                                                                      adapter)
+        site = (
+            add_edit(current, key, adapter)
+            if isinstance(current, Site)
+            else wrap(base, key, adapter)
+        )
         tx.replace(target.path, site)
         adapters.append(adapter)
-    new = {id(p) for a in adapters for p in a.parameters()}
-    adapter_params = {id(p) for s in model.modules() if isinstance(s, Site)
-                      for e in s.edits for p in s._modules[e.name].parameters()}
-    for param in model.parameters():
-        if id(param) in new:
-            param.requires_grad_(True)
-        elif id(param) not in adapter_params:
-            param.requires_grad_(False)
+    # the base freezes; the new adapters train; earlier adapters keep their flags
+    adapter_ids = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, Site)
+        for e in m.edits
+        for p in m._modules[e.name].parameters()
+    }
+    for param in unique_parameters(model):
+        if id(param) not in adapter_ids:
+            tx.set_requires_grad(param, False)
+    for adapter in adapters:
+        for param in adapter.parameters():
+            tx.set_requires_grad(param, True)
 
 
 def _take_out(model: nn.Module, step: Step, tx: Transaction, merge: bool) -> None:
@@ -137,8 +169,11 @@ def _take_out(model: nn.Module, step: Step, tx: Transaction, merge: bool) -> Non
 
 def _merge_one(site: Site, target: Target, tx: Transaction) -> None:
     base = site._modules["base"]
-    saved = {name: p.detach().clone() for name, p in base.named_parameters(recurse=False)
-             if not p.is_meta}
+    saved = {
+        name: p.detach().clone()
+        for name, p in base.named_parameters(recurse=False)
+        if not p.is_meta
+    }
 
     def restore() -> None:
         with torch.no_grad():
@@ -151,7 +186,7 @@ def _merge_one(site: Site, target: Target, tx: Transaction) -> None:
 
 def _set_trainable(model: nn.Module, step: Step, tx: Transaction, value: bool) -> None:
     for path in step.param_paths:
-        logical_parameter(model, path).requires_grad_(value)
+        tx.set_requires_grad(logical_parameter(model, path), value)
 
 
 _STEP_RUNNERS: dict[str, Callable[[nn.Module, Step, Transaction], None]] = {

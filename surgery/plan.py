@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from surgery.errors import PlanError, ResolveError, did_you_mean
+from surgery.errors import PlanError, ResolveError, Span, did_you_mean
 from surgery.lang import ast, parse_file
-from surgery.methods import REGISTRY, get_method
+from surgery.methods import REGISTRY, Method, get_method
 from surgery.resources import family_file, family_names
 from surgery.select import Alias, TreeNode, build_tree, expand_aliases, match_selector, model_order
 
@@ -87,7 +87,9 @@ class Plan:
 
 def totals_line(trainable: int, total: int) -> str:
     percent = 100 * trainable / total if total else 0.0
-    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"
+    return (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"
+    )
 
 
 # ---- the planner --------------------------------------------------------------------------
@@ -108,11 +110,11 @@ class Planner:
         self.steps: list[Step] = []
         self.statements: list[ast.Statement] = []
         self.params: dict[object, _ParamState] = {}
-        for p in model.parameters():
-            self.params[p] = _ParamState(p.numel(), p.requires_grad, False)
         for node in self.tree.params():
-            if node.adapter:
-                self.params[node.key].adapter = True
+            if node.key not in self.params:
+                self.params[node.key] = _ParamState(
+                    node.numel, node.key.requires_grad, node.adapter
+                )
         self.trainable_before, self.total_before = self.totals()
 
     def totals(self) -> tuple[int, int]:
@@ -125,8 +127,9 @@ class Planner:
             if isinstance(statement, ast.Use):
                 self.use(statement, program, including)
             elif isinstance(statement, ast.Let):
-                self.aliases[statement.name] = Alias(statement.name, statement.selectors,
-                                                     statement.span)
+                self.aliases[statement.name] = Alias(
+                    statement.name, statement.selectors, statement.span
+                )
             else:
                 self.statements.append(statement)
                 getattr(self, type(statement).__name__.lower())(statement)
@@ -136,33 +139,44 @@ class Planner:
             base = Path(program.source.name).parent if program.source.name != "<string>" else Path()
             path = (base / statement.target).resolve()
             if not path.is_file():
-                raise ResolveError(f"rule file '{statement.target}' does not exist "
-                                   f"(looked for {path})", span=statement.span)
+                raise ResolveError(
+                    f"rule file '{statement.target}' does not exist (looked for {path})",
+                    span=statement.span,
+                )
         else:
             path = family_file(statement.target)
             if not path.is_file():
                 names = family_names()
-                raise ResolveError(f"unknown model family '{statement.target}'",
-                                   span=statement.span,
-                                   hint=did_you_mean(statement.target, names)
-                                   or f"known families: {', '.join(names)}")
+                raise ResolveError(
+                    f"unknown model family '{statement.target}'",
+                    span=statement.span,
+                    hint=did_you_mean(statement.target, names)
+                    or f"known families: {', '.join(names)}",
+                )
         if str(path) in including:
             raise ResolveError(f"'{statement.target}' includes itself", span=statement.span)
         self.run(parse_file(path), (*including, str(path)))
 
     # selector resolution
-    def resolve(self, selectors: tuple[ast.Selector, ...], *, modules_only: bool,
-                include_adapters: bool) -> list[TreeNode]:
+    def resolve(
+        self, selectors: tuple[ast.Selector, ...], *, modules_only: bool, include_adapters: bool
+    ) -> list[tuple[TreeNode, Span]]:
+        """The nodes the selectors match, in model order, each with the selector that matched."""
         order = model_order(self.tree)
-        found: dict[int, TreeNode] = {}
+        found: dict[int, tuple[TreeNode, Span]] = {}
         for selector in selectors:
             for expanded, alias in expand_aliases(selector, self.aliases):
-                match = match_selector(self.tree, expanded, include_adapters=include_adapters,
-                                       include_params=not modules_only, order=order,
-                                       alias=alias)
+                match = match_selector(
+                    self.tree,
+                    expanded,
+                    include_adapters=include_adapters,
+                    include_params=not modules_only,
+                    order=order,
+                    alias=alias,
+                )
                 for node in match.nodes:
-                    found[id(node)] = node
-        return sorted(found.values(), key=lambda n: order[id(n)])
+                    found.setdefault(id(node), (node, selector.span))
+        return sorted(found.values(), key=lambda item: order[id(item[0])])
 
     # statements
     def apply(self, st: ast.Apply) -> None:
@@ -170,37 +184,54 @@ class Planner:
         args = method.bind(st.arguments, st.method_span)
         edit = st.name or method.name
         if edit in RESERVED_EDIT_NAMES:
-            raise PlanError(f"'{edit}' is reserved for the wrapped module; choose another name",
-                            span=st.span)
-        nodes = self.resolve(st.selectors, modules_only=True, include_adapters=False)
+            raise PlanError(
+                f"'{edit}' is reserved for the wrapped module; choose another name", span=st.span
+            )
+        matched = self.resolve(st.selectors, modules_only=True, include_adapters=False)
+        nodes = [node for node, _ in matched]
+        self._check_targets(st, method, args, matched)
         if st.expect is not None and len(nodes) != st.expect:
-            raise PlanError(f"the selectors match {len(nodes)} module(s), but the statement "
-                            f"expects {st.expect}", span=st.span,
-                            hint="matched: " + ", ".join(n.path for n in nodes[:6])
-                            + (", ..." if len(nodes) > 6 else ""))
+            raise PlanError(
+                f"the selectors match {len(nodes)} module(s), but the statement "
+                f"expects {st.expect}",
+                span=st.span,
+                hint="matched: "
+                + ", ".join(n.path for n in nodes[:6])
+                + (", ..." if len(nodes) > 6 else ""),
+            )
         targets: list[Target] = []
         for node in nodes:
             module = node.module
             assert module is not None
-            problem = method.check_target(module, args)
-            if problem:
-                raise PlanError(f"cannot apply {method.name} to {node.path or 'the model'}: "
-                                f"{problem}", span=st.span)
             if any(name == edit for name, _ in node.edits):
-                how = ("apply it once, or name each application: "
-                       f"apply {method.name}(...) to ... as {method.name}2")
-                raise PlanError(f"{node.path} already has an edit named '{edit}'",
-                                span=st.span, hint=how)
+                how = (
+                    "apply it once, or name each application: "
+                    f"apply {method.name}(...) to ... as {method.name}2"
+                )
+                raise PlanError(
+                    f"{node.path} already has an edit named '{edit}'", span=st.span, hint=how
+                )
             if edit in node.children:
-                raise PlanError(f"'{edit}' is already the name of a child of {node.path}; "
-                                "choose another edit name with `as NAME`", span=st.span)
+                raise PlanError(
+                    f"'{edit}' is already the name of a child of {node.path}; "
+                    "choose another edit name with `as NAME`",
+                    span=st.span,
+                )
             shapes = method.parameter_shapes(module, args)
             node.add_virtual_adapter(edit, method.name, shapes)
-            targets.append(Target(
-                node.path, type(module).__name__, method.name, edit,
-                tuple(shapes.items()), method.parameter_count(module, args),
-                str(module.weight.dtype).removeprefix("torch.") if hasattr(module, "weight")
-                else ""))
+            targets.append(
+                Target(
+                    node.path,
+                    type(module).__name__,
+                    method.name,
+                    edit,
+                    tuple(shapes.items()),
+                    method.parameter_count(module, args),
+                    str(module.weight.dtype).removeprefix("torch.")
+                    if hasattr(module, "weight")
+                    else "",
+                )
+            )
         # trainability: the base freezes, the new adapter parameters train
         for state in self.params.values():
             if not state.adapter:
@@ -209,8 +240,43 @@ class Planner:
             node = self._node(f"{target.path}.{edit}" if target.path else edit)
             for pnode in node.params():
                 self.params[pnode.key] = _ParamState(pnode.numel, True, True)
-        self.record(st, "apply", method=method.name, edit=edit,
-                    arguments=tuple(sorted(args.items())), targets=tuple(targets))
+        self.record(
+            st,
+            "apply",
+            method=method.name,
+            edit=edit,
+            arguments=tuple(sorted(args.items())),
+            targets=tuple(targets),
+        )
+
+    def _check_targets(
+        self,
+        st: ast.Apply,
+        method: Method,
+        args: dict[str, Any],
+        matched: list[tuple[TreeNode, Span]],
+    ) -> None:
+        problems = []
+        for node, span in matched:
+            problem = method.check_target(node.module, args)
+            if problem is not None:
+                problems.append((node, span, problem))
+        if not problems:
+            return
+        node, span, problem = problems[0]
+        if problem.argument is not None:
+            span = next(a.span for a in st.arguments if a.name == problem.argument)
+        where = node.path or "the model itself"
+        others = (
+            f" (and {len(problems) - 1} more of the {len(matched)} matched modules)"
+            if len(problems) > 1
+            else ""
+        )
+        raise PlanError(
+            f"cannot apply {method.name} to {where}{others}: {problem.message}",
+            span=span,
+            hint=problem.hint,
+        )
 
     def merge(self, st: ast.Merge) -> None:
         self._take_out(st, "merge")
@@ -230,9 +296,12 @@ class Planner:
                     message = f"nothing to {action}: the model has no {st.target} edit"
                 else:
                     message = f"nothing to {action}: no edit or method is named '{st.target}'"
-                raise PlanError(message, span=st.span,
-                                hint=did_you_mean(st.target, known or REGISTRY)
-                                or (f"edits present: {', '.join(known)}" if known else None))
+                raise PlanError(
+                    message,
+                    span=st.span,
+                    hint=did_you_mean(st.target, known or REGISTRY)
+                    or (f"edits present: {', '.join(known)}" if known else None),
+                )
         else:
             chosen = edits
             if not chosen:
@@ -241,8 +310,11 @@ class Planner:
             for node, name, method_name in chosen:
                 method = REGISTRY[method_name]
                 if not method.mergeable:
-                    raise PlanError(f"{method_name} cannot be merged ({node.path}: edit '{name}')",
-                                    span=st.span, hint=f"use `remove {name}` to take it out")
+                    raise PlanError(
+                        f"{method_name} cannot be merged ({node.path}: edit '{name}')",
+                        span=st.span,
+                        hint=f"use `remove {name}` to take it out",
+                    )
         targets = []
         for node, name, method_name in chosen:
             for pnode in node.children[name].params():
@@ -258,22 +330,35 @@ class Planner:
         self._set_trainable(st, "unfreeze", True)
 
     def _set_trainable(self, st: ast.Freeze | ast.Unfreeze, action: str, value: bool) -> None:
-        nodes = self.resolve(st.selectors, modules_only=False, include_adapters=True)
+        nodes = [
+            n for n, _ in self.resolve(st.selectors, modules_only=False, include_adapters=True)
+        ]
         paths: dict[object, str] = {}
         for node in nodes:
             for pnode in node.params():
                 paths.setdefault(pnode.key, pnode.path)
         if not paths:
-            raise PlanError(f"`{action}` selects modules without parameters: "
-                            + ", ".join(n.path for n in nodes[:5]), span=st.span)
+            raise PlanError(
+                f"`{action}` selects modules without parameters: "
+                + ", ".join(n.path for n in nodes[:5]),
+                span=st.span,
+            )
         for key in paths:
             self.params[key].trainable = value
         self.record(st, action, param_paths=tuple(paths.values()))
 
     def record(self, st: ast.Statement, action: str, **fields: Any) -> None:
         trainable, total = self.totals()
-        self.steps.append(Step(action, st.span.text.strip(), st.span.location,
-                               trainable_after=trainable, total_after=total, **fields))
+        self.steps.append(
+            Step(
+                action,
+                st.span.text.strip(),
+                st.span.location,
+                trainable_after=trainable,
+                total_after=total,
+                **fields,
+            )
+        )
 
     def _node(self, path: str) -> TreeNode:
         node = self.tree
@@ -283,8 +368,14 @@ class Planner:
 
     def plan(self) -> Plan:
         trainable, total = self.totals()
-        return Plan(tuple(self.steps), self.trainable_before, self.total_before, trainable,
-                    total, tuple(self.statements))
+        return Plan(
+            tuple(self.steps),
+            self.trainable_before,
+            self.total_before,
+            trainable,
+            total,
+            tuple(self.statements),
+        )
 
 
 def make_plan(model: nn.Module, program: ast.Program) -> Plan:

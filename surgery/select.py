@@ -17,6 +17,8 @@ take part in a match, else resolution fails with the nearest real paths.
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -29,7 +31,7 @@ from surgery.lang import ast
 
 @dataclass(eq=False)
 class TreeNode:
-    """One module or parameter at a logical path. Virtual nodes (planned adapters) have no object."""
+    """A module or parameter at a logical path. Virtual nodes (planned adapters) have no object."""
 
     name: str
     path: str
@@ -53,16 +55,20 @@ class TreeNode:
     def params(self) -> Iterator[TreeNode]:
         return (n for n in self.walk() if n.kind == "param")
 
-    def add_virtual_adapter(self, edit: str, method: str, shapes: dict[str, tuple[int, ...]]) -> None:
+    def add_virtual_adapter(
+        self, edit: str, method: str, shapes: dict[str, tuple[int, ...]]
+    ) -> None:
         """Planning: show the adapter an `apply` will create, so later statements can select it."""
-        adapter = TreeNode(edit, self.child_path(edit), "module", adapter=True,
-                           type_names=(f"{method}_adapter",))
+        adapter = TreeNode(
+            edit, self.child_path(edit), "module", adapter=True, type_names=(f"{method}_adapter",)
+        )
         for pname, shape in shapes.items():
             numel = 1
             for d in shape:
                 numel *= d
-            adapter.children[pname] = TreeNode(pname, adapter.child_path(pname), "param",
-                                               numel=numel, key=object(), adapter=True)
+            adapter.children[pname] = TreeNode(
+                pname, adapter.child_path(pname), "param", numel=numel, key=object(), adapter=True
+            )
         self.children[edit] = adapter
         self.edits.append((edit, method))
 
@@ -80,19 +86,27 @@ def build_tree(model: nn.Module) -> TreeNode:
 
     def visit(module: nn.Module, name: str, path: str, adapter: bool) -> TreeNode:
         real = module._modules["base"] if isinstance(module, Site) else module
-        node = TreeNode(name, path, "module", module=real, type_names=_type_names(real),
-                        adapter=adapter)
+        node = TreeNode(
+            name, path, "module", module=real, type_names=_type_names(real), adapter=adapter
+        )
         for pname, param in real._parameters.items():
             if param is not None:
-                node.children[pname] = TreeNode(pname, node.child_path(pname), "param",
-                                                numel=param.numel(), key=param, adapter=adapter)
+                node.children[pname] = TreeNode(
+                    pname,
+                    node.child_path(pname),
+                    "param",
+                    numel=param.numel(),
+                    key=param,
+                    adapter=adapter,
+                )
         for cname, child in real._modules.items():
             if child is not None:
                 node.children[cname] = visit(child, cname, node.child_path(cname), adapter)
         if isinstance(module, Site):
             for edit in module.edits:
-                node.children[edit.name] = visit(module._modules[edit.name], edit.name,
-                                                 node.child_path(edit.name), True)
+                node.children[edit.name] = visit(
+                    module._modules[edit.name], edit.name, node.child_path(edit.name), True
+                )
                 node.edits.append((edit.name, edit.method))
         return node
 
@@ -109,12 +123,30 @@ class Alias:
     span: Span
 
 
-def expand_aliases(selector: ast.Selector, aliases: dict[str, Alias]) -> list[tuple[ast.Selector, Alias | None]]:
-    """Replace a leading alias reference (`attn.q`, `layers[0:4].mlp`) by its definition."""
+def expand_aliases(
+    selector: ast.Selector,
+    aliases: dict[str, Alias],
+    *,
+    origin: Alias | None = None,
+    depth: int = 0,
+) -> list[tuple[ast.Selector, Alias | None]]:
+    """Replace a leading alias reference (`attn.q`, `layers[0:4].mlp`) by its definition.
+
+    Definitions may use other aliases; each result carries the alias the user wrote.
+    """
+    if depth > 32:
+        raise ResolveError(
+            f"alias '{origin.name if origin else selector}' refers to itself",
+            span=origin.span if origin else selector.span,
+        )
     segments = selector.segments
     for k in range(len(segments), 0, -1):
         head = segments[:k]
-        if selector.anchored or any(not s.is_literal for s in head) or any(s.index for s in head[:-1]):
+        if (
+            selector.anchored
+            or any(not s.is_literal for s in head)
+            or any(s.index for s in head[:-1])
+        ):
             continue
         alias = aliases.get(".".join(s.text for s in head))
         if alias is None:
@@ -124,18 +156,22 @@ def expand_aliases(selector: ast.Selector, aliases: dict[str, Alias]) -> list[tu
             last = defined.segments[-1]
             index = head[-1].index
             if index and last.index:
-                raise ResolveError(f"'{alias.name}' already selects indices; it cannot be "
-                                   "indexed again", span=head[-1].span)
+                raise ResolveError(
+                    f"'{alias.name}' already selects indices; it cannot be indexed again",
+                    span=head[-1].span,
+                )
             if selector.types and defined.types:
-                raise ResolveError(f"'{alias.name}' already has a type filter",
-                                   span=selector.span)
+                raise ResolveError(f"'{alias.name}' already has a type filter", span=selector.span)
             new_last = replace(last, index=index or last.index)
-            out.append((replace(defined, segments=(*defined.segments[:-1], new_last,
-                                                   *segments[k:]),
-                                types=selector.types or defined.types,
-                                span=selector.span), alias))
+            expanded = replace(
+                defined,
+                segments=(*defined.segments[:-1], new_last, *segments[k:]),
+                types=selector.types or defined.types,
+                span=selector.span,
+            )
+            out += expand_aliases(expanded, aliases, origin=origin or alias, depth=depth + 1)
         return out
-    return [(selector, None)]
+    return [(selector, origin)]
 
 
 # ---- matching -----------------------------------------------------------------------------
@@ -202,24 +238,31 @@ class _Search:
         if not items:
             raise ResolveError(
                 f"'{node.path}' is a {node.type_names[0] if node.type_names else 'module'}, not a"
-                " list of modules, so it cannot be indexed", span=segment.span)
+                " list of modules, so it cannot be indexed",
+                span=segment.span,
+            )
         n = len(items)
         chosen: list[TreeNode] = []
         for item in segment.index or ():
             if not item.is_slice:
                 if not -n <= item.start < n:
-                    raise ResolveError(f"index {item.start} is out of range: {path} has {n} "
-                                       f"entries (0..{n - 1})", span=segment.span)
+                    raise ResolveError(
+                        f"index {item.start} is out of range: {path} has {n} entries (0..{n - 1})",
+                        span=segment.span,
+                    )
                 chosen.append(items[item.start])
                 continue
             for bound in (item.start, item.stop):
                 if bound is not None and not -n <= bound <= n:
-                    raise ResolveError(f"slice [{item}] reaches past the end: {path} has {n} "
-                                       f"entries (0..{n - 1})", span=segment.span)
+                    raise ResolveError(
+                        f"slice [{item}] reaches past the end: {path} has {n} entries (0..{n - 1})",
+                        span=segment.span,
+                    )
             picked = [items[j] for j in range(n)[slice(item.start, item.stop, item.step)]]
             if not picked:
-                raise ResolveError(f"slice [{item}] of {path} ({n} entries) is empty",
-                                   span=segment.span)
+                raise ResolveError(
+                    f"slice [{item}] of {path} ({n} entries) is empty", span=segment.span
+                )
             chosen += picked
         return list(dict.fromkeys(chosen))
 
@@ -233,9 +276,15 @@ class Match:
     alias: Alias | None
 
 
-def match_selector(root: TreeNode, selector: ast.Selector, *, include_adapters: bool,
-                   include_params: bool, order: dict[int, int],
-                   alias: Alias | None = None) -> Match:
+def match_selector(
+    root: TreeNode,
+    selector: ast.Selector,
+    *,
+    include_adapters: bool,
+    include_params: bool,
+    order: dict[int, int],
+    alias: Alias | None = None,
+) -> Match:
     """Match one (alias-free) selector; raise `ResolveError` unless every part of it matched."""
     segments: list[ast.Segment | None] = list(selector.segments)
     if not selector.anchored:
@@ -253,9 +302,11 @@ def match_selector(root: TreeNode, selector: ast.Selector, *, include_adapters: 
                 if (i + offset, g, option) not in search.used:
                     raise ResolveError(
                         f"option '{option}' of {segment.text} in `{selector}` matches nothing"
-                        f"{where}", span=segment.span if not alias else selector.span,
+                        f"{where}",
+                        span=segment.span if not alias else selector.span,
                         hint="every option must match; "
-                        + (_nearest_children(search, i + offset, segment) or "drop the option"))
+                        + _similar_names(search, i + offset, segment),
+                    )
     if selector.types:
         kept = [n for n in unique if n.kind == "module" and set(selector.types) & set(n.type_names)]
         if not kept:
@@ -268,35 +319,70 @@ def match_selector(root: TreeNode, selector: ast.Selector, *, include_adapters: 
             raise ResolveError(
                 f"`{selector}` matches {len(unique)} path(s){where} but none is a "
                 f"{' or '.join(selector.types)} (found: {', '.join(seen) or 'parameters'})",
-                span=selector.span, hint=hint)
+                span=selector.span,
+                hint=hint,
+            )
         unique = kept
     return Match(selector, tuple(unique), alias)
 
 
-def _nearest_children(search: _Search, i: int, segment: ast.Segment) -> str | None:
-    names = sorted({c.name for n in search.tried_at.get(i, []) for c in search._children(n)})
-    if not names:
-        return None
-    guess = did_you_mean(segment.text.replace("*", ""), names)
+def _names_at(search: _Search, i: int) -> list[str]:
+    return sorted({c.name for n in search.tried_at.get(i, []) for c in search._children(n)})
+
+
+def _similar_names(search: _Search, i: int, segment: ast.Segment) -> str:
+    """Names at the segment's level that fit its shape with any option: `<q,x>_proj` -> *_proj."""
+    loose = re.compile(re.sub(r"\((?:[^()|]+\|?)+\)", "[^.]*", segment.regex.pattern))
+    names = [n for n in _names_at(search, i) if loose.fullmatch(n)]
     shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-    return (guess + " " if guess else "") + f"names found at that level: {shown}"
+    return f"names at that level: {shown}" if names else "drop the option"
 
 
 def _no_match(root: TreeNode, search: _Search, selector: ast.Selector, where: str) -> ResolveError:
     offset = 0 if selector.anchored else 1
     failing = max(search.deepest, offset)
+    span, hint = selector.span, None
     if failing - offset < len(selector.segments):
-        segment = selector.segments[failing - offset]
-        hint = _nearest_children(search, failing, segment)
+        position = failing - offset
+        segment = selector.segments[position]
         span = segment.span if not where else selector.span
-    else:
-        hint, span = None, selector.span
-    paths = [n.path for n in root.walk() if n.path and n.kind == "module" and not n.adapter]
-    text = str(selector).replace("^", "").replace("*", "").replace("<", "").replace(">", "")
-    nearest = did_you_mean(text, paths)
-    if nearest:
-        hint = (hint + "; " if hint else "") + "nearest paths: " + nearest.removeprefix("did you mean ")
+        names = _names_at(search, failing)
+        if segment.is_literal:
+            hint = _corrected(root, selector, position, names, search)
+        if hint is None and names and len(names) <= 15:
+            hint = "names at that level: " + ", ".join(names)
+    if hint is None:
+        paths = [n.path for n in root.walk() if n.path and n.kind == "module" and not n.adapter]
+        text = re.sub(r"[\^*<>]", "", str(selector))
+        nearest = difflib.get_close_matches(text, paths, n=3, cutoff=0.3)
+        if nearest:
+            hint = "nearest module paths: " + ", ".join(nearest)
     return ResolveError(f"`{selector}` matches nothing{where}", span=span, hint=hint)
+
+
+def _corrected(
+    root: TreeNode, selector: ast.Selector, position: int, names: list[str], search: _Search
+) -> str | None:
+    """`did you mean `*.self_attn.q_proj`?` when fixing one misspelt segment makes it match."""
+    segment = selector.segments[position]
+    for name in difflib.get_close_matches(segment.text, names, n=3, cutoff=0.6):
+        fixed = replace(segment, text=name, regex=re.compile(re.escape(name)))
+        candidate = replace(
+            selector,
+            segments=(*selector.segments[:position], fixed, *selector.segments[position + 1 :]),
+        )
+        try:
+            found = match_selector(
+                root,
+                candidate,
+                include_adapters=search.include_adapters,
+                include_params=search.include_params,
+                order=model_order(root),
+            )
+        except ResolveError:
+            continue
+        return f"did you mean `{candidate}`? (it matches {len(found.nodes)} path(s))"
+    return None
 
 
 def model_order(root: TreeNode) -> dict[int, int]:

@@ -176,13 +176,17 @@ def _template(signature: Signature, edits: tuple[EditKey, ...]) -> type[Site]:
 def _publish(key: tuple[Signature, tuple[EditKey, ...]], graph: fx.Graph) -> type[Site]:
     graph.lint()
     code = graph.python_code(root_module="self")
-    cls = type("Site", (Site,), {
-        "forward": _forward_from_src(code.src, code.globals),
-        "_surgery_signature": key[0],
-        "_surgery_edits": key[1],
-        "_surgery_graph": graph,
-        "_surgery_code": code.src,
-    })
+    cls = type(
+        "Site",
+        (Site,),
+        {
+            "forward": _forward_from_src(code.src, code.globals),
+            "_surgery_signature": key[0],
+            "_surgery_edits": key[1],
+            "_surgery_graph": graph,
+            "_surgery_code": code.src,
+        },
+    )
     _TEMPLATES[key] = cls
     return cls
 
@@ -248,4 +252,3 @@ def erase_edit(graph: fx.Graph, name: str) -> fx.Graph:
         if node.meta.get(EDIT_META) == name:
             copy.erase_node(node)
     return copy
-

@@ -69,9 +69,7 @@ class Selector:
     @property
     def literal_name(self) -> str | None:
         """`attn.q` for a selector made only of plain names (a candidate alias reference)."""
-        if self.anchored or self.types or any(
-            not s.is_literal or s.index for s in self.segments
-        ):
+        if self.anchored or self.types or any(not s.is_literal or s.index for s in self.segments):
             return None
         return ".".join(s.text for s in self.segments)
 

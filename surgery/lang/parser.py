@@ -160,13 +160,15 @@ class _Builder:
 
     def apply_stmt(self, node: lark.Tree) -> ast.Apply:
         method, arguments, selectors, name, expect = node.children
-        args = tuple(self.argument(a) for a in arguments.children if a is not None) if arguments else ()
+        args = (
+            tuple(self.argument(a) for a in arguments.children if a is not None)
+            if arguments
+            else ()
+        )
         seen: dict[str, ast.Argument] = {}
         for arg in args:
             if arg.name in seen:
-                raise SurgerySyntaxError(
-                    f"parameter '{arg.name}' is given twice", span=arg.span
-                )
+                raise SurgerySyntaxError(f"parameter '{arg.name}' is given twice", span=arg.span)
             seen[arg.name] = arg
         return ast.Apply(
             self.span(node),
@@ -239,8 +241,9 @@ class _Builder:
         regex, alternations = compile_segment(str(token), span)
         items = tuple(self.index_item(i) for i in index.children) if index is not None else None
         if items is not None and str(token) == "**":
-            raise SurgerySyntaxError("'**' spans any number of segments and cannot be indexed",
-                                     span=self.span(node))
+            raise SurgerySyntaxError(
+                "'**' spans any number of segments and cannot be indexed", span=self.span(node)
+            )
         return ast.Segment(str(token), regex, alternations, items, self.span(node))
 
     def index_item(self, node: lark.Tree) -> ast.IndexItem:

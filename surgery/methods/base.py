@@ -17,8 +17,22 @@ from surgery.errors import PlanError, Span, did_you_mean
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.lang.ast import Argument, Value
 
-_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-               list: "a list"}
+_TYPE_WORDS = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    list: "a list",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why a method cannot attach to a module; `argument` names the parameter at fault."""
+
+    message: str
+    argument: str | None = None
+    hint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -33,18 +47,25 @@ class Param:
     choices: tuple[Any, ...] | None = None
 
     def coerce(self, value: Value, span: Span) -> Any:
-        ok = isinstance(value, self.type) and not (self.type is not bool and isinstance(value, bool))
+        ok = isinstance(value, self.type) and not (
+            self.type is not bool and isinstance(value, bool)
+        )
         if self.type is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
         if not ok:
             raise PlanError(
                 f"parameter '{self.name}' must be {_TYPE_WORDS.get(self.type, self.type.__name__)}"
-                f", got {value!r}", span=span)
+                f", got {value!r}",
+                span=span,
+            )
         if self.choices is not None and value not in self.choices:
             choices = ", ".join(map(str, self.choices))
             hint = did_you_mean(str(value), map(str, self.choices))
-            raise PlanError(f"parameter '{self.name}' must be one of {choices}, got {value!r}",
-                            span=span, hint=hint)
+            raise PlanError(
+                f"parameter '{self.name}' must be one of {choices}, got {value!r}",
+                span=span,
+                hint=hint,
+            )
         complaint = self.check(value) if self.check else None
         if complaint:
             raise PlanError(f"parameter '{self.name}' {complaint}, got {value!r}", span=span)
@@ -94,17 +115,20 @@ class Method:
             if param is None:
                 known = ", ".join(by_name) or "none"
                 hint = did_you_mean(arg.name, by_name) or f"{self.name} takes: {known}"
-                raise PlanError(f"{self.name} has no parameter '{arg.name}'",
-                                span=arg.span, hint=hint)
+                raise PlanError(
+                    f"{self.name} has no parameter '{arg.name}'", span=arg.span, hint=hint
+                )
             values[arg.name] = param.coerce(arg.value, arg.span)
         return values
 
     # ---- hooks for subclasses
-    def check_target(self, module: nn.Module, args: dict[str, Any]) -> str | None:
+    def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
         """Why this method cannot attach to `module` with `args`, or None when it can."""
         raise NotImplementedError
 
-    def parameter_shapes(self, module: nn.Module, args: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    def parameter_shapes(
+        self, module: nn.Module, args: dict[str, Any]
+    ) -> dict[str, tuple[int, ...]]:
         """The shapes of the trainable tensors the adapter will own (exact, before building)."""
         raise NotImplementedError
 

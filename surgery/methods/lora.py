@@ -17,7 +17,15 @@ from torch import nn
 
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
-from surgery.methods.base import Method, Param, adapter_dtype, at_least, in_unit_interval, positive
+from surgery.methods.base import (
+    Method,
+    Param,
+    Problem,
+    adapter_dtype,
+    at_least,
+    in_unit_interval,
+    positive,
+)
 
 
 class LoRAAdapter(nn.Module):
@@ -52,30 +60,46 @@ class LoRA(Method):
     params = (
         Param("r", int, 8, "rank of the update", check=at_least(1)),
         Param("alpha", float, 8.0, "scale numerator: s = alpha / r", check=positive),
-        Param("dropout", float, 0.0, "dropout on the branch input, in [0, 1)",
-              check=in_unit_interval),
-        Param("init", str, "kaiming", "initialization of A (B is always zero)",
-              choices=("kaiming", "gaussian")),
+        Param(
+            "dropout", float, 0.0, "dropout on the branch input, in [0, 1)", check=in_unit_interval
+        ),
+        Param(
+            "init",
+            str,
+            "kaiming",
+            "initialization of A (B is always zero)",
+            choices=("kaiming", "gaussian"),
+        ),
         Param("rslora", bool, False, "rank-stabilized scaling s = alpha / sqrt(r)"),
     )
 
-    def check_target(self, module: nn.Module, args: dict[str, Any]) -> str | None:
+    def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
         if not isinstance(module, nn.Linear):
-            return (f"lora wraps Linear layers (and their subclasses), "
-                    f"not {type(module).__name__}")
+            return Problem(
+                f"lora wraps Linear layers (and their subclasses), not {type(module).__name__}",
+                hint="add a type filter to keep only Linear layers: `SELECTOR : Linear`",
+            )
         limit = min(module.in_features, module.out_features)
         if args["r"] > limit:
-            return (f"r={args['r']} exceeds the layer's rank limit min(in, out) = {limit} "
-                    f"({module.in_features} -> {module.out_features})")
+            return Problem(
+                f"r={args['r']} exceeds the layer's rank limit min(in, out) = {limit} "
+                f"({module.in_features} -> {module.out_features})",
+                argument="r",
+            )
         return None
 
-    def parameter_shapes(self, module: nn.Module, args: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    def parameter_shapes(
+        self, module: nn.Module, args: dict[str, Any]
+    ) -> dict[str, tuple[int, ...]]:
         return {"A": (args["r"], module.in_features), "B": (module.out_features, args["r"])}
 
     def edit_key(self, name: str, module: nn.Module, args: dict[str, Any]) -> EditKey:
         cast = adapter_dtype(module.weight) != module.weight.dtype
-        return EditKey(name, self.name, (("dropout", args["dropout"] > 0),
-                                         ("scaling", scaling(args)), ("cast", cast)))
+        return EditKey(
+            name,
+            self.name,
+            (("dropout", args["dropout"] > 0), ("scaling", scaling(args)), ("cast", cast)),
+        )
 
     def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:
         weight = module.weight

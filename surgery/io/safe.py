@@ -1,0 +1,39 @@
+"""Writing output directories safely: all or nothing, never over existing data by accident."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from surgery.errors import OutputError
+
+
+@contextmanager
+def atomic_directory(target: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `target` to fill; rename it into place only on success.
+
+    An interrupted or failed write leaves no `target` (and an existing one untouched); with
+    `force`, an existing `target` is replaced only after the new one is complete.
+    """
+    target = Path(target)
+    if target.exists() and not force:
+        raise OutputError(f"{target} already exists", hint="pass --force to replace it")
+    parent = target.resolve().parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {target}: {parent} is not a directory")
+    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
+    try:
+        yield temp
+        if target.exists():
+            old = temp.with_suffix(".old")
+            target.rename(old)
+            temp.rename(target)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            temp.rename(target)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
