@@ -2,9 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# torch is pinned to the CPU build that installs in seconds on the project's machines; to use
-# another build (CUDA, ROCm), install it into $(VENV) first: `pip install torch` skips this pin
-# only if you change TORCH below, e.g. `make test TORCH=torch`.
+# torch is pinned to the CPU build that installs in seconds on the project's machines (an
+# unpinned torch pulls a multi-GB CUDA build). Another build: `make test TORCH="torch==2.6.0"`.
 TORCH  ?= torch==2.13.0
 
 .PHONY: setup demo test lint bench clean

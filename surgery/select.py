@@ -349,6 +349,12 @@ def _no_match(root: TreeNode, search: _Search, selector: ast.Selector, where: st
         names = _names_at(search, failing)
         if segment.is_literal:
             hint = _corrected(root, selector, position, names, search)
+            everywhere = {n.name for n in root.walk()}
+            if hint is None and segment.text not in everywhere:
+                kind = "module or parameter" if search.include_params else "module"
+                close = did_you_mean(segment.text, everywhere)
+                hint = f"no {kind} in the model is named '{segment.text}'" + (
+                    f"; {close}" if close else "")
         if hint is None and names and len(names) <= 15:
             hint = "names at that level: " + ", ".join(names)
     if hint is None:

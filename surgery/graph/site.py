@@ -23,6 +23,8 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.graph_module import _forward_from_src
 
+from surgery.graph.compare import same_structure
+
 EDIT_META = "surgery_edit"  # node.meta key: the name of the edit that created the node
 REPLACES_META = "surgery_replaces"  # on an edit's output node: the name of the node it replaced
 
@@ -159,18 +161,20 @@ def _base_graph(signature: Signature) -> tuple[fx.Graph, fx.Node, fx.Node]:
     return graph, placeholders[0], base
 
 
+def build_graph(signature: Signature, edits: tuple[EditKey, ...]) -> fx.Graph:
+    """The graph of a site over a base with `signature` carrying `edits`, built from scratch."""
+    graph, primary, value = _base_graph(signature)
+    for edit in edits:
+        builder = GraphBuilder(graph, primary, value, edit)
+        _EMITTERS[edit.method](builder)
+        value = builder.value
+    graph.output(value)
+    return graph
+
+
 def _template(signature: Signature, edits: tuple[EditKey, ...]) -> type[Site]:
     key = (signature, edits)
-    cls = _TEMPLATES.get(key)
-    if cls is None:
-        graph, primary, value = _base_graph(signature)
-        for edit in edits:
-            builder = GraphBuilder(graph, primary, value, edit)
-            _EMITTERS[edit.method](builder)
-            value = builder.value
-        graph.output(value)
-        cls = _publish(key, graph)
-    return cls
+    return _TEMPLATES.get(key) or _publish(key, build_graph(signature, edits))
 
 
 def _publish(key: tuple[Signature, tuple[EditKey, ...]], graph: fx.Graph) -> type[Site]:
@@ -231,7 +235,15 @@ def drop_edit(site: Site, name: str) -> Site | nn.Module:
     if not remaining:
         return base
     key = (site._surgery_signature, remaining)
-    cls = _TEMPLATES.get(key) or _publish(key, erase_edit(site.graph, name))
+    cls = _TEMPLATES.get(key)
+    if cls is None:
+        erased = erase_edit(site.graph, name)
+        # Once per new structure: the erased graph must be exactly what the remaining edits
+        # build on their own; anything else is a bug in an emitter's tagging.
+        if not same_structure(erased, build_graph(*key)):
+            raise RuntimeError(f"erasing edit '{name}' left a graph that differs from a fresh "
+                               f"build of {[e.name for e in remaining]}")
+        cls = _publish(key, erased)
     return _instantiate(cls, base, {e.name: site._modules[e.name] for e in remaining})
 
 
