@@ -85,11 +85,12 @@ def positive(v: float) -> str | None:
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype policy: adapters train in fp32 over fp16/bf16 bases, else in the base dtype.
+    """The dtype policy: adapters are stored in fp32 over fp16/bf16 bases, else in the base dtype.
 
     Half-precision parameters lose small optimizer updates to rounding; the few adapter
-    parameters cost little to keep in fp32. The branch casts its input to the adapter dtype and
-    its result back to the base output dtype, so the model's dtype is unchanged.
+    parameters cost little to keep in fp32. The branch computes in the activation dtype (it
+    casts the small adapter tensors, not the activations), as autocast would, so it adds no
+    fp32 traffic over the activations and the model's dtype is unchanged.
     """
     if weight.dtype in (torch.float16, torch.bfloat16):
         return torch.float32

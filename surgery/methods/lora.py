@@ -116,17 +116,20 @@ class LoRA(Method):
 
     @staticmethod
     def emit(b: GraphBuilder) -> None:
+        # s is folded into B (an [out, r] op) rather than applied to the [..., out] output, and
+        # fp32 adapters over a half-precision base are cast to the activation dtype (a few
+        # kilobytes) rather than casting the activations to fp32: the branch then costs two
+        # thin matmuls and one add over the output, and the model's dtype never changes.
         x = b.input
         if b.edit.option("dropout"):
             x = b.module("dropout", x)
         A, B = b.attr("A"), b.attr("B")
         if b.edit.option("cast"):
-            x = b.method("to", x, b.function(getattr, A, "dtype"))
-        h = b.function(F.linear, b.function(F.linear, x, A), B)
+            dtype = b.function(getattr, x, "dtype")
+            A, B = b.method("to", A, dtype), b.method("to", B, dtype)
         if b.edit.option("scaling") != 1.0:
-            h = b.function(operator.mul, h, b.edit.option("scaling"))
-        if b.edit.option("cast"):
-            h = b.method("to", h, b.function(getattr, b.value, "dtype"))
+            B = b.function(operator.mul, B, b.edit.option("scaling"))
+        h = b.function(F.linear, b.function(F.linear, x, A), B)
         b.set_output(b.function(operator.add, b.value, h))
 
     def merge(self, base: nn.Module, adapter: nn.Module) -> None:
