@@ -22,7 +22,7 @@ from surgery.io import write_adapter_dir
 from surgery.lang import ast, parse, parse_file
 from surgery.methods import REGISTRY
 from surgery.models import PRESETS, load_model
-from surgery.plan import Plan, Step, Target
+from surgery.plan import Plan, Step, Target, lint
 
 # Piped output is not wrapped at 80 columns: plans and errors stay one line per row.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -118,8 +118,10 @@ def _model(args: argparse.Namespace) -> torch.nn.Module:
 
 def cmd_check(args: argparse.Namespace) -> int:
     program, _ = _read_rules(args)
+    for warning in lint(program):
+        err.print(str(warning), markup=False)
     if args.model is None:
-        out.print(f"{program.source.name}: ok ({len(program)} statement(s) parsed)")
+        out.print(f"{program.source.name}: ok ({len(program)} statement(s))")
         return 0
     plan = rewrite(_model(args), program, dry_run=True)
     sites = sum(len(s.targets) for s in plan.steps if s.action == "apply")

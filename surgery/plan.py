@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from surgery.errors import PlanError, ResolveError, Span, did_you_mean
+from surgery.errors import PlanError, ResolveError, Span, SurgeryError, did_you_mean
 from surgery.lang import ast, parse_file
 from surgery.methods import REGISTRY, Method, get_method
 from surgery.resources import family_file, family_names
@@ -92,6 +92,72 @@ def totals_line(trainable: int, total: int) -> str:
     )
 
 
+# ---- includes and lint ---------------------------------------------------------------------
+
+
+def include_path(statement: ast.Use, program: ast.Program, including: tuple[str, ...]) -> Path:
+    """The file a `use` statement includes: a family file, or a path relative to the includer."""
+    if statement.is_path:
+        base = Path(program.source.name).parent if program.source.name != "<string>" else Path()
+        path = (base / statement.target).resolve()
+        if not path.is_file():
+            raise ResolveError(
+                f"rule file '{statement.target}' does not exist (looked for {path})",
+                span=statement.span,
+            )
+    else:
+        path = family_file(statement.target)
+        if not path.is_file():
+            names = family_names()
+            raise ResolveError(
+                f"unknown model family '{statement.target}'",
+                span=statement.span,
+                hint=did_you_mean(statement.target, names) or f"known families: {', '.join(names)}",
+            )
+    if str(path) in including:
+        raise ResolveError(f"'{statement.target}' includes itself", span=statement.span)
+    return path
+
+
+class LintWarning(SurgeryError):
+    """Something legal but probably not meant; shown by `surgery check`, never raised."""
+
+    kind = "warning"
+
+
+def lint(program: ast.Program) -> list[LintWarning]:
+    """Model-free checks: includes, methods and their arguments (errors raise), plus warnings."""
+    warnings: list[LintWarning] = []
+    edit_names: set[str] = set()
+    trainability: list[ast.Freeze | ast.Unfreeze] = []
+
+    def visit(prog: ast.Program, including: tuple[str, ...]) -> None:
+        for st in prog:
+            if isinstance(st, ast.Use):
+                path = include_path(st, prog, including)
+                visit(parse_file(path), (*including, str(path)))
+            elif isinstance(st, ast.Apply):
+                method = get_method(st.method, st.method_span)
+                method.bind(st.arguments, st.method_span)
+                edit_names.add(st.name or method.name)
+                for earlier in trainability:
+                    warnings.append(LintWarning(
+                        f"this {type(earlier).__name__.lower()} is overridden by the apply at "
+                        f"{st.span.location}: apply freezes every non-adapter parameter",
+                        span=earlier.span, hint="move it after the apply"))
+                trainability.clear()
+            elif isinstance(st, (ast.Freeze, ast.Unfreeze)):
+                trainability.append(st)
+            elif isinstance(st, (ast.Merge, ast.Remove)) and st.target is not None:
+                if st.target not in edit_names and st.target not in REGISTRY:
+                    warnings.append(LintWarning(
+                        f"no earlier apply is named '{st.target}'; it must already be in the model",
+                        span=st.span, hint=did_you_mean(st.target, edit_names | set(REGISTRY))))
+
+    visit(program, (program.source.name,))
+    return warnings
+
+
 # ---- the planner --------------------------------------------------------------------------
 
 
@@ -135,26 +201,7 @@ class Planner:
                 getattr(self, type(statement).__name__.lower())(statement)
 
     def use(self, statement: ast.Use, program: ast.Program, including: tuple[str, ...]) -> None:
-        if statement.is_path:
-            base = Path(program.source.name).parent if program.source.name != "<string>" else Path()
-            path = (base / statement.target).resolve()
-            if not path.is_file():
-                raise ResolveError(
-                    f"rule file '{statement.target}' does not exist (looked for {path})",
-                    span=statement.span,
-                )
-        else:
-            path = family_file(statement.target)
-            if not path.is_file():
-                names = family_names()
-                raise ResolveError(
-                    f"unknown model family '{statement.target}'",
-                    span=statement.span,
-                    hint=did_you_mean(statement.target, names)
-                    or f"known families: {', '.join(names)}",
-                )
-        if str(path) in including:
-            raise ResolveError(f"'{statement.target}' includes itself", span=statement.span)
+        path = include_path(statement, program, including)
         self.run(parse_file(path), (*including, str(path)))
 
     # selector resolution
