@@ -21,9 +21,15 @@ def load_rules(rules: Rules) -> ast.Program:
     """Rules as a parsed program: `.surg` text, a path to a `.surg` file, or a `Program`."""
     if isinstance(rules, ast.Program):
         return rules
-    if isinstance(rules, Path) or ("\n" not in rules and rules.strip().endswith(".surg")):
+    if isinstance(rules, Path) or _looks_like_a_path(rules):
         return parse_file(rules)
     return parse(rules)
+
+
+def _looks_like_a_path(text: str) -> bool:
+    """One word ending in `.surg` is a file name; anything with spaces or newlines is rules."""
+    word = text.strip()
+    return word.endswith(".surg") and not any(c.isspace() for c in word)
 
 
 @overload

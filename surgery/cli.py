@@ -18,10 +18,8 @@ from rich.table import Table
 from surgery import __version__
 from surgery.api import rewrite
 from surgery.errors import ModelLoadError, SurgeryError
-from surgery.io import write_adapter_dir
 from surgery.lang import ast, parse, parse_file
 from surgery.methods import REGISTRY
-from surgery.models import PRESETS, load_model
 from surgery.plan import Plan, Step, Target, lint
 
 # Piped output is not wrapped at 80 columns: plans and errors stay one line per row.
@@ -39,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_rules(p: argparse.ArgumentParser) -> None:
+        p.set_defaults(subparser=p)  # usage errors about the rules print this command's usage
         p.add_argument("rules", nargs="?", help="a .surg file ('-' reads standard input)")
         p.add_argument("-e", "--rules-text", metavar="TEXT", help="rule text instead of a file")
 
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("check", "plan", "apply") and (args.rules is None) == (
         args.rules_text is None
     ):
-        parser.error(
+        args.subparser.error(
             "give a rules file or --rules-text, not both"
             if args.rules
             else "give a rules file or --rules-text"
@@ -113,6 +112,8 @@ def _read_rules(args: argparse.Namespace) -> tuple[ast.Program, str]:
 
 
 def _model(args: argparse.Namespace) -> torch.nn.Module:
+    from surgery.models import load_model  # transformers is slow to import: only when needed
+
     return load_model(args.model, meta=args.meta, dtype=DTYPES.get(args.dtype or ""))
 
 
@@ -157,6 +158,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise OutputError(f"{args.out} already exists", hint="pass --force to replace it")
     model = _model(args)
     report = rewrite(model, program)
+    from surgery.io import write_adapter_dir
+
     with err.status("writing adapter"):
         written = write_adapter_dir(
             model, args.out, rules_text=text, plan=report.plan, force=args.force
@@ -179,6 +182,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
+    from surgery.models import PRESETS
+
     table = Table(title="presets", title_justify="left")
     table.add_column("preset")
     table.add_column("description")
@@ -268,7 +273,7 @@ def _add_step_rows(table: Table, step: Step, full: bool) -> None:
         pattern = target.path if full else re.sub(r"\.\d+(?=\.|$)", ".#", target.path)
         groups[(pattern, target.module_type, _shapes(target), target.edit)].append(target)
     for i, ((_, module_type, shapes, edit), targets) in enumerate(groups.items()):
-        ((text, n),) = group_paths([t.path for t in targets])
+        ((text, n),) = [(targets[0].path, 1)] if full else group_paths([t.path for t in targets])
         name = label if step.action == "apply" else f"{label} {edit}"
         per_site = targets[0].params
         table.add_row(

@@ -55,15 +55,16 @@ class Span:
         return Span(self.source, self.line, col, self.line, col + max(length, 1))
 
     def render(self) -> str:
-        text = self.source.line(self.line)
+        raw = self.source.line(self.line)
+        end = self.end_column if self.end_line == self.line else len(raw) + 1
+        # Tabs are expanded in both lines so the caret sits under the text in any terminal.
+        before = len(raw[: self.column - 1].expandtabs())
+        length = max(len(raw[: end - 1].expandtabs()) - before, 1)
         width = len(str(self.line))
-        if self.end_line == self.line:
-            length = max(self.end_column - self.column, 1)
-        else:
-            length = max(len(text) - self.column + 1, 1)
         pad = " " * (width + 1)
         return (
-            f"{pad}|\n{self.line:>{width}} | {text}\n{pad}| {' ' * (self.column - 1)}{'^' * length}"
+            f"{pad}|\n{self.line:>{width}} | {raw.expandtabs()}\n"
+            f"{pad}| {' ' * before}{'^' * length}"
         )
 
 

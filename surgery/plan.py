@@ -115,8 +115,18 @@ def include_path(statement: ast.Use, program: ast.Program, including: tuple[str,
                 hint=did_you_mean(statement.target, names) or f"known families: {', '.join(names)}",
             )
     if str(path) in including:
-        raise ResolveError(f"'{statement.target}' includes itself", span=statement.span)
+        chain = " -> ".join(Path(p).name for p in (*including[including.index(str(path)):],
+                                                    str(path)))
+        what = "includes itself" if chain.count("->") == 1 else f"closes a cycle: {chain}"
+        raise ResolveError(f"'{statement.target}' is already being included: this {what}",
+                           span=statement.span)
     return path
+
+
+def _source_key(program: ast.Program) -> str:
+    """How include-cycle detection names a program: its resolved path when it is a file."""
+    path = Path(program.source.name)
+    return str(path.resolve()) if path.is_file() else program.source.name
 
 
 class LintWarning(SurgeryError):
@@ -154,7 +164,7 @@ def lint(program: ast.Program) -> list[LintWarning]:
                         f"no earlier apply is named '{st.target}'; it must already be in the model",
                         span=st.span, hint=did_you_mean(st.target, edit_names | set(REGISTRY))))
 
-    visit(program, (program.source.name,))
+    visit(program, (_source_key(program),))
     return warnings
 
 
@@ -213,17 +223,26 @@ class Planner:
         found: dict[int, tuple[TreeNode, Span]] = {}
         for selector in selectors:
             for expanded, alias in expand_aliases(selector, self.aliases):
-                match = match_selector(
-                    self.tree,
-                    expanded,
-                    include_adapters=include_adapters,
-                    include_params=not modules_only,
-                    order=order,
-                    alias=alias,
-                )
+                try:
+                    match = match_selector(
+                        self.tree, expanded, include_adapters=include_adapters,
+                        include_params=not modules_only, order=order, alias=alias,
+                        written=selector,
+                    )
+                except ResolveError as error:
+                    raise self._with_alias_hint(error, selector) from None
                 for node in match.nodes:
                     found.setdefault(id(node), (node, selector.span))
         return sorted(found.values(), key=lambda item: order[id(item[0])])
+
+    def _with_alias_hint(self, error: ResolveError, selector: ast.Selector) -> ResolveError:
+        """Add `did you mean the alias 'mlp.up'?` when the user's text is close to an alias."""
+        written = ".".join(s.text for s in selector.segments)
+        close = did_you_mean(written, set(self.aliases) - {written})
+        if close and written not in self.aliases:
+            note = close.replace("did you mean", "did you mean the alias")
+            error.hint = f"{note}; {error.hint}" if error.hint else note
+        return error
 
     # statements
     def apply(self, st: ast.Apply) -> None:
@@ -346,7 +365,7 @@ class Planner:
                 raise PlanError(
                     message,
                     span=st.span,
-                    hint=did_you_mean(st.target, known or REGISTRY)
+                    hint=did_you_mean(st.target, set(known or REGISTRY) - {st.target})
                     or (f"edits present: {', '.join(known)}" if known else None),
                 )
         else:
@@ -428,5 +447,5 @@ class Planner:
 def make_plan(model: nn.Module, program: ast.Program) -> Plan:
     """Resolve and validate `program` against `model` without changing it."""
     planner = Planner(model)
-    planner.run(program, (program.source.name,))
+    planner.run(program, (_source_key(program),))
     return planner.plan()

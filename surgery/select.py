@@ -136,7 +136,8 @@ def expand_aliases(
     """
     if depth > 32:
         raise ResolveError(
-            f"alias '{origin.name if origin else selector}' refers to itself",
+            f"alias '{origin.name if origin else selector}' refers to itself "
+            "(directly or through other aliases)",
             span=origin.span if origin else selector.span,
         )
     segments = selector.segments
@@ -162,10 +163,15 @@ def expand_aliases(
                 )
             if selector.types and defined.types:
                 raise ResolveError(f"'{alias.name}' already has a type filter", span=selector.span)
-            new_last = replace(last, index=index or last.index)
+            # the definition's segments take the span of what the user wrote, so an error in
+            # them (an index out of range, say) points at the user's rule, not the family file
+            at = Span(head[0].span.source, head[0].span.line, head[0].span.column,
+                      head[-1].span.end_line, head[-1].span.end_column)
+            moved = tuple(replace(seg, span=at) for seg in defined.segments[:-1])
+            new_last = replace(last, index=index or last.index, span=at)
             expanded = replace(
                 defined,
-                segments=(*defined.segments[:-1], new_last, *segments[k:]),
+                segments=(*moved, new_last, *segments[k:]),
                 types=selector.types or defined.types,
                 span=selector.span,
             )
@@ -284,26 +290,32 @@ def match_selector(
     include_params: bool,
     order: dict[int, int],
     alias: Alias | None = None,
+    written: ast.Selector | None = None,
 ) -> Match:
-    """Match one (alias-free) selector; raise `ResolveError` unless every part of it matched."""
+    """Match one (alias-free) selector; raise `ResolveError` unless every part of it matched.
+
+    `written` is the selector as the user wrote it, before `alias` was expanded.
+    """
     segments: list[ast.Segment | None] = list(selector.segments)
     if not selector.anchored:
         segments.insert(0, _GLOBSTAR)
     search = _Search(selector, segments, include_adapters, include_params)
     nodes = search.walk(root, 0)
     unique = sorted({id(n): n for n in nodes}.values(), key=lambda n: order[id(n)])
-    where = f" (alias '{alias.name}' defined at {alias.span.location})" if alias else ""
+    where = (f" (through alias '{alias.name}' from {alias.span.location}, it reads `{selector}`)"
+             if alias else "")
+    subject = written or selector
     if not unique:
-        raise _no_match(root, search, selector, where)
+        raise _no_match(root, search, selector, subject, where)
     offset = 0 if selector.anchored else 1
     for i, segment in enumerate(selector.segments):
         for g, options in enumerate(segment.alternations):
             for option in options:
                 if (i + offset, g, option) not in search.used:
                     raise ResolveError(
-                        f"option '{option}' of {segment.text} in `{selector}` matches nothing"
+                        f"option '{option}' of {segment.text} in `{subject}` matches nothing"
                         f"{where}",
-                        span=segment.span if not alias else selector.span,
+                        span=segment.span,
                         hint="every option must match; "
                         + _similar_names(search, i + offset, segment),
                     )
@@ -317,8 +329,8 @@ def match_selector(
             if unknown:
                 hint = did_you_mean(unknown[0], all_types) or f"no module of type {unknown[0]}"
             raise ResolveError(
-                f"`{selector}` matches {len(unique)} path(s){where} but none is a "
-                f"{' or '.join(selector.types)} (found: {', '.join(seen) or 'parameters'})",
+                f"`{subject}` matches {len(unique)} path(s){where} but none is "
+                f"{_a(' or '.join(selector.types))} (found: {', '.join(seen) or 'parameters'})",
                 span=selector.span,
                 hint=hint,
             )
@@ -338,14 +350,19 @@ def _similar_names(search: _Search, i: int, segment: ast.Segment) -> str:
     return f"names at that level: {shown}" if names else "drop the option"
 
 
-def _no_match(root: TreeNode, search: _Search, selector: ast.Selector, where: str) -> ResolveError:
+def _a(word: str) -> str:
+    return ("an " if word[:1].lower() in "aeiou" else "a ") + word
+
+
+def _no_match(root: TreeNode, search: _Search, selector: ast.Selector, subject: ast.Selector,
+              where: str) -> ResolveError:
     offset = 0 if selector.anchored else 1
     failing = max(search.deepest, offset)
     span, hint = selector.span, None
     if failing - offset < len(selector.segments):
         position = failing - offset
         segment = selector.segments[position]
-        span = segment.span if not where else selector.span
+        span = segment.span
         names = _names_at(search, failing)
         if segment.is_literal:
             hint = _corrected(root, selector, position, names, search)
@@ -363,7 +380,7 @@ def _no_match(root: TreeNode, search: _Search, selector: ast.Selector, where: st
         nearest = difflib.get_close_matches(text, paths, n=3, cutoff=0.3)
         if nearest:
             hint = "nearest module paths: " + ", ".join(nearest)
-    return ResolveError(f"`{selector}` matches nothing{where}", span=span, hint=hint)
+    return ResolveError(f"`{subject}` matches nothing{where}", span=span, hint=hint)
 
 
 def _corrected(

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import torch
-import transformers
 from safetensors.torch import save_file
 from torch import nn
 
@@ -35,6 +34,8 @@ def write_adapter_dir(
     model: nn.Module, out: Path, *, rules_text: str, plan: Plan, force: bool = False
 ) -> int:
     """Write adapter weights, the rules and the plan to `out` atomically; return tensor count."""
+    import transformers
+
     tensors = adapter_state_dict(model)
     versions = {
         "surgery": surgery.__version__,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ def atomic_directory(target: Path, *, force: bool = False) -> Iterator[Path]:
     temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
     try:
         yield temp
+        _normal_permissions(temp)
         if target.exists():
             old = temp.with_suffix(".old")
             target.rename(old)
@@ -37,3 +39,13 @@ def atomic_directory(target: Path, *, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+
+
+def _normal_permissions(folder: Path) -> None:
+    """mkdtemp makes 0700 folders (and some writers 0600 files): give the output the
+    permissions an ordinary `mkdir`/`open` would, under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -13,7 +13,7 @@ from pathlib import Path
 import lark
 from lark.lexer import PatternStr, Token
 
-from surgery.errors import Source, Span, SurgerySyntaxError, did_you_mean
+from surgery.errors import Source, Span, SurgeryError, SurgerySyntaxError, did_you_mean
 from surgery.lang import ast
 from surgery.resources import grammar_text
 
@@ -60,7 +60,7 @@ def parse_file(path: str | Path) -> ast.Program:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise SurgerySyntaxError(f"cannot read rule file {str(path)!r}: {error}") from None
+        raise SurgeryError(f"cannot read rule file {str(path)!r}: {error}") from None
     return parse(text, str(path))
 
 
@@ -94,6 +94,20 @@ def _expected_words(expected: set[str]) -> str:
     return ", ".join(parts[:-1]) + " or " + parts[-1]
 
 
+def _acceptable(error: lark.exceptions.UnexpectedToken) -> set[str]:
+    """The terminals that can really come next.
+
+    LALR merges look-alike states, so `error.expected` may list a terminal that only fits a
+    sibling context (a `]` inside `lora(r=8 ...`); the interactive parser tries each one.
+    """
+    if error.interactive_parser is not None:
+        try:
+            return set(error.interactive_parser.accepts())
+        except lark.exceptions.LarkError:
+            pass
+    return set(error.expected)
+
+
 def _translate(error: lark.exceptions.UnexpectedInput, source: Source) -> SurgerySyntaxError:
     line, column = max(error.line, 1), max(error.column, 1)
     length = 1
@@ -106,10 +120,10 @@ def _translate(error: lark.exceptions.UnexpectedInput, source: Source) -> Surger
         else:
             found = f"'{token.value}'"
             length = len(str(token.value))
-        expected = error.expected
+        expected = _acceptable(error)
     elif isinstance(error, lark.exceptions.UnexpectedCharacters):
         char = source.text[error.pos_in_stream] if error.pos_in_stream < len(source.text) else ""
-        found = f"the character {char!r}"
+        found = f"character {char!r}"
         expected = set(error.allowed or ())
     else:  # UnexpectedEOF
         found = "end of input"
@@ -123,7 +137,7 @@ def _translate(error: lark.exceptions.UnexpectedInput, source: Source) -> Surger
     if "TO" in expected:
         hint = "an apply statement reads: apply METHOD(name=value, ...) to SELECTOR, ..."
     elif {k.upper() for k in STATEMENT_KEYWORDS} <= set(expected) and word.isidentifier():
-        hint = did_you_mean(word, STATEMENT_KEYWORDS)
+        hint = did_you_mean(word.lower(), STATEMENT_KEYWORDS)
     return SurgerySyntaxError(message, span=span, hint=hint)
 
 
