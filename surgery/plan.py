@@ -191,6 +191,9 @@ class Planner:
                 self.params[node.key] = _ParamState(
                     node.numel, node.key.requires_grad, node.adapter
                 )
+        self.param_paths: dict[int, list[str]] = {}  # every path of each tensor (tied weights)
+        for node in self.tree.params():
+            self.param_paths.setdefault(id(node.key), []).append(node.path)
         self.trainable_before, self.total_before = self.totals()
 
     def totals(self) -> tuple[int, int]:
@@ -381,6 +384,7 @@ class Planner:
                         span=st.span,
                         hint=f"use `remove {name}` to take it out",
                     )
+                self._check_not_shared(st, node, name)
         targets = []
         for node, name, method_name in chosen:
             for pnode in node.children[name].params():
@@ -388,6 +392,21 @@ class Planner:
             node.drop_adapter(name)
             targets.append(Target(node.path, node.type_names[0], method_name, name))
         self.record(st, action, targets=tuple(targets))
+
+    def _check_not_shared(self, st: ast.Merge, node: TreeNode, edit: str) -> None:
+        """A merge writes the base's own weights: refuse when another module shares them
+        (tied embeddings), since the merge would silently change that module too."""
+        for pnode in node.children.values():
+            if pnode.kind != "param" or pnode.adapter:
+                continue
+            others = [p for p in self.param_paths.get(id(pnode.key), []) if p != pnode.path]
+            if others:
+                raise PlanError(
+                    f"cannot merge '{edit}' into {node.path}: {pnode.path} is shared with "
+                    f"{others[0]} (tied weights), which the merge would change as well",
+                    span=st.span,
+                    hint=f"`remove {edit}` instead, or untie the weights before surgery",
+                )
 
     def freeze(self, st: ast.Freeze) -> None:
         self._set_trainable(st, "freeze", False)

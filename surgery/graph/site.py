@@ -201,6 +201,7 @@ def _instantiate(cls: type[Site], base: nn.Module, adapters: dict[str, nn.Module
     site.training = base.training
     site._modules["base"] = base
     for name, adapter in adapters.items():
+        adapter.train(base.training)  # a new adapter must not train (dropout) in an eval model
         site._modules[name] = adapter
     d = site.__dict__
     d["_graph"] = cls._surgery_graph

@@ -191,7 +191,7 @@ class _Builder:
             arguments=args,
             selectors=self.selector_list(selectors),
             name=str(name) if name is not None else None,
-            expect=int(expect) if expect is not None else None,
+            expect=self.int(expect) if expect is not None else None,
         )
 
     def merge_stmt(self, node: lark.Tree) -> ast.Merge:
@@ -223,12 +223,19 @@ class _Builder:
             return False
         (token,) = node.children
         if kind == "int_value":
-            return int(token)
+            return self.int(token)
         if kind == "float_value":
             return float(token)
         if kind == "string_value":
             return self.string(token)
         return str(token)  # a bare symbol such as `init=gaussian` is a string
+
+    def int(self, token: Token) -> int:
+        try:
+            return int(token)
+        except ValueError:  # beyond Python's limit on digits in int()
+            raise SurgerySyntaxError(f"the integer {str(token)[:12]}... has too many digits",
+                                     span=self.span(token)) from None
 
     def string(self, token: Token) -> str:
         body = str(token)[1:-1]
@@ -261,7 +268,7 @@ class _Builder:
         return ast.Segment(str(token), regex, alternations, items, self.span(node))
 
     def index_item(self, node: lark.Tree) -> ast.IndexItem:
-        values = [int(t) if t is not None else None for t in node.children]
+        values = [self.int(t) if t is not None else None for t in node.children]
         if node.data == "index_int":
             return ast.IndexItem(values[0])
         start, stop, step = values
