@@ -40,6 +40,9 @@ def _lark() -> lark.Lark:
         lexer="contextual",
         propagate_positions=True,
         maybe_placeholders=True,
+        # Building the LALR tables takes ~200 ms; Lark keeps them in a temp-dir file keyed by
+        # the grammar's hash, so later processes (every CLI call) load them instead.
+        cache=True,
     )
 
 
