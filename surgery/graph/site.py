@@ -43,13 +43,10 @@ class EditKey:
 
 @dataclass(frozen=True)
 class Signature:
-    """The placeholders of a base module's forward: names, defaults, `*args`/`**kwargs`."""
+    """The placeholders of a base module's forward: (name, default) pairs, the first being the
+    primary input that methods read."""
 
-    params: tuple[tuple[str, Any], ...]  # (name, default or inspect.Parameter.empty)
-
-    @property
-    def primary(self) -> str:
-        return self.params[0][0]
+    params: tuple[tuple[str, Any], ...]  # default is inspect.Parameter.empty when required
 
 
 @cache
