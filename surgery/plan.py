@@ -115,11 +115,13 @@ def include_path(statement: ast.Use, program: ast.Program, including: tuple[str,
                 hint=did_you_mean(statement.target, names) or f"known families: {', '.join(names)}",
             )
     if str(path) in including:
-        chain = " -> ".join(Path(p).name for p in (*including[including.index(str(path)):],
-                                                    str(path)))
+        chain = " -> ".join(
+            Path(p).name for p in (*including[including.index(str(path)) :], str(path))
+        )
         what = "includes itself" if chain.count("->") == 1 else f"closes a cycle: {chain}"
-        raise ResolveError(f"'{statement.target}' is already being included: this {what}",
-                           span=statement.span)
+        raise ResolveError(
+            f"'{statement.target}' is already being included: this {what}", span=statement.span
+        )
     return path
 
 
@@ -151,18 +153,27 @@ def lint(program: ast.Program) -> list[LintWarning]:
                 method.bind(st.arguments, st.method_span)
                 edit_names.add(st.name or method.name)
                 for earlier in trainability:
-                    warnings.append(LintWarning(
-                        f"this {type(earlier).__name__.lower()} is overridden by the apply at "
-                        f"{st.span.location}: apply freezes every non-adapter parameter",
-                        span=earlier.span, hint="move it after the apply"))
+                    warnings.append(
+                        LintWarning(
+                            f"this {type(earlier).__name__.lower()} is overridden by the apply at "
+                            f"{st.span.location}: apply freezes every non-adapter parameter",
+                            span=earlier.span,
+                            hint="move it after the apply",
+                        )
+                    )
                 trainability.clear()
             elif isinstance(st, (ast.Freeze, ast.Unfreeze)):
                 trainability.append(st)
             elif isinstance(st, (ast.Merge, ast.Remove)) and st.target is not None:
                 if st.target not in edit_names and st.target not in REGISTRY:
-                    warnings.append(LintWarning(
-                        f"no earlier apply is named '{st.target}'; it must already be in the model",
-                        span=st.span, hint=did_you_mean(st.target, edit_names | set(REGISTRY))))
+                    warnings.append(
+                        LintWarning(
+                            f"no earlier apply is named '{st.target}'; "
+                            "it must already be in the model",
+                            span=st.span,
+                            hint=did_you_mean(st.target, edit_names | set(REGISTRY)),
+                        )
+                    )
 
     visit(program, (_source_key(program),))
     return warnings
@@ -228,8 +239,12 @@ class Planner:
             for expanded, alias in expand_aliases(selector, self.aliases):
                 try:
                     match = match_selector(
-                        self.tree, expanded, include_adapters=include_adapters,
-                        include_params=not modules_only, order=order, alias=alias,
+                        self.tree,
+                        expanded,
+                        include_adapters=include_adapters,
+                        include_params=not modules_only,
+                        order=order,
+                        alias=alias,
                         written=selector,
                     )
                 except ResolveError as error:
@@ -386,12 +401,42 @@ class Planner:
                     )
                 self._check_not_shared(st, node, name)
         targets = []
+        if action == "merge":
+            self._check_merge_order(st, chosen)
         for node, name, method_name in chosen:
             for pnode in node.children[name].params():
                 self.params.pop(pnode.key, None)
             node.drop_adapter(name)
             targets.append(Target(node.path, node.type_names[0], method_name, name))
         self.record(st, action, targets=tuple(targets))
+
+    def _check_merge_order(
+        self, st: ast.Merge | ast.Remove, chosen: list[tuple[TreeNode, str, str]]
+    ) -> None:
+        """Merging an edit folds it into the base, beneath the edits applied before it. That is
+        exact when it is the first edit on its site, or when it and every earlier one are
+        additive branches; otherwise (a LoRA applied after an IA3 scaling, say) it is refused."""
+        merging = {(id(node), name) for node, name, _ in chosen}
+        for node, name, _ in chosen:
+            earlier = []
+            for other, method_name in node.edits:
+                if other == name:
+                    break
+                if (id(node), other) not in merging:  # merged before this one: no longer earlier
+                    earlier.append((other, method_name))
+            method = REGISTRY[dict(node.edits)[name]]
+            blocking = [
+                (o, m) for o, m in earlier if not (method.additive and REGISTRY[m].additive)
+            ]
+            if blocking:
+                other, other_method = blocking[0]
+                raise PlanError(
+                    f"cannot merge '{name}' into {node.path} while '{other}' ({other_method}), "
+                    "applied before it, stays: folding it beneath that edit would change the "
+                    "output",
+                    span=st.span,
+                    hint=f"merge '{other}' first (or in the same statement), or remove it",
+                )
 
     def _check_not_shared(self, st: ast.Merge, node: TreeNode, edit: str) -> None:
         """A merge writes the base's own weights: refuse when another module shares them

@@ -70,12 +70,31 @@ class GraphBuilder:
     """What a method sees while it adds its nodes to a site graph.
 
     `input` is the site's primary input, `value` the output so far; a method that transforms
-    the output calls `set_output(node)`. Every node created here is tagged with the edit's name,
-    which is what lets `erase_edit` take it out again.
+    the output calls `set_output(node)`. A method that transforms what the wrapped module
+    receives builds its nodes inside `before_base()` from `base_input` and calls
+    `set_base_input(node)`. Every node created here is tagged with the edit's name, which is what
+    lets `erase_edit` take it out again.
     """
 
-    def __init__(self, graph: fx.Graph, input: fx.Node, value: fx.Node, edit: EditKey):
+    def __init__(self, graph: fx.Graph, input: fx.Node, value: fx.Node, base: fx.Node,
+                 edit: EditKey):
         self.graph, self.input, self.value, self.edit = graph, input, value, edit
+        self._base = base
+
+    @property
+    def base_input(self) -> fx.Node:
+        """What the wrapped module receives as its primary input so far."""
+        node = self._base.args[0]
+        assert isinstance(node, fx.Node)
+        return node
+
+    def before_base(self) -> Any:
+        """Context in which new nodes are placed before the call of the wrapped module."""
+        return self.graph.inserting_before(self._base)
+
+    def set_base_input(self, node: fx.Node) -> None:
+        node.meta[REPLACES_META] = self.base_input.name
+        self._base.update_arg(0, node)
 
     def _tag(self, node: fx.Node) -> fx.Node:
         node.meta[EDIT_META] = self.edit.name
@@ -161,8 +180,9 @@ def _base_graph(signature: Signature) -> tuple[fx.Graph, fx.Node, fx.Node]:
 def build_graph(signature: Signature, edits: tuple[EditKey, ...]) -> fx.Graph:
     """The graph of a site over a base with `signature` carrying `edits`, built from scratch."""
     graph, primary, value = _base_graph(signature)
+    base = value
     for edit in edits:
-        builder = GraphBuilder(graph, primary, value, edit)
+        builder = GraphBuilder(graph, primary, value, base, edit)
         _EMITTERS[edit.method](builder)
         value = builder.value
     graph.output(value)

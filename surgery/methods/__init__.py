@@ -25,6 +25,6 @@ def get_method(name: str, span: Span | None = None) -> Method:
         raise PlanError(f"unknown method '{name}'", span=span, hint=hint) from None
 
 
-from surgery.methods import lora  # noqa: E402,F401  (registers itself)
+from surgery.methods import ia3, lora  # noqa: E402,F401  (each registers itself)
 
 __all__ = ["REGISTRY", "Method", "Param", "get_method", "register"]

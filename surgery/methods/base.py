@@ -105,6 +105,9 @@ class Method:
     paper: ClassVar[str]
     params: ClassVar[tuple[Param, ...]]
     mergeable: ClassVar[bool]
+    # True when the edit adds a branch that reads the site's input (out = base(x) + g(x)):
+    # additive edits commute with each other, so any of them can be merged first.
+    additive: ClassVar[bool] = False
 
     # ---- arguments
     def bind(self, arguments: tuple[Argument, ...], method_span: Span) -> dict[str, Any]:

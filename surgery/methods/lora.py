@@ -57,6 +57,7 @@ class LoRA(Method):
     summary = "low-rank update B·A added to a Linear layer's output"
     paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models (arXiv:2106.09685)"
     mergeable = True
+    additive = True
     params = (
         Param("r", int, 8, "rank of the update", check=at_least(1)),
         Param("alpha", float, 8.0, "scale numerator: s = alpha / r", check=positive),
