@@ -104,6 +104,10 @@ class GraphBuilder:
         """A tensor owned by this edit's adapter module, e.g. `attr("A")` -> self.lora.A."""
         return self._tag(self.graph.get_attr(f"{self.edit.name}.{name}"))
 
+    def base_attr(self, name: str) -> fx.Node:
+        """A tensor of the wrapped module, e.g. `base_attr("weight")` -> self.base.weight."""
+        return self._tag(self.graph.get_attr(f"base.{name}"))
+
     def module(self, name: str, *args: Any) -> fx.Node:
         return self._tag(self.graph.call_module(f"{self.edit.name}.{name}", args))
 

@@ -25,6 +25,16 @@ def get_method(name: str, span: Span | None = None) -> Method:
         raise PlanError(f"unknown method '{name}'", span=span, hint=hint) from None
 
 
-from surgery.methods import ia3, lora  # noqa: E402,F401  (each registers itself)
+def _register_all() -> None:
+    """Import every module in this package: each method file registers itself on import."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_register_all()
 
 __all__ = ["REGISTRY", "Method", "Param", "get_method", "register"]
