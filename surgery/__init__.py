@@ -19,6 +19,7 @@ from surgery.graph.site import Site
 from surgery.lang import parse, parse_file
 from surgery.methods import REGISTRY as METHODS
 from surgery.plan import Plan
+from surgery.train import param_groups
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "SurgeryError",
     "SurgerySyntaxError",
     "load_rules",
+    "param_groups",
     "parse",
     "parse_file",
     "plan",

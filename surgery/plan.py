@@ -16,12 +16,12 @@ from typing import Any
 from torch import nn
 
 from surgery.errors import PlanError, ResolveError, Span, SurgeryError, did_you_mean
+from surgery.graph.site import is_reserved_edit_name
 from surgery.lang import ast, parse_file
 from surgery.methods import REGISTRY, Method, get_method
+from surgery.methods.base import ADDITIVE, INPUT_SCALE, OUTPUT_SCALE
 from surgery.resources import family_file, family_names
 from surgery.select import Alias, TreeNode, build_tree, expand_aliases, match_selector, model_order
-
-RESERVED_EDIT_NAMES = ("base",)
 
 
 @dataclass(frozen=True)
@@ -179,6 +179,26 @@ def lint(program: ast.Program) -> list[LintWarning]:
     return warnings
 
 
+def merge_blockers(
+    kind: str, earlier: list[tuple[str, str]], others: list[tuple[str, str]]
+) -> list[str]:
+    """The edits that make merging an edit of `kind` inexact: merging folds it into the wrapped
+    module, beneath the `earlier` edits, while `others` stay on the site.
+
+    An input scaling commutes with everything. An output scaling may sit only on other
+    scalings. An additive branch reads the site's input, so no input scaling may stay (it would
+    then scale the branch too) and only other branches may come before it. Anything else must
+    come first and see no input scaling.
+    """
+    if kind == INPUT_SCALE:
+        return []
+    scaled_inputs = [e for e, k in others if k == INPUT_SCALE]
+    if kind == OUTPUT_SCALE:
+        return [e for e, k in earlier if k not in (INPUT_SCALE, OUTPUT_SCALE)]
+    allowed = (INPUT_SCALE, ADDITIVE) if kind == ADDITIVE else (INPUT_SCALE,)
+    return scaled_inputs + [e for e, k in earlier if k not in allowed]
+
+
 # ---- the planner --------------------------------------------------------------------------
 
 
@@ -267,9 +287,11 @@ class Planner:
         method = get_method(st.method, st.method_span)
         args = method.bind(st.arguments, st.method_span)
         edit = st.name or method.name
-        if edit in RESERVED_EDIT_NAMES:
+        if is_reserved_edit_name(edit):
             raise PlanError(
-                f"'{edit}' is reserved for the wrapped module; choose another name", span=st.span
+                f"'{edit}' cannot name an edit: the site uses that name itself",
+                span=st.span,
+                hint="choose another name with `as NAME`",
             )
         matched = self.resolve(st.selectors, modules_only=True, include_adapters=False)
         nodes = [node for node, _ in matched]
@@ -301,8 +323,16 @@ class Planner:
                     "choose another edit name with `as NAME`",
                     span=st.span,
                 )
+            if method.first_on_site and node.edits:
+                raise PlanError(
+                    f"cannot apply {method.name} to {node.path}: it must be the first edit on its "
+                    f"module, which already has '{node.edits[0][0]}'",
+                    span=st.span,
+                    hint=f"apply {method.name} before the other methods",
+                )
             shapes = method.parameter_shapes(module, args)
-            node.add_virtual_adapter(edit, method.name, shapes)
+            options = dict(method.edit_key(edit, module, args).options)
+            node.add_virtual_adapter(edit, method.name, shapes, options)
             targets.append(
                 Target(
                     node.path,
@@ -402,7 +432,7 @@ class Planner:
                 self._check_not_shared(st, node, name)
         targets = []
         if action == "merge":
-            self._check_merge_order(st, chosen)
+            chosen = self._order_merges(st, chosen)
         for node, name, method_name in chosen:
             for pnode in node.children[name].params():
                 self.params.pop(pnode.key, None)
@@ -410,33 +440,43 @@ class Planner:
             targets.append(Target(node.path, node.type_names[0], method_name, name))
         self.record(st, action, targets=tuple(targets))
 
-    def _check_merge_order(
-        self, st: ast.Merge | ast.Remove, chosen: list[tuple[TreeNode, str, str]]
-    ) -> None:
-        """Merging an edit folds it into the base, beneath the edits applied before it. That is
-        exact when it is the first edit on its site, or when it and every earlier one are
-        additive branches; otherwise (a LoRA applied after an IA3 scaling, say) it is refused."""
-        merging = {(id(node), name) for node, name, _ in chosen}
-        for node, name, _ in chosen:
-            earlier = []
-            for other, method_name in node.edits:
-                if other == name:
-                    break
-                if (id(node), other) not in merging:  # merged before this one: no longer earlier
-                    earlier.append((other, method_name))
-            method = REGISTRY[dict(node.edits)[name]]
-            blocking = [
-                (o, m) for o, m in earlier if not (method.additive and REGISTRY[m].additive)
-            ]
-            if blocking:
-                other, other_method = blocking[0]
+    def _order_merges(
+        self, st: ast.Merge, chosen: list[tuple[TreeNode, str, str]]
+    ) -> list[tuple[TreeNode, str, str]]:
+        """The order to merge in (per site: input scalings first, then application order), after
+        checking that each merge is exact given the edits still present when it runs."""
+
+        def kind(node: TreeNode, name: str) -> str:
+            return REGISTRY[dict(node.edits)[name]].kind(node.edit_options.get(name, {}))
+
+        first_seen: dict[int, int] = {}
+        for i, (node, _, _) in enumerate(chosen):
+            first_seen.setdefault(id(node), i)
+        ordered = sorted(
+            chosen,
+            key=lambda c: (
+                first_seen[id(c[0])],
+                kind(c[0], c[1]) != INPUT_SCALE,
+                [e for e, _ in c[0].edits].index(c[1]),
+            ),
+        )
+        present = {id(node): [e for e, _ in node.edits] for node, _, _ in ordered}
+        for node, name, method_name in ordered:
+            edits = present[id(node)]
+            earlier = [(e, kind(node, e)) for e in edits[: edits.index(name)]]
+            others = [(e, kind(node, e)) for e in edits if e != name]
+            blockers = merge_blockers(kind(node, name), earlier, others)
+            if blockers:
+                other = blockers[0]
                 raise PlanError(
-                    f"cannot merge '{name}' into {node.path} while '{other}' ({other_method}), "
-                    "applied before it, stays: folding it beneath that edit would change the "
-                    "output",
+                    f"cannot merge '{name}' ({method_name}) into {node.path} while '{other}' "
+                    f"({kind(node, other)}) stays on it: the result would differ from the "
+                    "unmerged model",
                     span=st.span,
-                    hint=f"merge '{other}' first (or in the same statement), or remove it",
+                    hint=f"merge '{other}' in the same statement, or remove it first",
                 )
+            edits.remove(name)
+        return ordered
 
     def _check_not_shared(self, st: ast.Merge, node: TreeNode, edit: str) -> None:
         """A merge writes the base's own weights: refuse when another module shares them

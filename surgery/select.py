@@ -21,6 +21,7 @@ import difflib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from torch import nn
 
@@ -43,6 +44,7 @@ class TreeNode:
     key: object = None  # identity of a parameter (tied weights share one)
     adapter: bool = False  # part of an adapter: never a target of `apply`
     edits: list[tuple[str, str]] = field(default_factory=list)  # (edit name, method)
+    edit_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # EditKey options
 
     def child_path(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
@@ -56,7 +58,11 @@ class TreeNode:
         return (n for n in self.walk() if n.kind == "param")
 
     def add_virtual_adapter(
-        self, edit: str, method: str, shapes: dict[str, tuple[int, ...]]
+        self,
+        edit: str,
+        method: str,
+        shapes: dict[str, tuple[int, ...]],
+        options: dict[str, Any],
     ) -> None:
         """Planning: show the adapter an `apply` will create, so later statements can select it."""
         adapter = TreeNode(
@@ -71,9 +77,11 @@ class TreeNode:
             )
         self.children[edit] = adapter
         self.edits.append((edit, method))
+        self.edit_options[edit] = options
 
     def drop_adapter(self, edit: str) -> None:
         del self.children[edit]
+        self.edit_options.pop(edit, None)
         self.edits = [e for e in self.edits if e[0] != edit]
 
 
@@ -108,6 +116,7 @@ def build_tree(model: nn.Module) -> TreeNode:
                     module._modules[edit.name], edit.name, node.child_path(edit.name), True
                 )
                 node.edits.append((edit.name, edit.method))
+                node.edit_options[edit.name] = dict(edit.options)
         return node
 
     return visit(model, "", "", False)
@@ -165,8 +174,13 @@ def expand_aliases(
                 raise ResolveError(f"'{alias.name}' already has a type filter", span=selector.span)
             # the definition's segments take the span of what the user wrote, so an error in
             # them (an index out of range, say) points at the user's rule, not the family file
-            at = Span(head[0].span.source, head[0].span.line, head[0].span.column,
-                      head[-1].span.end_line, head[-1].span.end_column)
+            at = Span(
+                head[0].span.source,
+                head[0].span.line,
+                head[0].span.column,
+                head[-1].span.end_line,
+                head[-1].span.end_column,
+            )
             moved = tuple(replace(seg, span=at) for seg in defined.segments[:-1])
             new_last = replace(last, index=index or last.index, span=at)
             expanded = replace(
@@ -302,8 +316,11 @@ def match_selector(
     search = _Search(selector, segments, include_adapters, include_params)
     nodes = search.walk(root, 0)
     unique = sorted({id(n): n for n in nodes}.values(), key=lambda n: order[id(n)])
-    where = (f" (through alias '{alias.name}' from {alias.span.location}, it reads `{selector}`)"
-             if alias else "")
+    where = (
+        f" (through alias '{alias.name}' from {alias.span.location}, it reads `{selector}`)"
+        if alias
+        else ""
+    )
     subject = written or selector
     if not unique:
         raise _no_match(root, search, selector, subject, where)
@@ -354,8 +371,9 @@ def _a(word: str) -> str:
     return ("an " if word[:1].lower() in "aeiou" else "a ") + word
 
 
-def _no_match(root: TreeNode, search: _Search, selector: ast.Selector, subject: ast.Selector,
-              where: str) -> ResolveError:
+def _no_match(
+    root: TreeNode, search: _Search, selector: ast.Selector, subject: ast.Selector, where: str
+) -> ResolveError:
     offset = 0 if selector.anchored else 1
     failing = max(search.deepest, offset)
     span, hint = selector.span, None
@@ -371,7 +389,8 @@ def _no_match(root: TreeNode, search: _Search, selector: ast.Selector, subject: 
                 kind = "module or parameter" if search.include_params else "module"
                 close = did_you_mean(segment.text, everywhere)
                 hint = f"no {kind} in the model is named '{segment.text}'" + (
-                    f"; {close}" if close else "")
+                    f"; {close}" if close else ""
+                )
         if hint is None and names and len(names) <= 15:
             hint = "names at that level: " + ", ".join(names)
     if hint is None:

@@ -319,7 +319,7 @@ def fill_adapters(model: nn.Module, seed: int, edit: str | None = None) -> None:
             for name in site.edit_names():
                 if edit is not None and name != edit:
                     continue
-                adapter = site.adapter(name)
+                adapter = site.edit_module(name)
                 r, n_in = adapter.A.shape
                 a = torch.randn(adapter.A.shape, generator=gen) / math.sqrt(n_in)
                 b = torch.randn(adapter.B.shape, generator=gen) * 0.3 / math.sqrt(r)
@@ -333,7 +333,7 @@ def adapter_parameter_ids(model: nn.Module) -> set[int]:
         id(p)
         for site in sites(model).values()
         for name in site.edit_names()
-        for p in site.adapter(name).parameters()
+        for p in site.edit_module(name).parameters()
     }
 
 
@@ -429,7 +429,7 @@ def test_zero_init_lora_leaves_logits_bit_identical(arch: Arch, data: st.DataObj
     for path, site in wrapped.items():
         base = site.base
         assert base is originals[path]
-        adapter = site.adapter(edit)
+        adapter = site.edit_module(edit)
         assert adapter.A.shape == (call.r, base.in_features)
         assert adapter.B.shape == (base.out_features, call.r)
         assert not adapter.B.any()
@@ -568,7 +568,9 @@ def test_two_named_loras_compose_and_come_apart(
         assert isinstance(site, Site) and site.edit_names() == expected, path
     fill_adapters(model, seed + 1, "b")
     adapters = {
-        (path, e): site.adapter(e) for path, site in sites(model).items() for e in site.edit_names()
+        (path, e): site.edit_module(e)
+        for path, site in sites(model).items()
+        for e in site.edit_names()
     }
 
     removals = {"remove a, b": ["remove a", "remove b"], "remove b, a": ["remove b", "remove a"]}
@@ -591,7 +593,7 @@ def test_two_named_loras_compose_and_come_apart(
     rewrite(reference, f"apply {call.text} to {sel.text} as {kept}")
     with torch.no_grad():
         for path in sel.paths:
-            mine, theirs = adapters[(path, kept)], reference.get_submodule(path).adapter(kept)
+            mine, theirs = adapters[(path, kept)], reference.get_submodule(path).edit_module(kept)
             theirs.A.copy_(mine.A)
             theirs.B.copy_(mine.B)
     only_kept = logits(reference)

@@ -76,8 +76,9 @@ class GraphBuilder:
     lets `erase_edit` take it out again.
     """
 
-    def __init__(self, graph: fx.Graph, input: fx.Node, value: fx.Node, base: fx.Node,
-                 edit: EditKey):
+    def __init__(
+        self, graph: fx.Graph, input: fx.Node, value: fx.Node, base: fx.Node, edit: EditKey
+    ):
         self.graph, self.input, self.value, self.edit = graph, input, value, edit
         self._base = base
 
@@ -139,7 +140,8 @@ class Site(fx.GraphModule):
     def edit_names(self) -> list[str]:
         return [e.name for e in self._surgery_edits]
 
-    def adapter(self, name: str) -> nn.Module:
+    def edit_module(self, name: str) -> nn.Module:
+        """The module holding edit `name`'s tensors (e.g. a LoRA's A and B)."""
         return self._modules[name]
 
     def __getattr__(self, name: str) -> Any:
@@ -158,6 +160,17 @@ class Site(fx.GraphModule):
 
     def __str__(self) -> str:
         return nn.Module.__str__(self)
+
+
+def is_reserved_edit_name(name: str) -> bool:
+    """Edit names become attributes of the site (`self.<name>.A` in its code): they must not
+    hide the wrapped module, a Site/GraphModule attribute, or an nn.Module internal."""
+    return (
+        name == "base"
+        or name.startswith("_")
+        or hasattr(Site, name)
+        or name in ("training", "meta", "shape_env")
+    )
 
 
 # ---- templates --------------------------------------------------------------------------
@@ -263,8 +276,10 @@ def drop_edit(site: Site, name: str) -> Site | nn.Module:
         # Once per new structure: the erased graph must be exactly what the remaining edits
         # build on their own; anything else is a bug in an emitter's tagging.
         if not same_structure(erased, build_graph(*key)):
-            raise RuntimeError(f"erasing edit '{name}' left a graph that differs from a fresh "
-                               f"build of {[e.name for e in remaining]}")
+            raise RuntimeError(
+                f"erasing edit '{name}' left a graph that differs from a fresh "
+                f"build of {[e.name for e in remaining]}"
+            )
         cls = _publish(key, erased)
     return _instantiate(cls, base, {e.name: site._modules[e.name] for e in remaining})
 

@@ -26,6 +26,14 @@ _TYPE_WORDS = {
 }
 
 
+# How an edit acts on its site. Merging folds an edit into the wrapped module, beneath the edits
+# applied before it; whether that is exact depends on these kinds (see plan.merge_blockers).
+INPUT_SCALE = "input scaling"  # base(x ⊙ l): folds into W's columns, commutes with everything
+OUTPUT_SCALE = "output scaling"  # base(x) ⊙ l
+ADDITIVE = "additive branch"  # base(x) + g(x), g reading the site's input
+OUTPUT_TRANSFORM = "output transform"  # anything else (a serial adapter, DoRA's reweighting)
+
+
 @dataclass(frozen=True)
 class Problem:
     """Why a method cannot attach to a module; `argument` names the parameter at fault."""
@@ -105,9 +113,12 @@ class Method:
     paper: ClassVar[str]
     params: ClassVar[tuple[Param, ...]]
     mergeable: ClassVar[bool]
-    # True when the edit adds a branch that reads the site's input (out = base(x) + g(x)):
-    # additive edits commute with each other, so any of them can be merged first.
-    additive: ClassVar[bool] = False
+    # Methods that must sit directly on the wrapped module (nothing applied before them).
+    first_on_site: ClassVar[bool] = False
+
+    def kind(self, options: dict[str, Any]) -> str:
+        """How the edit (with these EditKey options) acts on the site; decides merge order."""
+        return OUTPUT_TRANSFORM
 
     # ---- arguments
     def bind(self, arguments: tuple[Argument, ...], method_span: Span) -> dict[str, Any]:

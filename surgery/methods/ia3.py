@@ -16,7 +16,14 @@ from torch import nn
 
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
-from surgery.methods.base import Method, Param, Problem, adapter_dtype
+from surgery.methods.base import (
+    INPUT_SCALE,
+    OUTPUT_SCALE,
+    Method,
+    Param,
+    Problem,
+    adapter_dtype,
+)
 
 
 class IA3Adapter(nn.Module):
@@ -40,7 +47,6 @@ class IA3(Method):
         "than In-Context Learning (arXiv:2205.05638)"
     )
     mergeable = True
-    additive = False
     params = (
         Param(
             "on",
@@ -50,6 +56,9 @@ class IA3(Method):
             choices=("output", "input"),
         ),
     )
+
+    def kind(self, options: dict[str, Any]) -> str:
+        return INPUT_SCALE if options.get("on") == "input" else OUTPUT_SCALE
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
         if not isinstance(module, nn.Linear):

@@ -3,6 +3,8 @@
 A is [r, in] (Kaiming-uniform or Gaussian), B is [out, r] and starts at zero, so insertion
 changes nothing. s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023).
 Merge folds s · B @ A into the base weight, computed in fp32 and rounded once.
+LoRA+ (Hayou et al. 2024, arXiv:2402.12354): `lr_ratio` makes B learn lr_ratio times faster than
+A in the optimizer groups of `surgery.param_groups`; it does not change the graph.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
 from surgery.methods.base import (
+    ADDITIVE,
     Method,
     Param,
     Problem,
@@ -31,12 +34,24 @@ from surgery.methods.base import (
 class LoRAAdapter(nn.Module):
     """Holds A, B and (when p > 0) the dropout of one LoRA edit."""
 
-    def __init__(self, A: nn.Parameter, B: nn.Parameter, scaling: float, dropout: float):
+    def __init__(
+        self,
+        A: nn.Parameter,
+        B: nn.Parameter,
+        scaling: float,
+        dropout: float,
+        lr_ratio: float = 1.0,
+    ):
         super().__init__()
         self.A, self.B = A, B
         self.scaling = scaling
+        self.lr_ratio = lr_ratio
         if dropout > 0:
             self.dropout = nn.Dropout(dropout)
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """LoRA+: B's learning rate is lr_ratio times A's (read by `surgery.param_groups`)."""
+        return {"B": self.lr_ratio}
 
     def delta_weight(self) -> torch.Tensor:
         """s · B @ A in fp32: the update that merge adds to the base weight."""
@@ -44,7 +59,8 @@ class LoRAAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         r, n_in = self.A.shape
-        return f"r={r}, in={n_in}, out={self.B.shape[0]}, scaling={self.scaling:g}"
+        ratio = f", lr_ratio={self.lr_ratio:g}" if self.lr_ratio != 1.0 else ""
+        return f"r={r}, in={n_in}, out={self.B.shape[0]}, scaling={self.scaling:g}{ratio}"
 
 
 def scaling(args: dict[str, Any]) -> float:
@@ -57,7 +73,6 @@ class LoRA(Method):
     summary = "low-rank update B·A added to a Linear layer's output"
     paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models (arXiv:2106.09685)"
     mergeable = True
-    additive = True
     params = (
         Param("r", int, 8, "rank of the update", check=at_least(1)),
         Param("alpha", float, 8.0, "scale numerator: s = alpha / r", check=positive),
@@ -72,12 +87,23 @@ class LoRA(Method):
             choices=("kaiming", "gaussian"),
         ),
         Param("rslora", bool, False, "rank-stabilized scaling s = alpha / sqrt(r)"),
+        Param(
+            "lr_ratio",
+            float,
+            1.0,
+            "LoRA+: B's learning rate over A's in surgery.param_groups (the paper suggests 16)",
+            check=positive,
+        ),
     )
+
+    def kind(self, options: dict[str, Any]) -> str:
+        return ADDITIVE
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
         if not isinstance(module, nn.Linear):
             return Problem(
-                f"lora wraps Linear layers (and their subclasses), not {type(module).__name__}",
+                f"{self.name} wraps Linear layers (and their subclasses), "
+                f"not {type(module).__name__}",
                 hint="add a type filter to keep only Linear layers: `SELECTOR : Linear`",
             )
         limit = min(module.in_features, module.out_features)
@@ -113,7 +139,7 @@ class LoRA(Method):
                     nn.init.normal_(A, std=1.0 / r)
                 else:
                     nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        return LoRAAdapter(A, B, scaling(args), args["dropout"])
+        return LoRAAdapter(A, B, scaling(args), args["dropout"], args["lr_ratio"])
 
     @staticmethod
     def emit(b: GraphBuilder) -> None:

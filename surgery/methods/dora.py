@@ -1,0 +1,140 @@
+"""DoRA (Liu et al. 2024, arXiv:2402.09353): a LoRA update with a learned magnitude per row.
+
+    W' = m ⊙ V / ||V||_c,   V = W + s · B A,   ||V||_c the L2 norm of each output row of V.
+
+A, B, s, dropout, init, rsLoRA and lr_ratio (LoRA+) are LoRA's; m ∈ R^out starts at ||W||_c.
+As in the paper (section 4.3) and PEFT, the norm is a constant in backward (detached). The
+forward never forms W'; with g = m / ||V||_c and b the base's bias it computes
+
+    y = base(x) + (g - 1) ⊙ base(x) + (g·s·B) A dropout(x) + (1 - g) ⊙ b  =  W' x + b,
+
+so only [out]- and [out, r]-sized tensors are scaled, and g = 1, B = 0 at insertion make every
+added term an exact zero: insertion is bit-identical. The norm is computed in the adapter dtype
+(fp32 over half bases) by `weight_norm`, the one function used to initialize m, in the forward
+and in merge. Merge writes W' (bias unchanged), computed in fp32 and rounded once.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgery.errors import PlanError
+from surgery.graph.site import EditKey, GraphBuilder
+from surgery.methods import register
+from surgery.methods.base import OUTPUT_TRANSFORM
+from surgery.methods.lora import LoRA, LoRAAdapter
+
+
+def direction(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """V = W + s · B A in the adapter dtype, outside autograd."""
+    return torch.addmm(weight.detach().to(A.dtype), B.detach(), A.detach(), alpha=s)
+
+
+def row_norm(V: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each row; an all-zero row gets the smallest normal number instead of 0, so
+    that g = m / ||V||_c is 1 there (PEFT's 0 / 0 gives NaN) and W' keeps the zero row."""
+    return torch.linalg.vector_norm(V, dim=1).clamp_min(torch.finfo(V.dtype).tiny)
+
+
+def weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """||W + s · B A||_c, the L2 norm of each output row: a constant for autograd (section 4.3)."""
+    return row_norm(direction(weight, A, B, s))
+
+
+class DoRAAdapter(LoRAAdapter):
+    """LoRA's A, B (and dropout) plus the magnitude vector m of one DoRA edit."""
+
+    def __init__(
+        self,
+        A: nn.Parameter,
+        B: nn.Parameter,
+        m: nn.Parameter,
+        scaling: float,
+        dropout: float,
+        lr_ratio: float,
+    ):
+        super().__init__(A, B, scaling, dropout, lr_ratio)
+        self.m = m
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W' = m ⊙ V / ||V||_c in the adapter dtype (fp32 over half bases)."""
+        V = direction(weight, self.A, self.B, self.scaling)
+        return (self.m.detach() / row_norm(V))[:, None] * V
+
+
+@register
+class DoRA(LoRA):
+    name = "dora"
+    summary = "LoRA direction update with a learned magnitude per output row (weight-decomposed)"
+    paper = "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (arXiv:2402.09353)"
+    mergeable = True
+    first_on_site = True  # its norm is of the wrapped weight alone
+
+    def kind(self, options: dict[str, Any]) -> str:
+        return OUTPUT_TRANSFORM  # it reweights the whole output, not just adds a branch
+
+    def parameter_shapes(
+        self, module: nn.Module, args: dict[str, Any]
+    ) -> dict[str, tuple[int, ...]]:
+        return {**super().parameter_shapes(module, args), "m": (module.out_features,)}
+
+    def edit_key(self, name: str, module: nn.Module, args: dict[str, Any]) -> EditKey:
+        key = super().edit_key(name, module, args)
+        return EditKey(name, self.name, (*key.options, ("bias", module.bias is not None)))
+
+    def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:
+        lora = super().build(module, args)
+        m = torch.empty(module.out_features, dtype=lora.A.dtype, device=lora.A.device)
+        if not m.is_meta:
+            m = weight_norm(module.weight, lora.A, lora.B, lora.scaling)
+        return DoRAAdapter(
+            lora.A, lora.B, nn.Parameter(m), lora.scaling, args["dropout"], args["lr_ratio"]
+        )
+
+    @staticmethod
+    def emit(b: GraphBuilder) -> None:
+        # The norm reads the base's own weight: after another edit the site's output is no longer
+        # `W x + b`, and a merge beneath that edit would change the norm, so DoRA comes first.
+        base = b.value
+        if base.op != "call_module" or base.target != "base" or b.base_input is not b.input:
+            raise PlanError(
+                f"dora (edit '{b.edit.name}') must be the first edit on its module: its norm "
+                "reads the module's own weight",
+                hint="apply dora before the other methods on the same module, or remove them",
+            )
+        x = b.input
+        if b.edit.option("dropout"):
+            x = b.module("dropout", x)
+        A, B, s = b.attr("A"), b.attr("B"), b.edit.option("scaling")
+        g = b.function(
+            operator.truediv,
+            b.attr("m"),
+            b.function(weight_norm, b.base_attr("weight"), A, B, s),
+        )
+        gs = g if s == 1.0 else b.function(operator.mul, g, s)
+        B = b.function(operator.mul, B, b.method("unsqueeze", gs, -1))  # g·s·B: [out, r]
+        g1 = b.function(operator.sub, g, 1.0)
+        bias = None
+        if b.edit.option("bias"):
+            bias = b.function(operator.mul, b.base_attr("bias"), b.function(operator.neg, g1))
+        if b.edit.option("cast"):  # fp32 adapter over a half base: cast the small tensors
+            dtype = b.function(getattr, x, "dtype")
+            A, B, g1 = (b.method("to", t, dtype) for t in (A, B, g1))
+            if bias is not None:
+                bias = b.method("to", bias, dtype)
+        lowrank = b.function(F.linear, x, A)
+        h = b.function(F.linear, lowrank, B, *([bias] if bias is not None else []))
+        out = b.function(operator.add, base, h)
+        b.set_output(b.function(torch.addcmul, out, base, g1))
+
+    def merge(self, base: nn.Module, adapter: nn.Module) -> None:
+        weight = base.weight
+        if weight.is_meta:
+            return
+        with torch.no_grad():
+            weight.copy_(adapter.merged_weight(weight).to(weight.dtype))
