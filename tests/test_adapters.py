@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import train_losses
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -48,13 +49,6 @@ FAST = settings(
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Arch:
@@ -438,14 +432,7 @@ def test_training_only_the_adapters_lowers_the_loss(method: str) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     assert sum(p.numel() for p in params) == report.trainable == 4 * (2 * 64 * 8 + 8 + 64)
     optimizer = torch.optim.Adam(params, lr=0.01)
-    batch = (torch.arange(32) % 8).repeat(4, 1)
-    losses = []
-    for _ in range(30):
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(model, optimizer)
     assert losses[-1] < 0.8 * losses[0]
     assert all(torch.equal(p, value) for p, value in frozen)  # the base never moved
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import train_losses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
@@ -22,14 +23,6 @@ FEW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChec
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FALCON_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @st.composite
@@ -340,14 +333,7 @@ def test_training_lowers_the_loss(llama: nn.Module) -> None:
     assert [g["name"] for g in groups] == ["lr*1", "lr*4"]
     assert all(n.endswith(".dora.B") for n in groups[1]["param_names"])
     optimizer = torch.optim.AdamW(groups)
-    batch = (torch.arange(32) % 8).repeat(4, 1)
-    losses = []
-    for _ in range(30):
-        loss = llama(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(llama, optimizer)
     assert losses[-1] < 0.8 * losses[0]
     site = llama.model.layers[0].self_attn.q_proj
     assert not torch.equal(site.dora.m, torch.linalg.vector_norm(site.base.weight, dim=1))

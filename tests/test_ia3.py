@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import train_losses
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -134,12 +135,5 @@ def test_training_only_the_vectors_lowers_the_loss(llama: nn.Module) -> None:
     params = [p for p in llama.parameters() if p.requires_grad]
     assert sum(p.numel() for p in params) == report.trainable == 4 * (32 + 32 + 172)
     optimizer = torch.optim.Adam(params, lr=0.05)
-    batch = (torch.arange(32) % 8).repeat(4, 1)
-    losses = []
-    for _ in range(30):
-        loss = llama(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(llama, optimizer)
     assert losses[-1] < 0.8 * losses[0]

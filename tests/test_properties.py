@@ -49,14 +49,6 @@ def examples(n: int) -> settings:
     return settings(SLOW, max_examples=n)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; on a busy machine OpenMP spinning costs 100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---- architectures ------------------------------------------------------------------------
 
