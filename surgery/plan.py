@@ -9,7 +9,8 @@ can cause is raised here, before the executor touches the model.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,17 @@ def include_path(statement: ast.Use, program: ast.Program, including: tuple[str,
     return path
 
 
+@cache
+def family_index() -> dict[str, tuple[str, ...]]:
+    """Family name -> the model types its rule file declares (`family NAME for "t", ...`)."""
+    index: dict[str, tuple[str, ...]] = {}
+    for name in family_names():
+        for statement in parse_file(family_file(name)):
+            if isinstance(statement, ast.Family):
+                index[name] = statement.model_types
+    return index
+
+
 def _source_key(program: ast.Program) -> str:
     """How include-cycle detection names a program: its resolved path when it is a file."""
     path = Path(program.source.name)
@@ -146,6 +158,8 @@ def lint(program: ast.Program) -> list[LintWarning]:
     def visit(prog: ast.Program, including: tuple[str, ...]) -> None:
         for st in prog:
             if isinstance(st, ast.Use):
+                if not st.is_path and st.target == "auto":
+                    continue  # needs a model to pick the family
                 path = include_path(st, prog, including)
                 visit(parse_file(path), (*including, str(path)))
             elif isinstance(st, ast.Apply):
@@ -232,10 +246,13 @@ class Planner:
         return trainable, sum(s.numel for s in self.params.values())
 
     # program flattening: `use` includes other files, `let` defines aliases
-    def run(self, program: ast.Program, including: tuple[str, ...] = ()) -> None:
+    def run(self, program: ast.Program, including: tuple[str, ...] = (),
+            used_at: Span | None = None) -> None:
         for statement in program:
             if isinstance(statement, ast.Use):
                 self.use(statement, program, including)
+            elif isinstance(statement, ast.Family):
+                self.check_family(statement, used_at or statement.span)
             elif isinstance(statement, ast.Let):
                 self.aliases[statement.name] = Alias(
                     statement.name, statement.selectors, statement.span
@@ -245,8 +262,41 @@ class Planner:
                 getattr(self, type(statement).__name__.lower())(statement)
 
     def use(self, statement: ast.Use, program: ast.Program, including: tuple[str, ...]) -> None:
+        if not statement.is_path and statement.target == "auto":
+            statement = replace(statement, target=self.auto_family(statement.span))
         path = include_path(statement, program, including)
-        self.run(parse_file(path), (*including, str(path)))
+        self.run(parse_file(path), (*including, str(path)), used_at=statement.span)
+
+    def model_type(self) -> str | None:
+        return getattr(getattr(self.model, "config", None), "model_type", None)
+
+    def auto_family(self, span: Span) -> str:
+        """`use auto`: the family whose file declares the model's `config.model_type`."""
+        model_type = self.model_type()
+        if model_type is None:
+            raise ResolveError("`use auto` needs a model with a Hugging Face config "
+                               "(config.model_type)", span=span,
+                               hint="name the family: " + ", ".join(family_names()))
+        for name, types in family_index().items():
+            if model_type in types:
+                return name
+        covered = ", ".join(f"{n} ({', '.join(t)})" for n, t in family_index().items())
+        raise ResolveError(f"no family file covers model_type '{model_type}'", span=span,
+                           hint=f"families: {covered}")
+
+    def check_family(self, family: ast.Family, span: Span) -> None:
+        """Rules written for one architecture must not run on another (their names would not
+        resolve, or worse, resolve to something else)."""
+        model_type = self.model_type()
+        if model_type is None or model_type in family.model_types:
+            return
+        right = [n for n, types in family_index().items() if model_type in types]
+        raise ResolveError(
+            f"the {family.name} rules are for model_type {', '.join(family.model_types)}; this "
+            f"model's model_type is '{model_type}'",
+            span=span,
+            hint=f"use {right[0]} (or `use auto`)" if right else "use `use auto` to pick one",
+        )
 
     # selector resolution
     def resolve(

@@ -95,6 +95,14 @@ class Use(Statement):
 
 
 @dataclass(frozen=True)
+class Family(Statement):
+    """`family llama for "llama", "mistral"`: the file holds names for these `model_type`s."""
+
+    name: str
+    model_types: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Let(Statement):
     """`let attn = *.self_attn.<q,v>_proj`: a named selector list."""
 

@@ -17,7 +17,7 @@ from surgery.errors import Source, Span, SurgeryError, SurgerySyntaxError, did_y
 from surgery.lang import ast
 from surgery.resources import grammar_text
 
-STATEMENT_KEYWORDS = ("use", "let", "apply", "merge", "remove", "freeze", "unfreeze")
+STATEMENT_KEYWORDS = ("use", "family", "let", "apply", "merge", "remove", "freeze", "unfreeze")
 
 # Plain words for the grammar's named terminals (anonymous ones are shown as their literal).
 _TERMINAL_WORDS = {
@@ -169,6 +169,10 @@ class _Builder:
         if token.type == "STRING":
             return ast.Use(self.span(node), self.string(token), is_path=True)
         return ast.Use(self.span(node), str(token), is_path=False)
+
+    def family_stmt(self, node: lark.Tree) -> ast.Family:
+        name, *types = node.children
+        return ast.Family(self.span(node), str(name), tuple(self.string(t) for t in types))
 
     def let_stmt(self, node: lark.Tree) -> ast.Let:
         name, selectors = node.children
