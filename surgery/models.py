@@ -162,12 +162,14 @@ def load_model(spec: str, *, meta: bool = False, dtype: torch.dtype | None = Non
     path = Path(spec)
     if spec in PRESETS:
         return from_config(preset_config(spec), meta=meta, dtype=dtype)
+    # Anything can go wrong inside transformers for a config or checkpoint we did not make
+    # (unknown model types, invalid sizes, corrupt files): all of it is the user's input.
     if path.is_file():
         try:
             config = AutoConfig.for_model(**json.loads(path.read_text(encoding="utf-8")))
-        except (ValueError, KeyError, OSError, TypeError) as error:
-            raise ModelLoadError(f"cannot read model config {spec}: {error}") from None
-        return from_config(config, meta=meta, dtype=dtype)
+            return from_config(config, meta=meta, dtype=dtype)
+        except Exception as error:
+            raise ModelLoadError(f"cannot build a causal LM from {spec}: {error}") from None
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{spec} is not a Hugging Face model directory (no config.json)")
@@ -175,7 +177,7 @@ def load_model(spec: str, *, meta: bool = False, dtype: torch.dtype | None = Non
             if meta:
                 return from_config(AutoConfig.from_pretrained(path), meta=True, dtype=dtype)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
-        except (OSError, ValueError, KeyError, RuntimeError) as error:
+        except Exception as error:
             raise ModelLoadError(f"cannot load the model in {spec}: {error}") from None
         return model.eval()
     raise ModelLoadError(

@@ -246,8 +246,9 @@ class Planner:
         return trainable, sum(s.numel for s in self.params.values())
 
     # program flattening: `use` includes other files, `let` defines aliases
-    def run(self, program: ast.Program, including: tuple[str, ...] = (),
-            used_at: Span | None = None) -> None:
+    def run(
+        self, program: ast.Program, including: tuple[str, ...] = (), used_at: Span | None = None
+    ) -> None:
         for statement in program:
             if isinstance(statement, ast.Use):
                 self.use(statement, program, including)
@@ -274,15 +275,20 @@ class Planner:
         """`use auto`: the family whose file declares the model's `config.model_type`."""
         model_type = self.model_type()
         if model_type is None:
-            raise ResolveError("`use auto` needs a model with a Hugging Face config "
-                               "(config.model_type)", span=span,
-                               hint="name the family: " + ", ".join(family_names()))
+            raise ResolveError(
+                "`use auto` needs a model with a Hugging Face config (config.model_type)",
+                span=span,
+                hint="name the family: " + ", ".join(family_names()),
+            )
         for name, types in family_index().items():
             if model_type in types:
                 return name
         covered = ", ".join(f"{n} ({', '.join(t)})" for n, t in family_index().items())
-        raise ResolveError(f"no family file covers model_type '{model_type}'", span=span,
-                           hint=f"families: {covered}")
+        raise ResolveError(
+            f"no family file covers model_type '{model_type}'",
+            span=span,
+            hint=f"families: {covered}",
+        )
 
     def check_family(self, family: ast.Family, span: Span) -> None:
         """Rules written for one architecture must not run on another (their names would not
@@ -359,6 +365,19 @@ class Planner:
         for node in nodes:
             module = node.module
             assert module is not None
+            if not node.path:
+                raise PlanError(
+                    f"cannot apply {method.name} to the model itself: sites wrap submodules",
+                    span=st.span,
+                    hint="select the modules inside it, e.g. `** : Linear`",
+                )
+            if hasattr(module, edit) and edit not in node.children:
+                raise PlanError(
+                    f"'{edit}' is an attribute of {node.path} ({type(module).__name__}); an edit "
+                    "of that name would hide it",
+                    span=st.span,
+                    hint="choose another name with `as NAME`",
+                )
             if any(name == edit for name, _ in node.edits):
                 how = (
                     "apply it once, or name each application: "
@@ -516,6 +535,12 @@ class Planner:
             earlier = [(e, kind(node, e)) for e in edits[: edits.index(name)]]
             others = [(e, kind(node, e)) for e in edits if e != name]
             blockers = merge_blockers(kind(node, name), earlier, others)
+            blockers += [
+                e
+                for e in edits
+                if e != name  # its norm reads the weight we'd change
+                and REGISTRY[dict(node.edits)[e]].reads_base_weight
+            ]
             if blockers:
                 other = blockers[0]
                 raise PlanError(

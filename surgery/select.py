@@ -207,6 +207,7 @@ class _Search:
     include_params: bool
     memo: dict[tuple[int, int], list[TreeNode]] = field(default_factory=dict)
     used: set[tuple[int, int, str]] = field(default_factory=set)  # (segment, alternation, option)
+    used_items: set[tuple[int, int]] = field(default_factory=set)  # (segment, index item)
     deepest: int = 0
     tried_at: dict[int, list[TreeNode]] = field(default_factory=dict)
 
@@ -232,10 +233,13 @@ class _Search:
                     match = segment.regex.fullmatch(child.name)
                     if match is None:
                         continue
-                    targets = self.index(child, segment) if segment.index else [child]
+                    targets = self.index(child, segment) if segment.index else [(-1, child)]
                     hits: list[TreeNode] = []
-                    for target in targets:
-                        hits += self.walk(target, i + 1)
+                    for item, target in targets:
+                        below = self.walk(target, i + 1)
+                        if below:
+                            self.used_items.add((i, item))
+                        hits += below
                     if hits:
                         for g, option in enumerate(match.groups()):
                             self.used.add((i, g, option))
@@ -251,7 +255,8 @@ class _Search:
                 continue
             yield child
 
-    def index(self, node: TreeNode, segment: ast.Segment) -> list[TreeNode]:
+    def index(self, node: TreeNode, segment: ast.Segment) -> list[tuple[int, TreeNode]]:
+        """The children an index list picks, each with the number of the item that picked it."""
         items = [c for name, c in node.children.items() if name.isdigit() and c.kind == "module"]
         items.sort(key=lambda c: int(c.name))
         path = node.path or "the model"
@@ -262,15 +267,15 @@ class _Search:
                 span=segment.span,
             )
         n = len(items)
-        chosen: list[TreeNode] = []
-        for item in segment.index or ():
+        chosen: list[tuple[int, TreeNode]] = []
+        for number, item in enumerate(segment.index or ()):
             if not item.is_slice:
                 if not -n <= item.start < n:
                     raise ResolveError(
                         f"index {item.start} is out of range: {path} has {n} entries (0..{n - 1})",
                         span=segment.span,
                     )
-                chosen.append(items[item.start])
+                chosen.append((number, items[item.start]))
                 continue
             for bound in (item.start, item.stop):
                 if bound is not None and not -n <= bound <= n:
@@ -283,8 +288,8 @@ class _Search:
                 raise ResolveError(
                     f"slice [{item}] of {path} ({n} entries) is empty", span=segment.span
                 )
-            chosen += picked
-        return list(dict.fromkeys(chosen))
+            chosen += [(number, child) for child in picked]
+        return chosen
 
 
 @dataclass(frozen=True)
@@ -336,6 +341,14 @@ def match_selector(
                         hint="every option must match; "
                         + _similar_names(search, i + offset, segment),
                     )
+    for i, segment in enumerate(selector.segments):
+        for number, item in enumerate(segment.index or ()):
+            if (i + offset, number) not in search.used_items:
+                raise ResolveError(
+                    f"index [{item}] of {segment} in `{subject}` matches nothing below it{where}",
+                    span=segment.span,
+                    hint="every index must take part in a match; drop it",
+                )
     if selector.types:
         kept = [n for n in unique if n.kind == "module" and set(selector.types) & set(n.type_names)]
         if not kept:

@@ -158,6 +158,14 @@ class Site(fx.GraphModule):
     def extra_repr(self) -> str:
         return "edits=" + ", ".join(f"{e.name}:{e.method}" for e in self._surgery_edits)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # torch.save / pickle: rebuild from the template key and the modules, not from fx code
+        # (GraphModule's own reduce would come back as a plain GraphModule, not a Site).
+        return (
+            _rebuild_site,
+            (self._surgery_signature, self._surgery_edits, dict(self._modules), self.training),
+        )
+
     def __str__(self) -> str:
         return nn.Module.__str__(self)
 
@@ -249,6 +257,18 @@ def _instantiate(cls: type[Site], base: nn.Module, adapters: dict[str, nn.Module
     return site
 
 
+def _rebuild_site(
+    signature: Signature, edits: tuple[EditKey, ...], modules: dict[str, nn.Module], training: bool
+) -> Site:
+    import surgery.methods  # noqa: F401  (registers the emitters the template needs)
+
+    site = _instantiate(
+        _template(signature, edits), modules["base"], {e.name: modules[e.name] for e in edits}
+    )
+    site.training = training
+    return site
+
+
 def wrap(base: nn.Module, edit: EditKey, adapter: nn.Module) -> Site:
     """A new site over `base` with one edit."""
     cls = _template(signature_of(type(base)), (edit,))
@@ -291,13 +311,22 @@ def erase_edit(graph: fx.Graph, name: str) -> fx.Graph:
     output = copy.graph_copy(graph, value_map)
     copy.output(output)
     by_name = {node.name: node for node in copy.nodes}
+    successor: dict[str, str] = {}  # erased output node -> the node that now stands for it
     for node in reversed(list(copy.nodes)):
         if node.meta.get(EDIT_META) != name:
             continue
         replaced = node.meta.get(REPLACES_META)
         if replaced is not None:
             node.replace_all_uses_with(by_name[replaced])
+            successor[node.name] = replaced
     for node in reversed(list(copy.nodes)):
         if node.meta.get(EDIT_META) == name:
             copy.erase_node(node)
+    # a later edit that replaced an erased node now replaces that node's own predecessor
+    for node in copy.nodes:
+        target = node.meta.get(REPLACES_META)
+        while target in successor:
+            target = successor[target]
+        if target is not None:
+            node.meta[REPLACES_META] = target
     return copy

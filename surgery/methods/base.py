@@ -6,6 +6,7 @@ only talks to this interface, so adding a method never touches the pipeline.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -66,6 +67,9 @@ class Param:
                 f", got {value!r}",
                 span=span,
             )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PlanError(f"parameter '{self.name}' must be a finite number, got {value!r}",
+                            span=span)
         if self.choices is not None and value not in self.choices:
             choices = ", ".join(map(str, self.choices))
             hint = did_you_mean(str(value), map(str, self.choices))
@@ -115,6 +119,9 @@ class Method:
     mergeable: ClassVar[bool]
     # Methods that must sit directly on the wrapped module (nothing applied before them).
     first_on_site: ClassVar[bool] = False
+    # Methods whose graph reads the wrapped module's weight (DoRA's norm): while such an edit
+    # stays on a site, merging another edit into that weight would change it.
+    reads_base_weight: ClassVar[bool] = False
 
     def kind(self, options: dict[str, Any]) -> str:
         """How the edit (with these EditKey options) acts on the site; decides merge order."""

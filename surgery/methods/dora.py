@@ -74,6 +74,7 @@ class DoRA(LoRA):
     paper = "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (arXiv:2402.09353)"
     mergeable = True
     first_on_site = True  # its norm is of the wrapped weight alone
+    reads_base_weight = True
 
     def kind(self, options: dict[str, Any]) -> str:
         return OUTPUT_TRANSFORM  # it reweights the whole output, not just adds a branch

@@ -1,0 +1,100 @@
+"""Bugs found in review, each pinned by the smallest program that showed it."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from surgery import ModelLoadError, PlanError, ResolveError, Site, rewrite
+from surgery.models import load_model, tiny
+
+IDS = torch.arange(3, 15).unsqueeze(0)
+
+
+def randomize(model: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+
+
+@pytest.mark.parametrize("take_out", ["merge", "remove", "remove a\nremove b\nremove c"])
+def test_three_edits_on_one_site_come_out_in_any_order(take_out: str) -> None:
+    model = tiny("llama")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rewrite(model, "apply lora(r=2) to *.self_attn.q_proj as a\n"
+                   "apply lora(r=2) to *.self_attn.q_proj as b\n"
+                   "apply ia3 to *.self_attn.q_proj as c")
+    randomize(model)
+    with torch.no_grad():
+        before = model(IDS).logits
+        rewrite(model, take_out)
+        after = model(IDS).logits
+    assert not any(isinstance(m, Site) for m in model.modules())
+    if take_out == "merge":
+        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    else:
+        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_merge_beside_dora_that_reads_the_weight_is_refused() -> None:
+    model = tiny("llama")
+    rewrite(model, "apply dora(r=4) to *.mlp.down_proj\napply ia3(on=input) to *.mlp.down_proj")
+    with pytest.raises(PlanError, match="'dora'"):
+        rewrite(model, "merge")
+
+
+@pytest.mark.parametrize("rule", ["apply lora(alpha=1e400) to *.q_proj",
+                                  "apply parallel_adapter(r=4, scale=-1e999) to *.mlp"])
+def test_non_finite_numbers_are_refused(rule: str) -> None:
+    with pytest.raises(PlanError, match="finite"):
+        rewrite(tiny("llama"), rule)
+
+
+def test_the_root_module_cannot_be_wrapped() -> None:
+    with pytest.raises(PlanError, match="the model itself"):
+        rewrite(nn.Linear(8, 8), "apply lora(r=2) to **")
+
+
+def test_an_edit_name_may_not_hide_a_module_attribute() -> None:
+    with pytest.raises(PlanError, match="in_features"):
+        rewrite(tiny("llama"), "apply lora to *.q_proj as in_features")
+
+
+def test_an_index_item_that_matches_nothing_is_an_error() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4))])
+
+    with pytest.raises(ResolveError, match=r"index \[0\]"):
+        rewrite(Model(), "apply lora(r=2) to blocks[0, 1].0")
+
+
+def test_torch_save_and_load_keep_sites() -> None:
+    model = tiny("llama")
+    rewrite(model, "apply lora(r=4) to *.self_attn.q_proj\napply dora(r=2) to *.self_attn.k_proj")
+    randomize(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, Site)
+    assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+    rewrite(loaded, "remove")
+    assert not any(isinstance(m, Site) for m in loaded.modules())
+
+
+@pytest.mark.parametrize("config", [{"model_type": "t5"},
+                                    {"model_type": "llama", "vocab_size": -5}])
+def test_configs_transformers_cannot_build_are_load_errors(config: dict, tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError):
+        load_model(str(path), meta=True)
