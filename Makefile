@@ -30,6 +30,7 @@ bench: setup
 	$(PY) benchmarks/bench_apply.py
 	$(PY) benchmarks/bench_train_step.py
 	$(PY) benchmarks/bench_merged_inference.py
+	$(PY) benchmarks/bench_latency.py
 
 clean:
 	rm -rf $(VENV) out build dist .pytest_cache .hypothesis
