@@ -175,7 +175,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for column in ("method", "parameters (default)", "merge", "summary"):
         table.add_column(column)
     for name, method in sorted(REGISTRY.items()):
-        params = ", ".join(f"{p.name}={p.default!r}" for p in method.params)
+        params = ", ".join(f"{p.name}={p.default!r}" if p.default is not None
+                           else f"{p.name} (optional: {p.doc})" for p in method.params)
         table.add_row(name, params, "yes" if method.mergeable else "no", method.summary)
     out.print(table)
     return 0
