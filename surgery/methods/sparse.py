@@ -1,0 +1,127 @@
+"""Sparse selective fine-tuning (in the spirit of PaFi, Liao et al. 2023, arXiv:2305.16742, and
+diff pruning, Guo et al. 2021, arXiv:2012.07463): train only a fixed fraction of a Linear layer's
+weight entries, chosen by smallest magnitude; every other entry never changes.
+
+The chosen entries are a trainable vector `values` (starting at their current weights) and a
+fixed `index` buffer. The site adds the sparse difference D (values - W at index, zero
+elsewhere) as a branch: y = base(x) + D x. At insertion D = 0, so the output is unchanged;
+gradients reach only `values`, so frozen entries cannot move under any optimizer or weight
+decay (a gradient mask would not guarantee that). Merge writes `values` into the weight: exact.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgery.graph.site import EditKey, GraphBuilder
+from surgery.methods import register
+from surgery.methods.base import ADDITIVE, Method, Param, Problem, adapter_dtype
+
+
+def _fraction(value: float) -> str | None:
+    return None if 0.0 < value <= 1.0 else "must be in (0, 1]"
+
+
+class SparseAdapter(nn.Module):
+    """The trainable `values` at the flat weight positions `index` of one sparse edit."""
+
+    def __init__(self, values: nn.Parameter, index: torch.Tensor, shape: tuple[int, int]):
+        super().__init__()
+        self.values = values
+        self.register_buffer("index", index)
+        self.shape = shape
+
+    def extra_repr(self) -> str:
+        return f"entries={self.values.numel()} of {self.shape[0]}x{self.shape[1]}"
+
+
+def sparse_delta(
+    weight: torch.Tensor, values: torch.Tensor, index: torch.Tensor, shape: tuple[int, int]
+) -> torch.Tensor:
+    """The dense [out, in] difference: values - weight at `index`, zero elsewhere."""
+    flat = weight.detach().reshape(-1).to(values.dtype)
+    delta = torch.zeros(flat.numel(), dtype=values.dtype, device=values.device)
+    return delta.index_put((index,), values - flat[index]).view(shape)
+
+
+@register
+class Sparse(Method):
+    name = "sparse"
+    summary = "train a fixed fraction of a Linear layer's weights (smallest magnitude first)"
+    paper = (
+        "Liao et al. 2023, Parameter-Efficient Fine-Tuning without Introducing New Latency "
+        "(PaFi, arXiv:2305.16742)"
+    )
+    mergeable = True
+    params = (
+        Param(
+            "fraction",
+            float,
+            0.01,
+            "share of the weight's entries that train, in (0, 1]",
+            check=_fraction,
+        ),
+    )
+
+    def kind(self, options: dict[str, Any]) -> str:
+        return ADDITIVE
+
+    def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
+        if not isinstance(module, nn.Linear):
+            return Problem(
+                f"sparse trains entries of Linear layers, not {type(module).__name__}",
+                hint="add a type filter to keep only Linear layers: `SELECTOR : Linear`",
+            )
+        return None
+
+    def count(self, module: nn.Module, args: dict[str, Any]) -> int:
+        return max(1, round(args["fraction"] * module.in_features * module.out_features))
+
+    def parameter_shapes(
+        self, module: nn.Module, args: dict[str, Any]
+    ) -> dict[str, tuple[int, ...]]:
+        return {"values": (self.count(module, args),)}
+
+    def edit_key(self, name: str, module: nn.Module, args: dict[str, Any]) -> EditKey:
+        cast = adapter_dtype(module.weight) != module.weight.dtype
+        shape = (module.out_features, module.in_features)
+        return EditKey(name, self.name, (("cast", cast), ("shape", shape)))
+
+    def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:
+        weight = module.weight
+        k = self.count(module, args)
+        shape = (module.out_features, module.in_features)
+        dtype = adapter_dtype(weight)
+        if weight.is_meta:
+            index = torch.empty(k, dtype=torch.long, device="meta")
+            values = torch.empty(k, dtype=dtype, device="meta")
+        else:
+            flat = weight.detach().reshape(-1)
+            # smallest magnitudes first; ties broken by position, so the choice is reproducible
+            index = torch.sort(torch.argsort(flat.abs().float(), stable=True)[:k]).values
+            values = flat[index].to(dtype).clone()
+        return SparseAdapter(nn.Parameter(values), index, shape)
+
+    @staticmethod
+    def emit(b: GraphBuilder) -> None:
+        x = b.input
+        values, index = b.attr("values"), b.attr("index")
+        delta = b.function(
+            sparse_delta, b.base_attr("weight"), values, index, b.edit.option("shape")
+        )
+        if b.edit.option("cast"):
+            delta = b.method("to", delta, b.function(getattr, x, "dtype"))
+        b.set_output(b.function(operator.add, b.value, b.function(F.linear, x, delta)))
+
+    def merge(self, base: nn.Module, adapter: nn.Module) -> None:
+        weight = base.weight
+        if weight.is_meta:
+            return
+        with torch.no_grad():
+            flat = weight.view(-1)
+            flat[adapter.index.to(weight.device)] = adapter.values.detach().to(weight.dtype)
