@@ -205,6 +205,7 @@ class _Search:
     segments: list[ast.Segment | None]
     include_adapters: bool
     include_params: bool
+    types: tuple[str, ...] = ()  # the type filter, applied where a path ends
     memo: dict[tuple[int, int], list[TreeNode]] = field(default_factory=dict)
     used: set[tuple[int, int, str]] = field(default_factory=set)  # (segment, alternation, option)
     used_items: set[tuple[int, int]] = field(default_factory=set)  # (segment, index item)
@@ -218,7 +219,12 @@ class _Search:
         self.memo[key] = []  # guards against revisiting while computing
         found: list[TreeNode] = []
         if i == len(self.segments):
-            found = [node]
+            # filtering here, not afterwards, means an option or index only counts as used
+            # when it leads to a module the filter keeps
+            keep = not self.types or (
+                node.kind == "module" and set(self.types) & set(node.type_names)
+            )
+            found = [node] if keep else []
         else:
             if i > self.deepest:
                 self.deepest = i
@@ -318,17 +324,33 @@ def match_selector(
     segments: list[ast.Segment | None] = list(selector.segments)
     if not selector.anchored:
         segments.insert(0, _GLOBSTAR)
-    search = _Search(selector, segments, include_adapters, include_params)
-    nodes = search.walk(root, 0)
-    unique = sorted({id(n): n for n in nodes}.values(), key=lambda n: order[id(n)])
     where = (
         f" (through alias '{alias.name}' from {alias.span.location}, it reads `{selector}`)"
         if alias
         else ""
     )
     subject = written or selector
+    all_types = {t for n in root.walk() for t in n.type_names}
+    for name in selector.types:
+        if name not in all_types:
+            raise ResolveError(
+                f"`{subject}` filters by type {name}, but no module in the model is {_a(name)}",
+                span=selector.span,
+                hint=did_you_mean(name, all_types) or f"no module of type {name}",
+            )
+    search = _Search(selector, segments, include_adapters, include_params, selector.types)
+    unique = _ordered(search.walk(root, 0), order)
     if not unique:
-        raise _no_match(root, search, selector, subject, where)
+        untyped = _Search(selector, segments, include_adapters, include_params)
+        paths = _ordered(untyped.walk(root, 0), order)
+        if not paths:
+            raise _no_match(root, untyped, selector, subject, where)
+        seen = sorted({n.type_names[0] for n in paths if n.type_names})
+        raise ResolveError(
+            f"`{subject}` matches {len(paths)} path(s){where} but none is "
+            f"{_a(' or '.join(selector.types))} (found: {', '.join(seen) or 'parameters'})",
+            span=selector.span,
+        )
     offset = 0 if selector.anchored else 1
     for i, segment in enumerate(selector.segments):
         for g, options in enumerate(segment.alternations):
@@ -336,7 +358,7 @@ def match_selector(
                 if (i + offset, g, option) not in search.used:
                     raise ResolveError(
                         f"option '{option}' of {segment.text} in `{subject}` matches nothing"
-                        f"{where}",
+                        f"{' the type filter keeps' if selector.types else ''}{where}",
                         span=segment.span,
                         hint="every option must match; "
                         + _similar_names(search, i + offset, segment),
@@ -349,23 +371,11 @@ def match_selector(
                     span=segment.span,
                     hint="every index must take part in a match; drop it",
                 )
-    if selector.types:
-        kept = [n for n in unique if n.kind == "module" and set(selector.types) & set(n.type_names)]
-        if not kept:
-            seen = sorted({n.type_names[0] for n in unique if n.type_names})
-            all_types = {t for n in root.walk() for t in n.type_names}
-            unknown = [t for t in selector.types if t not in all_types]
-            hint = None
-            if unknown:
-                hint = did_you_mean(unknown[0], all_types) or f"no module of type {unknown[0]}"
-            raise ResolveError(
-                f"`{subject}` matches {len(unique)} path(s){where} but none is "
-                f"{_a(' or '.join(selector.types))} (found: {', '.join(seen) or 'parameters'})",
-                span=selector.span,
-                hint=hint,
-            )
-        unique = kept
     return Match(selector, tuple(unique), alias)
+
+
+def _ordered(nodes: list[TreeNode], order: dict[int, int]) -> list[TreeNode]:
+    return sorted({id(n): n for n in nodes}.values(), key=lambda n: order[id(n)])
 
 
 def _names_at(search: _Search, i: int) -> list[str]:

@@ -98,3 +98,12 @@ def test_configs_transformers_cannot_build_are_load_errors(config: dict, tmp_pat
     path.write_text(json.dumps(config))
     with pytest.raises(ModelLoadError):
         load_model(str(path), meta=True)
+
+
+@pytest.mark.parametrize("rule, words", [
+    ("apply lora to *.<q_proj,mlp> : Linear", "option 'mlp'"),
+    ("apply lora to *.self_attn.* : Linear | Nope", "type Nope"),
+])
+def test_a_type_filter_cannot_hide_an_unused_option_or_type(rule: str, words: str) -> None:
+    with pytest.raises(ResolveError, match=words):
+        rewrite(tiny("llama"), rule)
