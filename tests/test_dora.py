@@ -322,7 +322,7 @@ def test_weight_norm_is_the_initial_magnitude() -> None:
 def test_arguments_are_checked(llama: nn.Module) -> None:
     with pytest.raises(PlanError, match="lr_ratio"):
         rewrite(llama, "apply dora(lr_ratio=0) to *.q_proj")
-    with pytest.raises(PlanError, match="dora wraps Linear"):
+    with pytest.raises(PlanError, match="dora attaches to Linear"):
         rewrite(llama, "apply dora to *.input_layernorm")
 
 

@@ -27,7 +27,15 @@ from surgery.errors import PlanError, Span
 from surgery.graph.site import EditKey, GraphBuilder, Site, signature_of
 from surgery.lang.ast import Argument
 from surgery.methods import register
-from surgery.methods.base import Method, Param, Problem, adapter_dtype, at_least, in_unit_interval
+from surgery.methods.base import (
+    Method,
+    Param,
+    Problem,
+    adapter_dtype,
+    at_least,
+    in_unit_interval,
+    needs_cast,
+)
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 DEFAULT_REDUCTION = 16
@@ -189,7 +197,7 @@ class Adapter(Method):
         sizes = features(module)
         assert sizes is not None
         weight = sizes[2]
-        return EditKey(name, self.name, self.options(args, adapter_dtype(weight) != weight.dtype))
+        return EditKey(name, self.name, self.options(args, needs_cast(weight)))
 
     def options(self, args: dict[str, Any], cast: bool) -> tuple[tuple[str, Any], ...]:
         return (

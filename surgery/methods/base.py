@@ -109,6 +109,22 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def needs_cast(weight: torch.Tensor) -> bool:
+    """Whether adapters over this weight are stored in another dtype (fp32 over a half base), so
+    the site graph must cast them to the activation dtype."""
+    return adapter_dtype(weight) != weight.dtype
+
+
+def require_linear(method: str, module: nn.Module) -> Problem | None:
+    """The Problem for a Linear-only method asked to attach to anything else."""
+    if isinstance(module, nn.Linear):
+        return None
+    return Problem(
+        f"{method} attaches to Linear layers (and their subclasses), not {type(module).__name__}",
+        hint="add a type filter to keep only Linear layers: `SELECTOR : Linear`",
+    )
+
+
 class Method:
     """Base class of every method. Subclasses set the class variables and the hooks below."""
 

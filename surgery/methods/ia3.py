@@ -23,6 +23,8 @@ from surgery.methods.base import (
     Param,
     Problem,
     adapter_dtype,
+    needs_cast,
+    require_linear,
 )
 
 
@@ -61,12 +63,7 @@ class IA3(Method):
         return INPUT_SCALE if options.get("on") == "input" else OUTPUT_SCALE
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
-        if not isinstance(module, nn.Linear):
-            return Problem(
-                f"ia3 scales Linear layers (and their subclasses), not {type(module).__name__}",
-                hint="add a type filter to keep only Linear layers: `SELECTOR : Linear`",
-            )
-        return None
+        return require_linear(self.name, module)
 
     def parameter_shapes(
         self, module: nn.Module, args: dict[str, Any]
@@ -75,7 +72,7 @@ class IA3(Method):
         return {"l": (size,)}
 
     def edit_key(self, name: str, module: nn.Module, args: dict[str, Any]) -> EditKey:
-        cast = adapter_dtype(module.weight) != module.weight.dtype
+        cast = needs_cast(module.weight)
         return EditKey(name, self.name, (("on", args["on"]), ("cast", cast)))
 
     def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:

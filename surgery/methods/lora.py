@@ -27,7 +27,9 @@ from surgery.methods.base import (
     adapter_dtype,
     at_least,
     in_unit_interval,
+    needs_cast,
     positive,
+    require_linear,
 )
 
 
@@ -100,12 +102,9 @@ class LoRA(Method):
         return ADDITIVE
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
-        if not isinstance(module, nn.Linear):
-            return Problem(
-                f"{self.name} wraps Linear layers (and their subclasses), "
-                f"not {type(module).__name__}",
-                hint="add a type filter to keep only Linear layers: `SELECTOR : Linear`",
-            )
+        problem = require_linear(self.name, module)
+        if problem is not None:
+            return problem
         limit = min(module.in_features, module.out_features)
         if args["r"] > limit:
             return Problem(
@@ -121,7 +120,7 @@ class LoRA(Method):
         return {"A": (args["r"], module.in_features), "B": (module.out_features, args["r"])}
 
     def edit_key(self, name: str, module: nn.Module, args: dict[str, Any]) -> EditKey:
-        cast = adapter_dtype(module.weight) != module.weight.dtype
+        cast = needs_cast(module.weight)
         return EditKey(
             name,
             self.name,

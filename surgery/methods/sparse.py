@@ -20,7 +20,15 @@ from torch import nn
 
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
-from surgery.methods.base import ADDITIVE, Method, Param, Problem, adapter_dtype
+from surgery.methods.base import (
+    ADDITIVE,
+    Method,
+    Param,
+    Problem,
+    adapter_dtype,
+    needs_cast,
+    require_linear,
+)
 
 
 def _fraction(value: float) -> str | None:
@@ -72,12 +80,7 @@ class Sparse(Method):
         return ADDITIVE
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
-        if not isinstance(module, nn.Linear):
-            return Problem(
-                f"sparse trains entries of Linear layers, not {type(module).__name__}",
-                hint="add a type filter to keep only Linear layers: `SELECTOR : Linear`",
-            )
-        return None
+        return require_linear(self.name, module)
 
     def count(self, module: nn.Module, args: dict[str, Any]) -> int:
         return max(1, round(args["fraction"] * module.in_features * module.out_features))
@@ -88,7 +91,7 @@ class Sparse(Method):
         return {"values": (self.count(module, args),)}
 
     def edit_key(self, name: str, module: nn.Module, args: dict[str, Any]) -> EditKey:
-        cast = adapter_dtype(module.weight) != module.weight.dtype
+        cast = needs_cast(module.weight)
         shape = (module.out_features, module.in_features)
         return EditKey(name, self.name, (("cast", cast), ("shape", shape)))
 
