@@ -107,3 +107,24 @@ def test_configs_transformers_cannot_build_are_load_errors(config: dict, tmp_pat
 def test_a_type_filter_cannot_hide_an_unused_option_or_type(rule: str, words: str) -> None:
     with pytest.raises(ResolveError, match=words):
         rewrite(tiny("llama"), rule)
+
+
+def test_forced_replacement_that_fails_keeps_the_previous_output(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    from surgery.io import atomic_directory
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("previous")
+    real_rename = Path.rename
+
+    def rename(self: Path, to: Path) -> Path:
+        if Path(to) == target and self.name.endswith(".partial"):
+            raise OSError("disk full")
+        return real_rename(self, to)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError), atomic_directory(target, force=True) as temp:
+        (temp / "new.txt").write_text("new")
+    assert (target / "keep.txt").read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

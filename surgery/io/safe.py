@@ -32,7 +32,11 @@ def atomic_directory(target: Path, *, force: bool = False) -> Iterator[Path]:
         if target.exists():
             old = temp.with_suffix(".old")
             target.rename(old)
-            temp.rename(target)
+            try:
+                temp.rename(target)
+            except BaseException:
+                old.rename(target)  # put the previous output back before giving up
+                raise
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         else:
             temp.rename(target)
