@@ -40,3 +40,13 @@ def train_losses(
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def edit_modules(model: torch.nn.Module):
+    """(method name, edit module) for every edit on every site of `model`."""
+    from surgery import Site
+
+    for site in model.modules():
+        if isinstance(site, Site):
+            for edit in site.edits:
+                yield edit.method, site.edit_module(edit.name)

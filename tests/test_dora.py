@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import train_losses
+from conftest import edit_modules, train_losses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
@@ -77,17 +77,14 @@ def dora_args(draw: st.DrawFn) -> tuple[str, int, float]:
 def randomize(model: nn.Module, generator: torch.Generator) -> None:
     """Move every DoRA edit away from identity: B non-zero and m off the initial norm."""
     with torch.no_grad():
-        for site in model.modules():
-            if isinstance(site, Site):
-                for edit in site.edits:
-                    adapter = site.edit_module(edit.name)
-                    if edit.method == "dora":
-                        adapter.B.copy_(0.3 * torch.randn(adapter.B.shape, generator=generator))
-                        adapter.m.mul_(1 + 0.2 * torch.randn(adapter.m.shape, generator=generator))
-                    elif edit.method == "lora":
-                        adapter.B.copy_(0.3 * torch.randn(adapter.B.shape, generator=generator))
-                    elif edit.method == "ia3":
-                        adapter.l.copy_(0.5 + torch.rand(adapter.l.shape, generator=generator))
+        for method, adapter in edit_modules(model):
+            if method == "dora":
+                adapter.B.copy_(0.3 * torch.randn(adapter.B.shape, generator=generator))
+                adapter.m.mul_(1 + 0.2 * torch.randn(adapter.m.shape, generator=generator))
+            elif method == "lora":
+                adapter.B.copy_(0.3 * torch.randn(adapter.B.shape, generator=generator))
+            elif method == "ia3":
+                adapter.l.copy_(0.5 + torch.rand(adapter.l.shape, generator=generator))
 
 
 def selector(targets: tuple[str, ...]) -> str:

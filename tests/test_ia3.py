@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import train_losses
+from conftest import edit_modules, train_losses
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from transformers import LlamaConfig
 
-from surgery import PlanError, Site, rewrite
+from surgery import PlanError, rewrite
 from surgery.models import from_config, load_model, tiny
 
 IDS = torch.arange(3, 19).unsqueeze(0)
@@ -19,14 +19,11 @@ IDS = torch.arange(3, 19).unsqueeze(0)
 def randomize(model: nn.Module, generator: torch.Generator) -> None:
     """Give every adapter non-trivial values (l around 1, B non-zero)."""
     with torch.no_grad():
-        for site in model.modules():
-            if isinstance(site, Site):
-                for edit in site.edits:
-                    adapter = site.edit_module(edit.name)
-                    if edit.method == "ia3":
-                        adapter.l.copy_(0.5 + torch.rand(adapter.l.shape, generator=generator))
-                    else:
-                        adapter.B.copy_(0.1 * torch.randn(adapter.B.shape, generator=generator))
+        for method, adapter in edit_modules(model):
+            if method == "ia3":
+                adapter.l.copy_(0.5 + torch.rand(adapter.l.shape, generator=generator))
+            else:
+                adapter.B.copy_(0.1 * torch.randn(adapter.B.shape, generator=generator))
 
 
 @st.composite
