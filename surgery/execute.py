@@ -6,7 +6,7 @@ and the model is exactly as it was (same module objects, same weights, same requ
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +43,14 @@ def parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     if isinstance(parent, Site) and name not in parent.edit_names():
         parent = parent._modules["base"]
     return parent, name
+
+
+def iter_edits(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
+    """Every edit in `model` as (path of the module it is on, edit name, adapter module)."""
+    for path, module in model.named_modules():
+        if isinstance(module, Site):
+            for edit in module.edits:
+                yield path, edit.name, module._modules[edit.name]
 
 
 @dataclass
@@ -143,13 +151,7 @@ def _apply(model: nn.Module, step: Step, tx: Transaction) -> None:
         tx.replace(target.path, site)
         adapters.append(adapter)
     # the base freezes; the new adapters train; earlier adapters keep their flags
-    adapter_ids = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, Site)
-        for e in m.edits
-        for p in m._modules[e.name].parameters()
-    }
+    adapter_ids = {id(p) for _, _, edit in iter_edits(model) for p in edit.parameters()}
     for param in unique_parameters(model):
         if id(param) not in adapter_ids:
             tx.set_requires_grad(param, False)

@@ -36,6 +36,7 @@ class Target:
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     params: int = 0
     dtype: str = ""
+    role: str = ""  # the alias the rule named it by (`attn.q`), when it used one
 
 
 @dataclass(frozen=True)
@@ -307,10 +308,11 @@ class Planner:
     # selector resolution
     def resolve(
         self, selectors: tuple[ast.Selector, ...], *, modules_only: bool, include_adapters: bool
-    ) -> list[tuple[TreeNode, Span]]:
-        """The nodes the selectors match, in model order, each with the selector that matched."""
+    ) -> list[tuple[TreeNode, Span, str]]:
+        """The nodes the selectors match, in model order, each with the selector that matched
+        and the alias it was written with ("" when none)."""
         order = model_order(self.tree)
-        found: dict[int, tuple[TreeNode, Span]] = {}
+        found: dict[int, tuple[TreeNode, Span, str]] = {}
         for selector in selectors:
             for expanded, alias in expand_aliases(selector, self.aliases):
                 try:
@@ -326,7 +328,9 @@ class Planner:
                 except ResolveError as error:
                     raise self._with_alias_hint(error, selector) from None
                 for node in match.nodes:
-                    found.setdefault(id(node), (node, selector.span))
+                    found.setdefault(
+                        id(node), (node, selector.span, alias.name if alias else "")
+                    )
         return sorted(found.values(), key=lambda item: order[id(item[0])])
 
     def _with_alias_hint(self, error: ResolveError, selector: ast.Selector) -> ResolveError:
@@ -350,7 +354,8 @@ class Planner:
                 hint="choose another name with `as NAME`",
             )
         matched = self.resolve(st.selectors, modules_only=True, include_adapters=False)
-        nodes = [node for node, _ in matched]
+        nodes = [node for node, _, _ in matched]
+        roles = {id(node): role for node, _, role in matched}
         self._check_targets(st, method, args, matched)
         if st.expect is not None and len(nodes) != st.expect:
             raise PlanError(
@@ -413,6 +418,7 @@ class Planner:
                     str(module.weight.dtype).removeprefix("torch.")
                     if hasattr(module, "weight")
                     else "",
+                    roles[id(node)],
                 )
             )
         # trainability: the base freezes, the new adapter parameters train
@@ -437,10 +443,10 @@ class Planner:
         st: ast.Apply,
         method: Method,
         args: dict[str, Any],
-        matched: list[tuple[TreeNode, Span]],
+        matched: list[tuple[TreeNode, Span, str]],
     ) -> None:
         problems = []
-        for node, span in matched:
+        for node, span, _ in matched:
             problem = method.check_target(node.module, args)
             if problem is not None:
                 problems.append((node, span, problem))
@@ -576,7 +582,7 @@ class Planner:
 
     def _set_trainable(self, st: ast.Freeze | ast.Unfreeze, action: str, value: bool) -> None:
         nodes = [
-            n for n, _ in self.resolve(st.selectors, modules_only=False, include_adapters=True)
+            n for n, _, _ in self.resolve(st.selectors, modules_only=False, include_adapters=True)
         ]
         paths: dict[object, str] = {}
         for node in nodes:

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import surgery
-from surgery.graph.site import Site
+from surgery.execute import iter_edits
 from surgery.io.safe import atomic_directory
 from surgery.plan import Plan
 
@@ -22,11 +22,10 @@ PLAN_FILE = "plan.json"
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every adapter tensor, keyed `<site path>.<edit>.<name>` (e.g. `...q_proj.lora.A`)."""
     tensors: dict[str, torch.Tensor] = {}
-    for path, module in model.named_modules():
-        if isinstance(module, Site):
-            for edit in module.edits:
-                for name, tensor in module._modules[edit.name].state_dict().items():
-                    tensors[f"{path}.{edit.name}.{name}"] = tensor.detach().contiguous().cpu()
+    for path, edit, adapter in iter_edits(model):
+        prefix = f"{path}.{edit}" if path else edit
+        for name, tensor in adapter.state_dict().items():
+            tensors[f"{prefix}.{name}"] = tensor.detach().contiguous().cpu()
     return tensors
 
 
