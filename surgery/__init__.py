@@ -16,6 +16,7 @@ from surgery.errors import (
 )
 from surgery.execute import Report
 from surgery.graph.site import Site
+from surgery.io.load import load_adapter
 from surgery.lang import parse, parse_file
 from surgery.methods import REGISTRY as METHODS
 from surgery.plan import Plan
@@ -35,6 +36,7 @@ __all__ = [
     "Site",
     "SurgeryError",
     "SurgerySyntaxError",
+    "load_adapter",
     "load_rules",
     "param_groups",
     "parse",

@@ -1,0 +1,279 @@
+"""Re-applying a saved adapter directory to a fresh base model: `surgery.load_adapter`.
+
+The saved rules are planned against the model, and every saved tensor's name and shape is
+checked against that plan *before* the model changes; only then does the rewrite run and the
+tensors load. Should anything still fail, the model is put back as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import surgery
+from surgery.api import _paused_gc
+from surgery.errors import ModelLoadError
+from surgery.execute import Report, execute, logical_module, logical_parameter
+from surgery.graph.site import Site
+from surgery.io.adapters import (
+    ADAPTER_FILE,
+    BASE_FILE,
+    FORMAT,
+    PLAN_FILE,
+    RULES_FILE,
+    live_adapter_tensors,
+)
+from surgery.lang import parse
+from surgery.plan import Plan, make_plan
+
+
+class AdapterError(ModelLoadError):
+    """An adapter directory that cannot be read, or does not fit the model it is loaded onto."""
+
+
+class VersionWarning(UserWarning):
+    """The adapter was written by another surgery version (it loads; the plan may differ)."""
+
+
+@dataclass
+class SavedAdapter:
+    """An adapter directory as read from disk; the tensors stay on disk until `tensors()`."""
+
+    path: Path
+    rules_text: str
+    document: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]
+    base_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.document.get("model") or {}
+
+    def tensors(self, base: bool = False) -> dict[str, torch.Tensor]:
+        file = self.path / (BASE_FILE if base else ADAPTER_FILE)
+        if base and not file.exists():
+            return {}
+        return read_safetensors(file)
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a corrupt or truncated file is a clear error."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:
+        raise AdapterError(f"cannot read {file}: {error}") from None
+
+
+def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes from a safetensors header, without reading the tensors."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as error:
+        raise AdapterError(
+            f"cannot read {file}: {error}", hint="the file is truncated or not safetensors"
+        ) from None
+
+
+def read_adapter_dir(path: Path | str) -> SavedAdapter:
+    """Read an adapter directory's rules, plan document and tensor shapes (not the tensors)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"no adapter directory at {path}")
+    missing = [n for n in (RULES_FILE, PLAN_FILE, ADAPTER_FILE) if not (path / n).is_file()]
+    if missing:
+        hint = None
+        if (path / "adapter_config.json").is_file():
+            hint = (
+                f"this is a PEFT adapter: convert it with `surgery import --peft {path} --out DIR`"
+            )
+        raise AdapterError(
+            f"{path} is not a surgery adapter directory (no {', '.join(missing)})", hint=hint
+        )
+    try:
+        document = json.loads((path / PLAN_FILE).read_text(encoding="utf-8"))
+        if not isinstance(document, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise AdapterError(f"cannot read {path / PLAN_FILE}: {error}") from None
+    written = document.get("format", 1)
+    if not isinstance(written, int) or written > FORMAT:
+        raise AdapterError(
+            f"{path} has adapter format {written!r}; this surgery reads format {FORMAT} and older",
+            hint="upgrade surgery",
+        )
+    base = path / BASE_FILE
+    return SavedAdapter(
+        path,
+        (path / RULES_FILE).read_text(encoding="utf-8"),
+        document,
+        safetensors_shapes(path / ADAPTER_FILE),
+        safetensors_shapes(base) if base.is_file() else {},
+    )
+
+
+def load_adapter(model: nn.Module, adapter_dir: Path | str) -> Report:
+    """Re-apply the adapter saved in `adapter_dir` (by `surgery apply --out` or
+    `write_adapter_dir`) to `model`, a fresh base model, so that it computes what the saving
+    model computed.
+
+    Raises `AdapterError` naming the first mismatching tensor (expected vs found shape) when the
+    model's family or shapes differ; the model is then unchanged.
+    """
+    saved = read_adapter_dir(adapter_dir)
+    _check_versions(saved)
+    _check_family(saved, model)
+    program = parse(saved.rules_text, str(saved.path / RULES_FILE))
+    with _paused_gc():
+        plan = make_plan(model, program)
+        _check_tensors(saved, plan, model)
+        undo = _Undo(model, plan, saved)
+        report = execute(model, plan)
+    try:
+        _copy_tensors(saved, model)
+    except BaseException:
+        undo()
+        raise
+    return report
+
+
+def _check_versions(saved: SavedAdapter) -> None:
+    written = (saved.document.get("versions") or {}).get("surgery")
+    if written and written != surgery.__version__:
+        warnings.warn(
+            f"{saved.path} was written by surgery {written}; this is surgery {surgery.__version__}",
+            VersionWarning,
+            stacklevel=3,
+        )
+
+
+def _check_family(saved: SavedAdapter, model: nn.Module) -> None:
+    expected = saved.model.get("model_type")
+    found = getattr(getattr(model, "config", None), "model_type", None)
+    if expected and found and expected != found:
+        raise AdapterError(
+            f"the adapter in {saved.path} was made for a '{expected}' model "
+            f"({saved.model.get('class', '?')}); this model is '{found}' ({type(model).__name__})",
+            hint=f"load it onto a {expected} model with the same shapes",
+        )
+
+
+def expected_shapes(plan: Plan) -> dict[str, tuple[int, ...]]:
+    """The adapter parameters the model has after `plan` runs: `<path>.<edit>.<name>` -> shape
+    (edits that a later `merge` or `remove` takes out again are not among them)."""
+    shapes: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}
+    for step in plan.steps:
+        for target in step.targets:
+            key = (target.path, target.edit)
+            if step.action == "apply":
+                shapes[key] = dict(target.shapes)
+            elif step.action in ("merge", "remove"):
+                shapes.pop(key, None)
+    return {
+        f"{path}.{edit}.{name}" if path else f"{edit}.{name}": tuple(shape)
+        for (path, edit), params in shapes.items()
+        for name, shape in params.items()
+    }
+
+
+def _mismatch(saved: SavedAdapter, name: str, expected: Any, found: Any) -> AdapterError:
+    return AdapterError(
+        f"the adapter in {saved.path} does not fit this model: tensor {name} is "
+        f"{_shape(found)} in the adapter, the model needs {_shape(expected)}",
+        hint=_made_on(saved),
+    )
+
+
+def _shape(shape: Any) -> str:
+    return "absent" if shape is None else f"[{', '.join(map(str, shape))}]"
+
+
+def _made_on(saved: SavedAdapter) -> str | None:
+    config = saved.model.get("config") or {}
+    sizes = ", ".join(
+        f"{k}={config[k]}"
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+        if k in config
+    )
+    return f"it was made on a {saved.model.get('class', 'model')} with {sizes}" if sizes else None
+
+
+def _check_tensors(saved: SavedAdapter, plan: Plan, model: nn.Module) -> None:
+    """Every planned adapter parameter is saved with its shape, every saved tensor belongs to
+    a planned edit (buffers such as a sparse index are checked after building), and every
+    saved base parameter exists with its shape; the first violation is the error."""
+    expected = expected_shapes(plan)
+    for name, shape in expected.items():
+        if saved.shapes.get(name) != shape:
+            raise _mismatch(saved, name, shape, saved.shapes.get(name))
+    prefixes = {name.rpartition(".")[0] + "." for name in expected}
+    for name, shape in saved.shapes.items():
+        if name not in expected and name.rpartition(".")[0] + "." not in prefixes:
+            raise _mismatch(saved, name, None, shape)
+    for name, shape in saved.base_shapes.items():
+        try:
+            param = logical_parameter(model, name)
+        except (KeyError, AttributeError):
+            raise _mismatch(saved, name, None, shape) from None
+        if tuple(param.shape) != shape:
+            raise _mismatch(saved, name, tuple(param.shape), shape)
+
+
+def _copy_tensors(saved: SavedAdapter, model: nn.Module) -> None:
+    live = live_adapter_tensors(model)
+    for name, tensor in live.items():  # buffers: only now do we know them
+        if saved.shapes.get(name) != tuple(tensor.shape):
+            raise _mismatch(saved, name, tuple(tensor.shape), saved.shapes.get(name))
+    values = saved.tensors()
+    base = saved.tensors(base=True)
+    with torch.no_grad():
+        for name, tensor in live.items():
+            tensor.copy_(values[name])
+        for name, value in base.items():
+            logical_parameter(model, name).copy_(value)
+
+
+class _Undo:
+    """What `execute` changed, to put back if loading the tensors fails after it: the module
+    tree, requires_grad flags, and the weights a `merge` step writes and a loaded base
+    parameter overwrites."""
+
+    _HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks")
+
+    def __init__(self, model: nn.Module, plan: Plan, saved: SavedAdapter):
+        self.children = [(m, dict(m._modules)) for m in model.modules()]
+        self.hooks = [(m, n, dict(getattr(m, n))) for m in model.modules() for n in self._HOOKS]
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.weights: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for step in plan.steps:
+            if step.action == "merge":
+                for target in step.targets:
+                    module = logical_module(model, target.path)
+                    if isinstance(module, Site):
+                        module = module._modules["base"]
+                    for p in module.parameters(recurse=False):
+                        self.weights.append((p, p.detach().clone()))
+        for name in saved.base_shapes:
+            p = logical_parameter(model, name)
+            self.weights.append((p, p.detach().clone()))
+
+    def __call__(self) -> None:
+        for module, children in self.children:
+            module._modules.clear()
+            module._modules.update(children)
+        for module, name, hooks in self.hooks:
+            getattr(module, name).clear()
+            getattr(module, name).update(hooks)
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for p, value in self.weights:
+                p.copy_(value)
