@@ -1,0 +1,418 @@
+"""Merged Hugging Face checkpoints, written out of core: one shard at a time, one module in memory.
+
+The engine decides what a merge means; this module only feeds it. The model is built from
+config.json on the meta device (no weights), the adapter's rules are applied to it, and the
+planner's own `merge` step lists the sites in the order the engine merges them. Each output
+shard starts as a byte copy of the input shard; then, for every site whose weights live in it,
+the wrapped module's tensors are read from the checkpoint in fp32, every edit of the site is
+merged by its method's own `merge`, and the result is rounded once into the checkpoint's dtype
+and written over the copied bytes (same dtype and shape, so the same byte range). Memory is one
+module's weights plus one edit's tensors; the output keeps the input's shard names, headers and
+untouched bytes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from surgery.errors import ModelLoadError, OutputError, PlanError
+from surgery.execute import iter_edits, logical_module
+from surgery.graph.site import Site
+from surgery.io.adapters import ADAPTER_FILE, PLAN_FILE, RULES_FILE
+from surgery.io.safe import atomic_directory
+from surgery.io.shards import (
+    FLOATS,
+    INDEX_FILE,
+    Checkpoint,
+    Shard,
+    TensorInfo,
+    open_checkpoint,
+    read_shard,
+    write_tensor,
+)
+from surgery.methods import REGISTRY
+
+# Trained base parameters (`unfreeze **.bias`) saved next to the adapter, by logical path.
+BASE_FILE = "base.safetensors"
+# Other weight formats next to the safetensors would hold the *unmerged* weights: never copied.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+@dataclass(frozen=True)
+class MergeSummary:
+    """What a merge wrote."""
+
+    out: Path
+    shards: int
+    modules: int  # base modules whose weights changed
+    edits: int  # edits merged into them
+    tensors: int  # checkpoint tensors rewritten
+    bytes: int  # bytes of weights in the output
+    copied: tuple[str, ...]  # non-weight files copied (config, tokenizer, ...)
+    skipped: tuple[str, ...]  # entries of the model directory left out (other weight formats)
+    seconds: float
+
+    def __str__(self) -> str:
+        return (
+            f"merged {self.edits} edit(s) into {self.modules} module(s) ({self.tensors} "
+            f"tensor(s) rewritten); wrote {self.shards} shard(s) ({self.bytes / 2**30:.2f} GiB) "
+            f"and {len(self.copied)} other file(s) to {self.out} in {self.seconds:.1f} s"
+        )
+
+
+@dataclass
+class _Job:
+    """One module whose tensors change: a site's edits to merge (in the engine's order), and
+    trained base values that replace the checkpoint's."""
+
+    path: str
+    site: Site | None
+    tensors: dict[str, tuple[int, TensorInfo]]  # state_dict key -> (shard number, bytes)
+    edits: list[tuple[str, str]] = field(default_factory=list)  # (edit name, method)
+    trained: dict[str, str] = field(default_factory=dict)  # state_dict key -> key in BASE_FILE
+
+    @property
+    def last_shard(self) -> int:
+        return max(number for number, _ in self.tensors.values())
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    checkpoint: Checkpoint
+    adapter: Shard
+    trained: Shard | None
+    prefixes: dict[int, str]  # id(edit module) -> its key prefix in the adapter file
+
+
+def merge_checkpoint(
+    model_dir: Path, adapter_dir: Path, out: Path, *, force: bool = False, progress: bool = True
+) -> MergeSummary:
+    """Write `model_dir`'s checkpoint with `adapter_dir`'s adapter merged in to `out`.
+
+    Everything is checked before anything is written: the checkpoint's files, the rules on this
+    model, that every edit is mergeable, the adapter's tensor names and shapes. The output
+    appears all at once (or not at all, if interrupted); the inputs are only read.
+    """
+    start = time.perf_counter()
+    model_dir, adapter_dir, out = Path(model_dir), Path(adapter_dir), Path(out)
+    _check_locations(model_dir, adapter_dir, out, force)
+    checkpoint = open_checkpoint(model_dir)
+    skeleton = _skeleton(model_dir)
+    _check_model_type(skeleton, adapter_dir)
+    _apply_rules(skeleton, adapter_dir)
+    _check_mergeable(skeleton, adapter_dir)
+    adapter = read_shard(_adapter_file(adapter_dir))
+    trained = read_shard(adapter_dir / BASE_FILE) if (adapter_dir / BASE_FILE).is_file() else None
+    inputs = _Inputs(checkpoint, adapter, trained, _check_adapter(skeleton, adapter))
+    jobs = _plan_jobs(skeleton, inputs, adapter_dir)
+    copied, skipped = _other_files(model_dir, checkpoint)
+    by_shard: dict[int, list[_Job]] = {}
+    for job in jobs:
+        by_shard.setdefault(job.last_shard, []).append(job)
+    with atomic_directory(out, force=force) as temp, _progress_bar(progress, checkpoint) as done:
+        for number, shard in enumerate(checkpoint.shards):
+            _write_shard(shard, temp, by_shard.get(number, []), inputs)
+            done()
+        if checkpoint.index is not None:
+            index = dict(checkpoint.index)
+            index["metadata"] = {**index.get("metadata", {}), "total_size": checkpoint.total_size}
+            (temp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        for name in copied:
+            shutil.copyfile(model_dir / name, temp / name)
+    return MergeSummary(
+        out=out,
+        shards=len(checkpoint.shards),
+        modules=len(jobs),
+        edits=sum(len(job.edits) for job in jobs),
+        tensors=sum(len(job.tensors) for job in jobs),
+        bytes=checkpoint.total_size,
+        copied=tuple(copied),
+        skipped=tuple(skipped),
+        seconds=time.perf_counter() - start,
+    )
+
+
+# ---- checks, all before writing --------------------------------------------------------------
+
+
+def _check_locations(model_dir: Path, adapter_dir: Path, out: Path, force: bool) -> None:
+    """The output must not overlap an input: replacing it (or writing into it) would change it."""
+    for name, folder in (("model", model_dir), ("adapter", adapter_dir)):
+        if not folder.is_dir():
+            raise ModelLoadError(f"the {name} directory {folder} does not exist")
+        source, target = folder.resolve(), out.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise OutputError(
+                f"the output {out} overlaps the {name} directory {folder}, which must stay "
+                "unchanged",
+                hint="write the merged checkpoint to a new directory",
+            )
+    if out.exists() and not force:
+        raise OutputError(f"{out} already exists", hint="pass --force to replace it")
+
+
+def _skeleton(model_dir: Path) -> nn.Module:
+    """The model of `model_dir/config.json` on the meta device: structure and shapes only."""
+    from transformers import AutoConfig
+
+    from surgery.models import from_config
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        return from_config(config, meta=True)
+    except Exception as error:  # anything transformers raises about a config is the user's input
+        where = model_dir / "config.json"
+        raise ModelLoadError(f"cannot build the model of {where}: {error}") from None
+
+
+def _check_model_type(skeleton: nn.Module, adapter_dir: Path) -> None:
+    """An adapter records the model type it was made on (plan.json); refuse another family."""
+    try:
+        document = json.loads((adapter_dir / PLAN_FILE).read_text(encoding="utf-8"))
+        made_on = (document.get("model") or {}).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # older adapters have no record; the rules and shapes are still checked
+    found = getattr(getattr(skeleton, "config", None), "model_type", None)
+    if made_on and found and made_on != found:
+        raise ModelLoadError(
+            f"the adapter in {adapter_dir} was made for a '{made_on}' model; the checkpoint's "
+            f"config.json is '{found}'",
+            hint=f"merge it into a {made_on} checkpoint with the same shapes",
+        )
+
+
+def _apply_rules(skeleton: nn.Module, adapter_dir: Path) -> None:
+    """Recreate the adapter's sites on the skeleton by running its own rules."""
+    from surgery.api import rewrite
+    from surgery.lang import parse_file
+
+    path = adapter_dir / RULES_FILE
+    if not path.is_file():
+        raise ModelLoadError(
+            f"{adapter_dir} has no {RULES_FILE}: not an adapter written by `surgery apply --out`"
+        )
+    rewrite(skeleton, parse_file(path))
+
+
+def _check_mergeable(skeleton: nn.Module, adapter_dir: Path) -> None:
+    """Every edit must fold into base weights: serial adapters (non-linear) and virtual tokens
+    (no weight of the base model to fold into) cannot."""
+    mergeable = ", ".join(
+        sorted(n for n, m in REGISTRY.items() if m.mergeable and _level(m) == "module")
+    )
+    hint = f"a merged checkpoint can hold only {mergeable}; serve this adapter unmerged"
+    for path, edit, module in iter_edits(skeleton):
+        owner = skeleton.get_submodule(path) if path else None
+        if not isinstance(owner, Site):  # a model-level edit (prompt, prefix)
+            raise PlanError(
+                f"cannot merge the adapter in {adapter_dir}: its edit '{edit}' "
+                f"({type(module).__name__}) adds virtual tokens, which a checkpoint of the base "
+                "architecture has no place for",
+                hint=hint,
+            )
+        method = next(e.method for e in owner.edits if e.name == edit)
+        if not REGISTRY[method].mergeable:
+            raise PlanError(
+                f"cannot merge the adapter in {adapter_dir}: its edit '{edit}' ({method}) on "
+                f"{path} cannot be folded into the weights",
+                hint=hint,
+            )
+
+
+def _level(method: object) -> str:
+    return getattr(method, "level", "module")
+
+
+def _adapter_file(adapter_dir: Path) -> Path:
+    path = adapter_dir / ADAPTER_FILE
+    if not path.is_file():
+        raise ModelLoadError(
+            f"{adapter_dir} has no {ADAPTER_FILE}: not an adapter written by `surgery apply --out`"
+        )
+    return path
+
+
+def _check_adapter(skeleton: nn.Module, adapter: Shard) -> dict[int, str]:
+    """Compare the adapter file with the tensors the rules create on this model; return each edit
+    module's key prefix in the file (keyed by the module's id)."""
+    expected: dict[str, tuple[int, ...]] = {}
+    prefixes: dict[int, str] = {}
+    for path, edit, module in iter_edits(skeleton):
+        prefix = f"{path}.{edit}" if path else edit
+        prefixes[id(module)] = prefix
+        for name, tensor in module.state_dict().items():
+            expected[f"{prefix}.{name}"] = tuple(tensor.shape)
+    hint = "was the adapter made for another model, or its rules.surg edited?"
+    for key, shape in expected.items():
+        info = adapter.tensors.get(key)
+        if info is None:
+            raise ModelLoadError(
+                f"{adapter.path} lacks '{key}', which its rules create on this model "
+                f"(shape {list(shape)})",
+                hint=hint,
+            )
+        if info.shape != shape:
+            raise ModelLoadError(
+                f"'{key}' in {adapter.path} has shape {list(info.shape)}, but the rules on this "
+                f"model give it {list(shape)}",
+                hint=hint,
+            )
+    extra = sorted(set(adapter.tensors) - set(expected))
+    if extra:
+        raise ModelLoadError(
+            f"{adapter.path} holds '{extra[0]}', which its rules do not create on this model"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""),
+            hint=hint,
+        )
+    return prefixes
+
+
+def _plan_jobs(skeleton: nn.Module, inputs: _Inputs, adapter_dir: Path) -> list[_Job]:
+    """The modules to rewrite: sites in the planner's merge order, with their base tensors
+    located, then trained base parameters outside any site."""
+    from surgery.api import plan
+
+    try:
+        merge = plan(skeleton, "merge").steps[-1]
+    except PlanError as error:  # its span points at our own one-word program: drop it
+        raise PlanError(
+            f"cannot merge the adapter in {adapter_dir}: {error.message}", hint=error.hint
+        ) from None
+    jobs: dict[str, _Job] = {}
+    for target in merge.targets:
+        if target.path not in jobs:
+            site = logical_module(skeleton, target.path)
+            assert isinstance(site, Site), target.path
+            shapes = {k: tuple(v.shape) for k, v in site._modules["base"].state_dict().items()}
+            jobs[target.path] = _Job(target.path, site, _locate(shapes, target.path, inputs))
+        jobs[target.path].edits.append((target.edit, target.method))
+    for key, info in (inputs.trained.tensors if inputs.trained else {}).items():
+        path, _, name = key.rpartition(".")
+        job = jobs.get(path)
+        if job is None or name not in job.tensors:
+            job = jobs[key] = _Job(key, None, _locate({"": info.shape}, key, inputs))
+            name = ""
+        elif job.tensors[name][1].shape != info.shape:
+            raise ModelLoadError(
+                f"'{key}' in {inputs.trained.path} has shape {list(info.shape)}, but the "
+                f"checkpoint's has {list(job.tensors[name][1].shape)}"
+            )
+        job.trained[name] = key
+    return list(jobs.values())
+
+
+def _locate(
+    shapes: dict[str, tuple[int, ...]], path: str, inputs: _Inputs
+) -> dict[str, tuple[int, TensorInfo]]:
+    """Where each tensor of a module (`shapes`: state_dict key -> shape; key "" for `path`
+    itself) is in the checkpoint, checked for its shape and a floating-point dtype."""
+    checkpoint = inputs.checkpoint
+    found: dict[str, tuple[int, TensorInfo]] = {}
+    for name, shape in shapes.items():
+        key = ".".join(p for p in (path, name) if p)
+        where = checkpoint.locate(key)
+        if where is None:
+            raise ModelLoadError(
+                f"the checkpoint in {checkpoint.directory} has no tensor '{key}', which the "
+                "adapter changes"
+            )
+        number, info = where
+        file = checkpoint.shards[number].path
+        if info.shape != shape:
+            raise ModelLoadError(
+                f"'{key}' in {file} has shape {list(info.shape)}, but the adapter's model has "
+                f"{list(shape)}"
+            )
+        if info.dtype not in FLOATS:
+            raise ModelLoadError(
+                f"cannot merge into '{key}': it is stored as {info.dtype} in {file}",
+                hint="merges write floating-point weights (F32, F16, BF16, F64) only",
+            )
+        found[name] = where
+    return found
+
+
+def _other_files(model_dir: Path, checkpoint: Checkpoint) -> tuple[list[str], list[str]]:
+    """The directory's other files (config, generation config, tokenizer) to copy, and what is
+    left out: other weight formats (they would hold the unmerged weights) and subdirectories."""
+    copied, skipped = [], []
+    for entry in sorted(model_dir.iterdir()):
+        if entry.name in checkpoint.weight_files:
+            continue
+        is_weights = entry.name.endswith(WEIGHT_SUFFIXES) or entry.name.endswith(".index.json")
+        (copied if entry.is_file() and not is_weights else skipped).append(entry.name)
+    return copied, skipped
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+
+def _write_shard(shard: Shard, temp: Path, jobs: list[_Job], inputs: _Inputs) -> None:
+    """Copy one shard, then rewrite the modules whose last tensor is in it (earlier shards'
+    copies are already in `temp`)."""
+    shutil.copyfile(shard.path, temp / shard.path.name)
+    for job in jobs:
+        values = {}
+        for name, (number, info) in job.tensors.items():
+            if name in job.trained:
+                assert inputs.trained is not None
+                values[name] = inputs.trained.read(job.trained[name]).float()
+            else:
+                values[name] = inputs.checkpoint.shards[number].read(info.name).float()
+        if job.site is not None:
+            values = _merge_site(job, values, inputs)
+        for name, (number, info) in job.tensors.items():
+            file = temp / inputs.checkpoint.shards[number].path.name
+            write_tensor(file, info, values[name].to(FLOATS[info.dtype]))
+
+
+def _merge_site(job: _Job, values: dict[str, torch.Tensor], inputs: _Inputs) -> dict:
+    """Merge every edit of the site, in the engine's order, into its wrapped module holding
+    `values` (fp32), with the methods' own `merge`; the site is back on meta afterwards."""
+    assert job.site is not None
+    base = job.site._modules["base"]
+    base.load_state_dict(values, assign=True)
+    try:
+        for edit, method in job.edits:
+            module = job.site.edit_module(edit)
+            prefix = inputs.prefixes[id(module)]
+            names = module.state_dict().keys()
+            tensors = {n: inputs.adapter.read(f"{prefix}.{n}") for n in names}
+            module.load_state_dict(tensors, assign=True)
+            try:
+                REGISTRY[method].merge(base, module)
+            finally:
+                module.to(device="meta")
+        return {k: v.detach() for k, v in base.state_dict().items()}
+    finally:
+        base.to(device="meta")
+
+
+@contextmanager
+def _progress_bar(enabled: bool, checkpoint: Checkpoint) -> Iterator[Callable[[], None]]:
+    """A rich bar of shards done (on stderr), or nothing."""
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    columns = (TextColumn("merging shards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("merge", total=len(checkpoint.shards))
+        yield lambda: bar.advance(task)
