@@ -171,7 +171,7 @@ def open_checkpoint(directory: Path) -> Checkpoint:
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         weight_map: dict[str, str] = index["weight_map"]
-        files = list(dict.fromkeys(weight_map.values()))
+        files = sorted(set(weight_map.values()))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise ModelLoadError(f"cannot read the index {index_path}: {error}") from None
     shards = []

@@ -1,0 +1,290 @@
+"""Merged Hugging Face checkpoints (`surgery.io.checkpoint.merge_checkpoint`): plain transformers
+loads the result and computes what the adapter model computes; the weights equal an in-memory
+fp32 merge rounded once; the layout and other files carry over; bad inputs and a killed merge
+leave nothing behind and the inputs untouched."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from surgery import ModelLoadError, OutputError, PlanError, SurgeryError, rewrite
+from surgery.io import write_adapter_dir
+from surgery.io.checkpoint import BASE_FILE, MergeSummary, merge_checkpoint
+from surgery.models import tiny
+
+RULES = """\
+apply lora(r=4, alpha=8) to *.self_attn.<q,v>_proj
+apply ia3 to *.self_attn.v_proj, *.mlp.down_proj
+apply dora(r=2) to *.self_attn.k_proj
+apply sparse(fraction=0.05) to *.self_attn.o_proj
+"""
+IDS = torch.arange(3, 27).unsqueeze(0)
+NORM = "model.layers.1.input_layernorm.weight"  # a "trained" base parameter (base.safetensors)
+
+
+def make_base(folder: Path, dtype: torch.dtype, shard_size: str | None) -> torch.nn.Module:
+    """A tiny Llama checkpoint (sharded when `shard_size`) with a tokenizer file, a stale
+    pickle checkpoint and a subfolder beside it; returns the model that was saved."""
+    model = tiny("llama").to(dtype)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}', encoding="utf-8")
+    (folder / "pytorch_model.bin").write_bytes(b"stale weights")
+    (folder / "original").mkdir()
+    return model
+
+
+def make_adapter(model: torch.nn.Module, folder: Path, rules: str = RULES) -> torch.nn.Module:
+    """Apply `rules` to `model`, give every adapter tensor (and one norm weight, saved as a
+    trained base parameter) non-zero changes, and write the adapter directory."""
+    report = rewrite(model, rules)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                noise = torch.randn(param.shape, generator=generator) * 0.05
+                param.add_(noise.to(param.dtype))
+        norm = model.get_parameter(NORM)
+        norm.mul_(1.5)
+    write_adapter_dir(model, folder, rules_text=rules, plan=report.plan)
+    save_file({NORM: norm.detach().clone()}, str(folder / BASE_FILE))
+    return model
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            found.update({k: f.get_tensor(k) for k in f.keys()})
+    return found
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, torch.Tensor]:
+    """An fp32 sharded checkpoint, an adapter for it, and the adapter model's logits."""
+    root = tmp_path_factory.mktemp("sharded")
+    model = make_base(root / "base", torch.float32, "100KB")
+    model = make_adapter(model, root / "adapter")
+    with torch.no_grad():
+        return root / "base", root / "adapter", model(IDS).logits
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shard_size"), [(torch.float32, "100KB"), (torch.bfloat16, None)], ids=str
+)
+def test_merged_checkpoint_loads_in_transformers_and_matches(
+    tmp_path: Path, dtype: torch.dtype, shard_size: str | None
+) -> None:
+    base = make_base(tmp_path / "base", dtype, shard_size)
+    model = make_adapter(base, tmp_path / "adapter")
+    before = hashes(tmp_path / "base"), hashes(tmp_path / "adapter")
+    summary = merge_checkpoint(
+        tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progress=False
+    )
+    assert isinstance(summary, MergeSummary)
+    assert (summary.modules, summary.edits) == (4 * 5 + 1, 4 * 6)  # q,k,v,o,down; the norm
+    assert (hashes(tmp_path / "base"), hashes(tmp_path / "adapter")) == before
+
+    # plain transformers, no surgery: same architecture, every weight present, same logits
+    merged, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()), info
+    assert merged.dtype == dtype
+    with torch.no_grad():
+        expected, got = model(IDS).logits.float(), merged(IDS).logits.float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    else:  # the unmerged bf16 model rounds its branches differently
+        assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+    # bit for bit: the engine's own merge of the same model in fp32, rounded once
+    reference = copy.deepcopy(model).float()
+    rewrite(reference, "merge")
+    want = {k: v.to(dtype) for k, v in reference.state_dict().items()}
+    written = tensors(tmp_path / "out")
+    assert written.keys() == tensors(tmp_path / "base").keys()
+    for key, value in written.items():
+        assert torch.equal(value, want[key]), key
+        assert value.dtype == dtype
+    assert not torch.equal(written[NORM], tensors(tmp_path / "base")[NORM])
+
+
+def test_layout_index_and_other_files_carry_over(sharded, tmp_path: Path) -> None:
+    base, adapter, _ = sharded
+    summary = merge_checkpoint(base, adapter, tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    shards = sorted(p.name for p in base.glob("model-*.safetensors"))
+    assert len(shards) > 2 and sorted(p.name for p in out.glob("*.safetensors")) == shards
+    assert summary.shards == len(shards)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    source = json.loads((base / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == source["weight_map"]
+    total = sum(v.numel() * v.element_size() for v in tensors(out).values())
+    assert index["metadata"]["total_size"] == total == summary.bytes
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert (out / name).read_bytes() == (base / name).read_bytes(), name
+    assert not (out / "pytorch_model.bin").exists() and not (out / "original").exists()
+    assert set(summary.skipped) == {"original", "pytorch_model.bin"}
+    # tensors no edit touches are byte-identical; merged ones are not
+    old, new = tensors(base), tensors(out)
+    assert torch.equal(old["model.embed_tokens.weight"], new["model.embed_tokens.weight"])
+    assert torch.equal(
+        old["model.layers.0.mlp.up_proj.weight"], new["model.layers.0.mlp.up_proj.weight"]
+    )
+    assert not torch.equal(old["model.layers.0.self_attn.q_proj.weight"],
+                           new["model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+
+
+_SLOW_MERGE = """
+import sys, time
+from pathlib import Path
+import surgery.io.checkpoint as checkpoint
+
+write_shard = checkpoint._write_shard
+
+def slow(*args, **kwargs):
+    write_shard(*args, **kwargs)
+    print("shard written", flush=True)
+    time.sleep(120)
+
+checkpoint._write_shard = slow
+checkpoint.merge_checkpoint(*map(Path, sys.argv[1:4]), progress=False)
+"""
+
+
+def test_killed_merge_leaves_no_output_and_intact_inputs(sharded, tmp_path: Path) -> None:
+    base, adapter, _ = sharded
+    before = hashes(base), hashes(adapter)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_MERGE, str(base), str(adapter), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    watchdog = threading.Timer(120, process.kill)  # never hang the suite
+    watchdog.start()
+    try:
+        line = process.stdout.readline()
+        assert line.strip() == "shard written", process.stderr.read()
+        (partial,) = tmp_path.glob(".out.*.partial")  # the first shard is in the temporary sibling
+        assert (partial / "model-00001-of-00010.safetensors").is_file()
+        assert not out.exists()
+        process.send_signal(signal.SIGKILL)
+    finally:
+        watchdog.cancel()
+        process.kill()
+        process.wait(timeout=30)
+        process.stdout.close()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    assert not out.exists()
+    assert [p.name.startswith(".") for p in tmp_path.iterdir()] == [True]  # only hidden debris
+    assert (hashes(base), hashes(adapter)) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage header", "garbage json"])
+def test_damaged_shard_is_a_clear_error_naming_the_file(sharded, tmp_path: Path, damage) -> None:
+    base, adapter, _ = sharded
+    broken = tmp_path / "base"
+    broken.mkdir()
+    for file in base.iterdir():
+        if file.is_file():
+            (broken / file.name).write_bytes(file.read_bytes())
+    shard = broken / "model-00003-of-00010.safetensors"
+    data = shard.read_bytes()
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "garbage header":
+        data = b"\xde\xad\xbe\xef" * 4 + data[16:]
+    else:
+        length = int.from_bytes(data[:8], "little")
+        data = data[:8] + b"{" * length + data[8 + length :]
+    shard.write_bytes(data)
+    with pytest.raises(ModelLoadError, match=shard.name) as caught:
+        merge_checkpoint(broken, adapter, tmp_path / "out", progress=False)
+    assert "not a valid safetensors file" in str(caught.value)
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_adapter_that_does_not_fit_names_the_first_mismatching_tensor(sharded, tmp_path) -> None:
+    base, adapter, _ = sharded
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    for file in adapter.iterdir():
+        (edited / file.name).write_bytes(file.read_bytes())
+    (edited / "rules.surg").write_text(RULES.replace("r=4", "r=8"), encoding="utf-8")
+    with pytest.raises(ModelLoadError, match=r"'model\.layers\.0\.self_attn\.q_proj\.lora\.A'.*"
+                       r"\[4, 64\].*\[8, 64\]"):  # fmt: skip
+        merge_checkpoint(base, edited, tmp_path / "out", progress=False)
+
+    (edited / "rules.surg").write_text(RULES, encoding="utf-8")
+    with safe_open(str(adapter / "adapter.safetensors"), framework="pt") as f:
+        kept = {k: f.get_tensor(k) for k in f.keys() if k != "model.layers.2.mlp.down_proj.ia3.l"}
+    save_file(kept, str(edited / "adapter.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"lacks 'model\.layers\.2\.mlp\.down_proj\.ia3\.l'"):
+        merge_checkpoint(base, edited, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_mergeable_edit_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    model = make_base(tmp_path / "base", torch.float32, None)
+    make_adapter(model, tmp_path / "adapter", "apply adapter(r=4) to *.mlp\n")
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(PlanError, match=r"'adapter' \(adapter\) on model\.layers\.0\.mlp") as err:
+        merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    assert "serve this adapter unmerged" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+
+
+def test_outputs_are_never_overwritten_or_inside_an_input(sharded, tmp_path: Path) -> None:
+    base, adapter, _ = sharded
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="already exists"):
+        merge_checkpoint(base, adapter, out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    merge_checkpoint(base, adapter, out, force=True, progress=False)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").is_file()
+    before = hashes(base)
+    for bad in (base, base / "merged", adapter / "merged", base.parent):
+        with pytest.raises(OutputError, match="overlaps"):
+            merge_checkpoint(base, adapter, bad, force=True, progress=False)
+    assert hashes(base) == before
+
+
+def test_directories_without_safetensors_weights_are_refused(sharded, tmp_path: Path) -> None:
+    _, adapter, _ = sharded
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    tiny("llama").config.to_json_file(folder / "config.json")
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelLoadError, match="never pickle"):
+        merge_checkpoint(folder, adapter, tmp_path / "out", progress=False)
+    with pytest.raises(SurgeryError, match="does not exist"):
+        merge_checkpoint(tmp_path / "nowhere", adapter, tmp_path / "out", progress=False)
