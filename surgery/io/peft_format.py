@@ -1,0 +1,523 @@
+"""Hugging Face PEFT's adapter format, both ways, for LoRA and IA3.
+
+A PEFT adapter directory is `adapter_config.json` plus `adapter_model.safetensors`, keyed
+`base_model.model.<module path>.lora_A.weight` (A is [r, in], B is [out, r]) or `.ia3_l`
+([out, 1] scaling the output, [1, in] scaling the input of a `feedforward_modules` entry).
+`export_peft` writes one from a surgery adapter directory; `import_peft` turns one into a
+surgery adapter directory (a `.surg` program whose anchored selectors and `expect` guards
+name exactly the modules PEFT adapted, plus the weights). Nothing PEFT cannot express
+exactly is written: other methods, DoRA, trained base parameters, two edits of a method on
+one module are errors that say what is unsupported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from surgery.errors import SurgeryError
+from surgery.io.adapters import ADAPTER_FILE, write_adapter_files
+from surgery.io.load import (
+    AdapterError,
+    SavedAdapter,
+    expected_shapes,
+    read_adapter_dir,
+    read_safetensors,
+)
+from surgery.io.safe import atomic_directory
+from surgery.lang import parse
+from surgery.plan import make_plan
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+SUPPORTED = ("lora", "ia3")
+TASK_TYPES = {
+    "ForCausalLM": "CAUSAL_LM",
+    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+    "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+}
+
+
+class PeftFormatError(SurgeryError):
+    """An adapter that PEFT's format (or this converter) cannot express exactly."""
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One surviving edit of a saved adapter: where it is, its method and its arguments."""
+
+    path: str
+    name: str
+    method: str
+    args: dict[str, Any]
+
+
+# ---- export ---------------------------------------------------------------------------------
+
+
+def saved_edits(saved: SavedAdapter) -> list[Edit]:
+    """The edits the saved program leaves on the model, in order, from its plan."""
+    plan = saved.document.get("plan")
+    if not plan:
+        raise PeftFormatError(
+            f"{saved.path} has no resolved plan (it was imported without a model)",
+            hint="load it onto its base model and save it again, then export",
+        )
+    edits: dict[tuple[str, str], Edit] = {}
+    for step in plan["steps"]:
+        for target in step["targets"]:
+            key = (target["path"], target["edit"])
+            if step["action"] == "apply":
+                args = {name: value for name, value in step["arguments"]}
+                edits[key] = Edit(target["path"], target["edit"], target["method"], args)
+            elif step["action"] in ("merge", "remove"):
+                edits.pop(key, None)
+    return list(edits.values())
+
+
+def export_peft(
+    adapter_dir: Path | str,
+    out: Path | str,
+    *,
+    force: bool = False,
+    base_model_name_or_path: str | None = None,
+) -> dict[str, Any]:
+    """Write the surgery adapter in `adapter_dir` as a PEFT adapter directory `out`; return the
+    adapter_config written. `PeftModel.from_pretrained(base, out)` then computes what surgery's
+    model computes."""
+    saved = read_adapter_dir(adapter_dir)
+    if saved.base_shapes:
+        names = ", ".join(list(saved.base_shapes)[:3])
+        raise PeftFormatError(
+            f"the adapter trains base-model parameters ({names}, ...), which a PEFT LoRA or IA3 "
+            "adapter cannot hold",
+            hint="export rules that train adapters only",
+        )
+    edits = saved_edits(saved)
+    if not edits:
+        raise PeftFormatError(f"{saved.path} has no edits to export")
+    methods = sorted({e.method for e in edits})
+    unsupported = [m for m in methods if m not in SUPPORTED]
+    if unsupported:
+        what = "DoRA (PEFT's use_dora)" if unsupported == ["dora"] else ", ".join(unsupported)
+        raise PeftFormatError(
+            f"cannot export {what} to PEFT's format: the export supports {', '.join(SUPPORTED)}",
+            hint="keep those edits in surgery's format (surgery load)",
+        )
+    if len(methods) > 1:
+        raise PeftFormatError(
+            f"a PEFT adapter directory holds one method; this adapter has {' and '.join(methods)}",
+            hint="save each method's rules as its own adapter, then export each",
+        )
+    per_module = Counter(e.path for e in edits)
+    doubled = [p for p, n in per_module.items() if n > 1]
+    if doubled:
+        raise PeftFormatError(
+            f"{doubled[0]} has {per_module[doubled[0]]} {methods[0]} edits; a PEFT adapter has one "
+            "per module"
+        )
+    if any(not e.path for e in edits):
+        raise PeftFormatError("model-level edits are not supported by the PEFT export yet")
+    tensors = saved.tensors()
+    names = _module_names(saved)
+    if methods == ["lora"]:
+        config, weights = _export_lora(edits, tensors, names)
+    else:
+        config, weights = _export_ia3(edits, tensors, names)
+    config.update(
+        base_model_name_or_path=base_model_name_or_path or saved.model.get("name_or_path"),
+        task_type=_task_type(saved.model.get("class", "")),
+        inference_mode=True,
+        revision=None,
+        modules_to_save=None,
+    )
+    with atomic_directory(Path(out), force=force) as temp:
+        save_file(weights, str(temp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (temp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
+
+
+def _task_type(model_class: str) -> str | None:
+    return next((t for suffix, t in TASK_TYPES.items() if model_class.endswith(suffix)), None)
+
+
+def _module_names(saved: SavedAdapter) -> list[str] | None:
+    """Every module path of the model the adapter was made on (a meta-device build from the
+    recorded config), to decide whether short names like `q_proj` select exactly the targets."""
+    config = (saved.model or {}).get("config")
+    if not config:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        from surgery.models import from_config
+
+        fields = {k: v for k, v in config.items() if k != "model_type"}
+        model = from_config(AutoConfig.for_model(config["model_type"], **fields), meta=True)
+    except Exception:  # an unusual model: fall back to full paths, which are always exact
+        return None
+    return [name for name, _ in model.named_modules()]
+
+
+def _short_names(paths: list[str], names: list[str] | None) -> dict[str, str]:
+    """path -> how PEFT's target lists should name it: the last component when every module
+    with that last component is a target (PEFT matches `name == t or name.endswith('.' + t)`),
+    else the full path."""
+    chosen = set(paths)
+    by_leaf: dict[str, set[str]] = defaultdict(set)
+    for name in names or []:
+        by_leaf[name.rpartition(".")[2]].add(name)
+    return {
+        p: (leaf if names is not None and by_leaf[leaf] <= chosen else p)
+        for p in paths
+        for leaf in [p.rpartition(".")[2]]
+    }
+
+
+def _patterns(values: dict[str, Any], default: Any, short: dict[str, str]) -> dict[str, Any]:
+    """PEFT's rank_pattern / alpha_pattern: entries for the modules whose value differs from
+    the default, by short name when all of that name's modules agree."""
+    by_name: dict[str, set[Any]] = defaultdict(set)
+    for path, value in values.items():
+        by_name[short[path]].add(value)
+    pattern: dict[str, Any] = {}
+    for path, value in values.items():
+        key = short[path] if len(by_name[short[path]]) == 1 else path
+        if value != default:
+            pattern[key] = value
+    return pattern
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def _export_lora(
+    edits: list[Edit], tensors: dict[str, torch.Tensor], names: list[str] | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    dropouts = sorted({e.args["dropout"] for e in edits})
+    if len(dropouts) > 1:
+        raise PeftFormatError(
+            f"PEFT has one lora_dropout per adapter; this adapter uses {dropouts}"
+        )
+    rslora = all(e.args["rslora"] for e in edits)
+    ranks: dict[str, int] = {}
+    alphas: dict[str, int | float] = {}
+    weights: dict[str, torch.Tensor] = {}
+    for e in edits:
+        r, alpha = e.args["r"], e.args["alpha"]
+        if e.args["rslora"] != rslora:  # the same scaling under the adapter-wide convention
+            scale = alpha / (math.sqrt(r) if e.args["rslora"] else r)
+            alpha = scale * (math.sqrt(r) if rslora else r)
+        ranks[e.path], alphas[e.path] = r, _number(alpha)
+        prefix = f"{e.path}.{e.name}"
+        weights[f"{PREFIX}{e.path}.lora_A.weight"] = tensors[f"{prefix}.A"].contiguous()
+        weights[f"{PREFIX}{e.path}.lora_B.weight"] = tensors[f"{prefix}.B"].contiguous()
+    short = _short_names(list(ranks), names)
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    init = "gaussian" if all(e.args["init"] == "gaussian" for e in edits) else True
+    config = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": _patterns(ranks, r, short),
+        "alpha_pattern": _patterns(alphas, alpha, short),
+        "target_modules": sorted(set(short.values())),
+        "lora_dropout": dropouts[0],
+        "use_rslora": rslora,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "init_lora_weights": init,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    return config, weights
+
+
+def _export_ia3(
+    edits: list[Edit], tensors: dict[str, torch.Tensor], names: list[str] | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    short = _short_names([e.path for e in edits], names)
+    inputs = {e.path for e in edits if e.args["on"] == "input"}
+    # a short name is safe only when all of its modules scale the same side
+    for e in edits:
+        if any(
+            short[o.path] == short[e.path] and (o.path in inputs) != (e.path in inputs)
+            for o in edits
+        ):
+            short[e.path] = e.path
+    weights: dict[str, torch.Tensor] = {}
+    for e in edits:
+        l = tensors[f"{e.path}.{e.name}.l"]  # noqa: E741
+        shaped = l.reshape(1, -1) if e.path in inputs else l.reshape(-1, 1)
+        weights[f"{PREFIX}{e.path}.ia3_l"] = shaped.contiguous()
+    config = {
+        "peft_type": "IA3",
+        "target_modules": sorted(set(short.values())),
+        "feedforward_modules": sorted({short[p] for p in inputs}),
+        "fan_in_fan_out": False,
+        "init_ia3_weights": True,
+    }
+    return config, weights
+
+
+# ---- import ---------------------------------------------------------------------------------
+
+# LoRA options that change what the adapter computes and that the import does not translate:
+# (field, value that is fine)
+_LORA_UNSUPPORTED = (
+    ("use_dora", False),
+    ("fan_in_fan_out", False),
+    ("lora_bias", False),
+    ("modules_to_save", None),
+    ("trainable_token_indices", None),
+    ("layer_replication", None),
+    ("target_parameters", None),
+    ("alora_invocation_tokens", None),
+    ("use_qalora", False),
+    ("use_bdlora", None),
+    ("bias", "none"),
+)
+_IA3_UNSUPPORTED = (("fan_in_fan_out", False), ("modules_to_save", None))
+
+
+def read_peft_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """adapter_config.json and the weights of a PEFT adapter directory (safetensors only)."""
+    if not (path / CONFIG_FILE).is_file():
+        raise PeftFormatError(f"{path} is not a PEFT adapter directory (no {CONFIG_FILE})")
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise PeftFormatError(f"cannot read {path / CONFIG_FILE}: {error}") from None
+    if not (path / WEIGHTS_FILE).is_file():
+        pickled = (path / "adapter_model.bin").is_file()
+        raise PeftFormatError(
+            f"{path} has no {WEIGHTS_FILE}"
+            + (" (only adapter_model.bin, a pickle, which surgery never loads)" if pickled else ""),
+            hint="save it with PEFT's save_pretrained(..., safe_serialization=True)"
+            if pickled
+            else None,
+        )
+    return config, read_safetensors(path / WEIGHTS_FILE)
+
+
+def _check_options(config: dict[str, Any], table: tuple[tuple[str, Any], ...], kind: str) -> None:
+    for name, fine in table:
+        value = config.get(name, fine)
+        if value != fine and not (fine is None and value in ([], {})):
+            what = "DoRA (use_dora=true)" if name == "use_dora" else f"{name}={value!r}"
+            raise PeftFormatError(
+                f"cannot import this PEFT {kind} adapter: {what} is not supported",
+                hint="supported: plain LoRA (any rank/alpha patterns, rsLoRA) and IA3 "
+                "on Linear layers",
+            )
+
+
+def _module_weights(
+    tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """path -> {suffix: tensor} for keys `base_model.model.<path>.<suffix>`; an unknown key is
+    an error naming it."""
+    modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in tensors.items():
+        suffix = next((s for s in suffixes if key.endswith("." + s)), None)
+        if not key.startswith(PREFIX) or suffix is None:
+            raise PeftFormatError(
+                f"cannot import tensor {key}: not one of {', '.join(suffixes)} under {PREFIX}",
+                hint="only LoRA and IA3 on Linear layers are supported",
+            )
+        modules[key[len(PREFIX) : -len(suffix) - 1]][suffix] = tensor
+    return dict(sorted(modules.items(), key=lambda item: _natural(item[0])))
+
+
+def _natural(path: str) -> list[Any]:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]
+
+
+def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
+    """PEFT's rule: the first pattern key `k` with `re.match(rf"(.*\\.)?({k})$", path)`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def _matches(targets: Any, path: str) -> bool:
+    """PEFT's target test: a regex string must match the whole path; a list entry is the
+    path or a dotted suffix of it."""
+    if not targets:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def selectors(paths: list[str]) -> list[str]:
+    """Anchored selectors that match exactly `paths`: numbered list items become an index,
+    `^model.layers[0:4].self_attn.q_proj` (ranges where contiguous)."""
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    singles: list[str] = []
+    for path in paths:
+        parts = path.split(".")
+        numbered = [i for i, p in enumerate(parts) if p.isdigit()]
+        if len(numbered) != 1 or numbered[0] == 0:
+            singles.append(f"^{path}")
+            continue
+        i = numbered[0]
+        groups[(".".join(parts[:i]), ".".join(parts[i + 1 :]))].append(int(parts[i]))
+    result = []
+    for (head, tail), numbers in groups.items():
+        index = ", ".join(_ranges(sorted(set(numbers))))
+        result.append(f"^{head}[{index}]" + (f".{tail}" if tail else ""))
+    return result + singles
+
+
+def _ranges(numbers: list[int]) -> list[str]:
+    items: list[str] = []
+    start = prev = numbers[0]
+    for n in [*numbers[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        items.append(str(start) if start == prev else f"{start}:{prev + 1}")
+        if n is not None:
+            start = prev = n
+    return items
+
+
+def _statement(method: str, args: str, paths: list[str]) -> str:
+    where = ",\n    ".join(selectors(paths))
+    return f"apply {method}{args} to\n    {where}\n    expect {len(paths)}"
+
+
+def _lora_program(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[list[str], dict[str, torch.Tensor]]:
+    _check_options(config, _LORA_UNSUPPORTED, "LoRA")
+    modules = _module_weights(tensors, ("lora_A.weight", "lora_B.weight"))
+    dropout = float(config.get("lora_dropout") or 0.0)
+    rslora = bool(config.get("use_rslora"))
+    groups: dict[tuple[int, float], list[str]] = defaultdict(list)
+    weights: dict[str, torch.Tensor] = {}
+    for path, pair in modules.items():
+        if set(pair) != {"lora_A.weight", "lora_B.weight"}:
+            raise PeftFormatError(f"{path} has {', '.join(pair)} but not both lora_A and lora_B")
+        A, B = pair["lora_A.weight"], pair["lora_B.weight"]
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise PeftFormatError(
+                f"{path}: lora_A {list(A.shape)} and lora_B {list(B.shape)} are not [r, in] and "
+                "[out, r]"
+            )
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
+        groups[(A.shape[0], float(alpha))].append(path)
+        weights[f"{path}.lora.A"], weights[f"{path}.lora.B"] = A, B
+    statements = []
+    for (r, alpha), paths in groups.items():
+        args = f"(r={r}, alpha={_number(alpha)}, dropout={dropout!r}"
+        args += ", rslora=true)" if rslora else ")"
+        statements.append(_statement("lora", args, paths))
+    return statements, weights
+
+
+def _ia3_program(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[list[str], dict[str, torch.Tensor]]:
+    _check_options(config, _IA3_UNSUPPORTED, "IA3")
+    modules = _module_weights(tensors, ("ia3_l",))
+    sides: dict[str, list[str]] = defaultdict(list)
+    weights: dict[str, torch.Tensor] = {}
+    for path, found in modules.items():
+        l = found["ia3_l"]  # noqa: E741
+        on = "input" if _matches(config.get("feedforward_modules"), path) else "output"
+        if l.dim() != 2 or l.shape[0 if on == "input" else 1] != 1:
+            want = "[1, in]" if on == "input" else "[out, 1]"
+            raise PeftFormatError(f"{path}: ia3_l is {list(l.shape)}, expected {want} ({on})")
+        sides[on].append(path)
+        weights[f"{path}.ia3.l"] = l.reshape(-1).contiguous()
+    statements = [
+        _statement("ia3", "" if on == "output" else "(on=input)", paths)
+        for on, paths in sorted(sides.items(), key=lambda item: item[0] != "output")
+    ]
+    return statements, weights
+
+
+def import_peft(
+    peft_dir: Path | str,
+    out: Path | str,
+    *,
+    model: nn.Module | None = None,
+    force: bool = False,
+) -> str:
+    """Convert the PEFT adapter directory `peft_dir` into a surgery adapter directory `out`;
+    return the rules text. With `model` (its base model), the rules are resolved and every
+    tensor's shape checked against it now; without, `load_adapter` checks them later."""
+    peft_dir = Path(peft_dir)
+    config, tensors = read_peft_dir(peft_dir)
+    kind = config.get("peft_type")
+    if kind == "LORA":
+        statements, weights = _lora_program(config, tensors)
+    elif kind == "IA3":
+        statements, weights = _ia3_program(config, tensors)
+    else:
+        raise PeftFormatError(
+            f"cannot import a PEFT {kind} adapter: the import supports LORA and IA3",
+        )
+    if not statements:
+        raise PeftFormatError(f"{peft_dir / WEIGHTS_FILE} holds no adapter tensors")
+    base = config.get("base_model_name_or_path")
+    header = f"# imported from the PEFT {kind} adapter {peft_dir}"
+    header += f" (base model: {base})\n" if base else "\n"
+    rules = header + "\n\n".join(statements) + "\n"
+    info: dict[str, Any] = {"name_or_path": base}
+    plan = None
+    if model is not None:
+        from surgery.io.adapters import model_info
+
+        plan_value = make_plan(model, parse(rules, "<imported rules>"))
+        expected = expected_shapes(plan_value)
+        for name, shape in expected.items():
+            found = tuple(weights[name].shape)
+            if found != shape:
+                raise AdapterError(
+                    f"the PEFT adapter does not fit this model: tensor {name} is "
+                    f"[{', '.join(map(str, found))}] in the adapter, the model needs "
+                    f"[{', '.join(map(str, shape))}]"
+                )
+        plan, info = plan_value.to_dict(), model_info(model)
+    write_adapter_files(
+        Path(out),
+        tensors=weights,
+        rules_text=rules,
+        plan=plan,
+        model=info,
+        force=force,
+        extra={"imported_from": {"format": "peft", "peft_type": kind}},
+    )
+    return rules
+
+
+__all__ = [
+    "ADAPTER_FILE",
+    "PeftFormatError",
+    "export_peft",
+    "import_peft",
+    "read_peft_dir",
+    "selectors",
+]
