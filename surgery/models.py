@@ -243,9 +243,7 @@ PRESETS: dict[str, Preset] = {
         "Falcon-7B shape (use --meta)",
     ),
     "gpt2-medium": Preset(
-        _config(
-            GPT2Config, vocab_size=50257, n_embd=1024, n_layer=24, n_head=16, n_positions=1024
-        ),
+        _config(GPT2Config, vocab_size=50257, n_embd=1024, n_layer=24, n_head=16, n_positions=1024),
         "GPT-2 medium shape, 355M (use --meta)",
     ),
     "pythia-1.4b": Preset(
