@@ -11,13 +11,13 @@ from functools import cache
 
 import pytest
 import torch
+from conftest import edit_modules
 from torch import nn
 
 from surgery import PlanError, ResolveError, Site, plan, rewrite
 from surgery.families import FamilyInfo, describe_families, describe_family
 from surgery.models import load_model, tiny
 from surgery.plan import family_index
-from tests.conftest import edit_modules
 
 SHIPPED = ["bert", "falcon", "gpt2", "gpt_neox", "llama", "phi3", "roberta", "t5"]
 PROJECTIONS = {"q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up"}
