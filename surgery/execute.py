@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from surgery.errors import ExecutionError, SurgeryError
+from surgery.fused import with_parts
 from surgery.graph.site import Site, add_edit, drop_edit, wrap
 from surgery.methods import REGISTRY
 from surgery.plan import Plan, Step, Target, totals_line
@@ -141,8 +142,9 @@ def _apply(model: nn.Module, step: Step, tx: Transaction) -> None:
     for target in step.targets:
         current = logical_module(model, target.path)
         base = current._modules["base"] if isinstance(current, Site) else current
-        adapter = method.build(base, args)
-        key = method.edit_key(target.edit, base, args)
+        targs = with_parts(args, target.selected_parts())  # an edit on parts of a fused module
+        adapter = method.build(base, targs)
+        key = method.edit_key(target.edit, base, targs)
         site = (
             add_edit(current, key, adapter)
             if isinstance(current, Site)

@@ -17,12 +17,21 @@ from typing import Any
 from torch import nn
 
 from surgery.errors import PlanError, ResolveError, Span, SurgeryError, did_you_mean
+from surgery.fused import Layout, Parts, check_part_names, compute_layout, layout_spec, with_parts
 from surgery.graph.site import is_reserved_edit_name
 from surgery.lang import ast, parse_file
 from surgery.methods import REGISTRY, Method, get_method
 from surgery.methods.base import ADDITIVE, INPUT_SCALE, OUTPUT_SCALE
 from surgery.resources import family_file, family_names
-from surgery.select import Alias, TreeNode, build_tree, expand_aliases, match_selector, model_order
+from surgery.select import (
+    Alias,
+    TreeNode,
+    build_tree,
+    expand_aliases,
+    group_parts,
+    match_selector,
+    model_order,
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,17 @@ class Target:
     params: int = 0
     dtype: str = ""
     role: str = ""  # the alias the rule named it by (`attn.q`), when it used one
+    parts: tuple[str, ...] = ()  # a fused module: the parts (rows) the edit acts on
+    layout: Layout | None = None  # and its layout
+
+    @property
+    def where(self) -> str:
+        """The path as plans show it: `...query_key_value[q, v]` for an edit on parts."""
+        return f"{self.path}[{', '.join(self.parts)}]" if self.parts else self.path
+
+    def selected_parts(self) -> Parts | None:
+        return Parts(self.layout, self.parts) if self.parts and self.layout else None
+
 
 
 @dataclass(frozen=True)
@@ -177,6 +197,8 @@ def lint(program: ast.Program) -> list[LintWarning]:
                         )
                     )
                 trainability.clear()
+            elif isinstance(st, ast.Fuse):
+                check_part_names(st.parts, layout_spec(st.layout, st.layout_span), st.span)
             elif isinstance(st, (ast.Freeze, ast.Unfreeze)):
                 trainability.append(st)
             elif isinstance(st, (ast.Merge, ast.Remove)) and st.target is not None:
@@ -259,9 +281,30 @@ class Planner:
                 self.aliases[statement.name] = Alias(
                     statement.name, statement.selectors, statement.span
                 )
+            elif isinstance(statement, ast.Fuse):
+                self.fuse(statement)
             else:
                 self.statements.append(statement)
                 getattr(self, type(statement).__name__.lower())(statement)
+
+    def fuse(self, st: ast.Fuse) -> None:
+        """Attach the layout to every matched module (its parts become selectable as
+        `path[q]`) and define one alias per part: `attn.q` = `attn.qkv[q]`."""
+        spec = layout_spec(st.layout, st.layout_span)
+        check_part_names(st.parts, spec, st.span)
+        config = getattr(self.model, "config", None)
+        for node, _, _ in self.resolve(st.selectors, modules_only=True, include_adapters=False):
+            assert node.module is not None
+            layout = compute_layout(spec.name, config, node.module, node.path, st.span)
+            if node.layout is not None and node.layout != layout:
+                raise PlanError(
+                    f"{node.path} is already declared fused with layout {node.layout.name} "
+                    f"{node.layout.describe()}",
+                    span=st.span,
+                )
+            node.fuse_parts(layout)
+        for name, part in zip(st.parts, spec.parts, strict=True):
+            self.aliases[name] = Alias(name, part_selectors(st.selectors, part, st.span), st.span)
 
     def use(self, statement: ast.Use, program: ast.Program, including: tuple[str, ...]) -> None:
         if not statement.is_path and statement.target == "auto":
@@ -354,9 +397,10 @@ class Planner:
                 hint="choose another name with `as NAME`",
             )
         matched = self.resolve(st.selectors, modules_only=True, include_adapters=False)
+        matched, parts = group_parts(matched, method.name, getattr(method, "acts_on_parts", False))
         nodes = [node for node, _, _ in matched]
         roles = {id(node): role for node, _, role in matched}
-        self._check_targets(st, method, args, matched)
+        self._check_targets(st, method, args, matched, parts)
         if st.expect is not None and len(nodes) != st.expect:
             raise PlanError(
                 f"the selectors match {len(nodes)} module(s), but the statement "
@@ -404,8 +448,10 @@ class Planner:
                     span=st.span,
                     hint=f"apply {method.name} before the other methods",
                 )
-            shapes = method.parameter_shapes(module, args)
-            options = dict(method.edit_key(edit, module, args).options)
+            selected = parts.get(id(node))
+            targs = with_parts(args, selected)
+            shapes = method.parameter_shapes(module, targs)
+            options = dict(method.edit_key(edit, module, targs).options)
             node.add_virtual_adapter(edit, method.name, shapes, options)
             targets.append(
                 Target(
@@ -414,11 +460,13 @@ class Planner:
                     method.name,
                     edit,
                     tuple(shapes.items()),
-                    method.parameter_count(module, args),
+                    method.parameter_count(module, targs),
                     str(module.weight.dtype).removeprefix("torch.")
                     if hasattr(module, "weight")
                     else "",
                     roles[id(node)],
+                    selected.names if selected else (),
+                    selected.layout if selected else None,
                 )
             )
         # trainability: the base freezes, the new adapter parameters train
@@ -444,10 +492,11 @@ class Planner:
         method: Method,
         args: dict[str, Any],
         matched: list[tuple[TreeNode, Span, str]],
+        parts: dict[int, Parts],
     ) -> None:
         problems = []
         for node, span, _ in matched:
-            problem = method.check_target(node.module, args)
+            problem = method.check_target(node.module, with_parts(args, parts.get(id(node))))
             if problem is not None:
                 problems.append((node, span, problem))
         if not problems:
@@ -456,6 +505,8 @@ class Planner:
         if problem.argument is not None:
             span = next(a.span for a in st.arguments if a.name == problem.argument)
         where = node.path or "the model itself"
+        if id(node) in parts:
+            where += f"[{', '.join(parts[id(node)].names)}]"
         others = (
             f" (and {len(problems) - 1} more of the {len(matched)} matched modules)"
             if len(problems) > 1
@@ -627,6 +678,23 @@ class Planner:
             total,
             tuple(self.statements),
         )
+
+
+def part_selectors(
+    selectors: tuple[ast.Selector, ...], part: str, span: Span
+) -> tuple[ast.Selector, ...]:
+    """`attn.qkv` -> `attn.qkv[q]`: what the alias of one part of a fused module stands for."""
+    out = []
+    for selector in selectors:
+        *head, last = selector.segments
+        if last.index:
+            raise PlanError(
+                f"`{selector}` is indexed already; a fused module's parts index its last name",
+                span=selector.span,
+            )
+        named = replace(last, index=(ast.IndexItem(None, part=part),))
+        out.append(replace(selector, segments=(*head, named), span=span))
+    return tuple(out)
 
 
 def make_plan(model: nn.Module, program: ast.Program) -> Plan:

@@ -10,7 +10,9 @@ Matching rules (docs/language.md has the full reference):
 - `*` alone is exactly one segment, `**` is any number of segments (zero included), `*` inside a
   name matches characters within that one segment, `<a,b>` is one of the options;
 - `name[i]`, `name[a:b]`, `name[a:b, c]` pick children of a module list by Python indexing;
-- `: Type` keeps modules whose class (or a base class) has that name.
+- `: Type` keeps modules whose class (or a base class) has that name;
+- `qkv[q, v]` picks parts of a module that a `fuse` statement declared fused (surgery/fused.py):
+  a part is a virtual node at `...qkv[q]`, outside `children`, so wildcards never reach it.
 Nothing matches silently in part: every selector, every `<...>` option and every index must
 take part in a match, else resolution fails with the nearest real paths.
 """
@@ -26,6 +28,7 @@ from typing import Any
 from torch import nn
 
 from surgery.errors import ResolveError, Span, did_you_mean
+from surgery.fused import Layout, Parts
 from surgery.graph.site import Site
 from surgery.lang import ast
 
@@ -36,7 +39,7 @@ class TreeNode:
 
     name: str
     path: str
-    kind: str  # "module" or "param"
+    kind: str  # "module", "param" or "part" (rows of a fused module, see `fuse_parts`)
     module: nn.Module | None = None
     type_names: tuple[str, ...] = ()
     children: dict[str, TreeNode] = field(default_factory=dict)
@@ -45,6 +48,24 @@ class TreeNode:
     adapter: bool = False  # part of an adapter: never a target of `apply`
     edits: list[tuple[str, str]] = field(default_factory=list)  # (edit name, method)
     edit_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # EditKey options
+    layout: Layout | None = None  # a fused module's layout (declared by `fuse`)
+    parts: dict[str, TreeNode] = field(default_factory=dict)  # its parts, by layout part name
+    whole: TreeNode | None = None  # a part's fused module
+
+    def fuse_parts(self, layout: Layout) -> None:
+        """Declare this module fused: its parts become nodes `path[q]`, selected by name only."""
+        self.layout = layout
+        self.parts = {
+            part: TreeNode(
+                part,
+                f"{self.path}[{part}]",
+                "part",
+                module=self.module,
+                type_names=self.type_names,
+                whole=self,
+            )
+            for part in layout.parts
+        }
 
     def child_path(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
@@ -64,16 +85,29 @@ class TreeNode:
         shapes: dict[str, tuple[int, ...]],
         options: dict[str, Any],
     ) -> None:
-        """Planning: show the adapter an `apply` will create, so later statements can select it."""
+        """Planning: show the adapter an `apply` will create, so later statements can select it.
+
+        A dotted shape name (`q.A`, an adapter on the q part of a fused module) is a parameter
+        of a submodule.
+        """
         adapter = TreeNode(
             edit, self.child_path(edit), "module", adapter=True, type_names=(f"{method}_adapter",)
         )
-        for pname, shape in shapes.items():
+        for dotted, shape in shapes.items():
+            *owners, pname = dotted.split(".")
+            owner = adapter
+            for name in owners:
+                if name not in owner.children:
+                    owner.children[name] = TreeNode(
+                        name, owner.child_path(name), "module", adapter=True,
+                        type_names=(f"{method}_adapter",),
+                    )
+                owner = owner.children[name]
             numel = 1
             for d in shape:
                 numel *= d
-            adapter.children[pname] = TreeNode(
-                pname, adapter.child_path(pname), "param", numel=numel, key=object(), adapter=True
+            owner.children[pname] = TreeNode(
+                pname, owner.child_path(pname), "param", numel=numel, key=object(), adapter=True
             )
         self.children[edit] = adapter
         self.edits.append((edit, method))
@@ -222,7 +256,7 @@ class _Search:
             # filtering here, not afterwards, means an option or index only counts as used
             # when it leads to a module the filter keeps
             keep = not self.types or (
-                node.kind == "module" and set(self.types) & set(node.type_names)
+                node.kind in ("module", "part") and set(self.types) & set(node.type_names)
             )
             found = [node] if keep else []
         else:
@@ -263,6 +297,8 @@ class _Search:
 
     def index(self, node: TreeNode, segment: ast.Segment) -> list[tuple[int, TreeNode]]:
         """The children an index list picks, each with the number of the item that picked it."""
+        if segment.index and segment.index[0].part is not None:
+            return self.parts(node, segment)
         items = [c for name, c in node.children.items() if name.isdigit() and c.kind == "module"]
         items.sort(key=lambda c: int(c.name))
         path = node.path or "the model"
@@ -295,6 +331,38 @@ class _Search:
                     f"slice [{item}] of {path} ({n} entries) is empty", span=segment.span
                 )
             chosen += [(number, child) for child in picked]
+        return chosen
+
+
+    def parts(self, node: TreeNode, segment: ast.Segment) -> list[tuple[int, TreeNode]]:
+        """The parts `qkv[q, v]` names, of a module declared fused."""
+        names = [item.part for item in segment.index or ()]
+        if self.include_params:
+            raise ResolveError(
+                f"{node.path}[{', '.join(map(str, names))}] is rows of a weight, not a module "
+                "or a parameter: freeze and unfreeze act on whole parameters",
+                span=segment.span,
+                hint=f"select the whole module: {node.path}",
+            )
+        if node.layout is None:
+            raise ResolveError(
+                f"'{node.path}' is not declared fused, so it has no part "
+                f"'{names[0]}'",
+                span=segment.span,
+                hint="declare its parts first: fuse SELECTOR into NAME, ... using LAYOUT "
+                "(family files do this: `use auto`)",
+            )
+        chosen = []
+        for number, name in enumerate(names):
+            part = node.parts.get(str(name))
+            if part is None:
+                known = ", ".join(node.parts)
+                raise ResolveError(
+                    f"{node.path} ({node.layout.name}) has parts {known}; no part '{name}'",
+                    span=segment.span,
+                    hint=did_you_mean(str(name), node.parts) or f"parts: {known}",
+                )
+            chosen.append((number, part))
         return chosen
 
 
@@ -450,5 +518,55 @@ def _corrected(
     return None
 
 
+def group_parts(
+    matched: list[tuple[TreeNode, Span, str]], method: str, acts_on_parts: bool
+) -> tuple[list[tuple[TreeNode, Span, str]], dict[int, Parts]]:
+    """Fold the parts an `apply` selected into their fused modules: one target per module, with
+    the parts (in layout order) it acts on; roles join (`attn.q, attn.v`).
+
+    A module selected both whole and by part, or parts given to a method that cannot act on
+    rows of a weight, is an error.
+    """
+    out: dict[int, tuple[TreeNode, Span, str]] = {}
+    chosen: dict[int, dict[str, str]] = {}  # id(whole) -> part -> role
+    whole_selected: set[int] = set()
+    for node, span, role in matched:
+        whole = node.whole or node
+        if node.whole is not None and not acts_on_parts:
+            raise ResolveError(
+                f"{method} cannot act on a part of a fused projection ({node.path}): it works "
+                "on whole modules",
+                span=span,
+                hint=f"apply {method} to the whole module ({whole.path}), or use lora or ia3 on "
+                "the part",
+            )
+        if id(whole) in out and (node.whole is None) != (id(whole) in whole_selected):
+            raise ResolveError(
+                f"the statement selects {whole.path} both whole and by part ({node.path})",
+                span=span,
+                hint="select either the whole module or some of its parts",
+            )
+        out.setdefault(id(whole), (whole, span, role))
+        if node.whole is None:
+            whole_selected.add(id(whole))
+        else:
+            chosen.setdefault(id(whole), {})[node.name] = role
+    parts: dict[int, Parts] = {}
+    for key, roles in chosen.items():
+        whole, span, _ = out[key]
+        assert whole.layout is not None
+        names = tuple(p for p in whole.layout.parts if p in roles)
+        parts[key] = Parts(whole.layout, names)
+        joined = ", ".join(dict.fromkeys(roles[p] for p in names if roles[p]))
+        out[key] = (whole, span, joined)
+    return list(out.values()), parts
+
+
 def model_order(root: TreeNode) -> dict[int, int]:
-    return {id(n): i for i, n in enumerate(root.walk())}
+    """Position of every node in model order; a fused module's parts follow it, in layout order."""
+    order: dict[int, int] = {}
+    for node in root.walk():
+        order[id(node)] = len(order)
+        for part in node.parts.values():
+            order[id(part)] = len(order)
+    return order

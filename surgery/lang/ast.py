@@ -12,14 +12,18 @@ Value = int | float | str | bool | list["Value"]
 
 @dataclass(frozen=True)
 class IndexItem:
-    """One entry of `layers[...]`: an integer (`stop is None and not is_slice`) or a slice."""
+    """One entry of `layers[...]`: an integer (`stop is None and not is_slice`), a slice, or the
+    name of a part of a fused projection (`query_key_value[q]`, `part` set)."""
 
     start: int | None
     stop: int | None = None
     step: int | None = None
     is_slice: bool = False
+    part: str | None = None
 
     def __str__(self) -> str:
+        if self.part is not None:
+            return self.part
         if not self.is_slice:
             return str(self.start)
         fmt = lambda v: "" if v is None else str(v)  # noqa: E731
@@ -108,6 +112,17 @@ class Let(Statement):
 
     name: str
     selectors: tuple[Selector, ...]
+
+
+@dataclass(frozen=True)
+class Fuse(Statement):
+    """`fuse attn.qkv into attn.q, attn.k, attn.v using falcon_qkv`: the matched modules are
+    fused projections with that layout; each name becomes an alias of one part."""
+
+    selectors: tuple[Selector, ...]
+    parts: tuple[str, ...]
+    layout: str
+    layout_span: Span = field(compare=False)
 
 
 @dataclass(frozen=True)

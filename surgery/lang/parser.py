@@ -17,7 +17,9 @@ from surgery.errors import Source, Span, SurgeryError, SurgerySyntaxError, did_y
 from surgery.lang import ast
 from surgery.resources import grammar_text
 
-STATEMENT_KEYWORDS = ("use", "family", "let", "apply", "merge", "remove", "freeze", "unfreeze")
+STATEMENT_KEYWORDS = (
+    "use", "family", "let", "fuse", "apply", "merge", "remove", "freeze", "unfreeze"
+)
 
 # Plain words for the grammar's named terminals (anonymous ones are shown as their literal).
 _TERMINAL_WORDS = {
@@ -179,6 +181,13 @@ class _Builder:
         dotted = ".".join(str(t) for t in name.children)
         return ast.Let(self.span(node), dotted, self.selector_list(selectors))
 
+    def fuse_stmt(self, node: lark.Tree) -> ast.Fuse:
+        selectors, *names, layout = node.children
+        parts = tuple(".".join(str(t) for t in name.children) for name in names)
+        return ast.Fuse(
+            self.span(node), self.selector_list(selectors), parts, str(layout), self.span(layout)
+        )
+
     def apply_stmt(self, node: lark.Tree) -> ast.Apply:
         method, arguments, selectors, name, expect = node.children
         args = (
@@ -268,6 +277,15 @@ class _Builder:
         span = self.span(token)
         regex, alternations = compile_segment(str(token), span)
         items = tuple(self.index_item(i) for i in index.children) if index is not None else None
+        named = [i.part for i in items or () if i.part is not None]
+        if named and len(named) != len(items or ()):
+            raise SurgerySyntaxError(
+                "an index lists either positions (layers[0:4]) or part names (qkv[q, v]), "
+                "not both",
+                span=self.span(index),
+            )
+        if len(set(named)) != len(named):
+            raise SurgerySyntaxError("the index names the same part twice", span=self.span(index))
         if items is not None and str(token) == "**":
             raise SurgerySyntaxError(
                 "'**' spans any number of segments and cannot be indexed", span=self.span(node)
@@ -275,6 +293,8 @@ class _Builder:
         return ast.Segment(str(token), regex, alternations, items, self.span(node))
 
     def index_item(self, node: lark.Tree) -> ast.IndexItem:
+        if node.data == "index_part":
+            return ast.IndexItem(None, part=str(node.children[0]))
         values = [self.int(t) if t is not None else None for t in node.children]
         if node.data == "index_int":
             return ast.IndexItem(values[0])

@@ -74,6 +74,7 @@ class DoRA(LoRA):
     paper = "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (arXiv:2402.09353)"
     mergeable = True
     first_on_site = True  # its norm is of the wrapped weight alone
+    acts_on_parts = False  # its norm is over whole rows of a Linear's [out, in] weight
     reads_base_weight = True
 
     def kind(self, options: dict[str, Any]) -> str:

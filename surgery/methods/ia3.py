@@ -4,6 +4,10 @@
 `on=input`: y = base(x ⊙ l), l ∈ R^in (the FFN's intermediate activation, i.e. the input of the
 down projection). l starts at ones, so insertion changes nothing. Merge folds l into the weight:
 rows (and the bias) for output scaling, columns for input scaling, in fp32, rounded once.
+
+Targets are Linear layers and GPT-2's Conv1D (weight `[in, out]`). On parts of a fused
+projection (`attn.qkv[k, v]`, docs/fused.md) each part gets its own vector (`k.l`, `v.l`) that
+scales only that part's output rows (and bias entries); the other rows are multiplied by exactly 1.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery.fused import Parts, output_axis, projection_dims, write_rows
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
 from surgery.methods.base import (
@@ -40,6 +45,44 @@ class IA3Adapter(nn.Module):
         return f"on={self.on}, size={self.l.shape[0]}"
 
 
+class FusedIA3Adapter(nn.Module):
+    """One output-scaling vector per selected part of a fused projection (`k.l`, `v.l`)."""
+
+    def __init__(self, parts: dict[str, IA3Adapter], selection: Parts, weight: torch.Tensor):
+        super().__init__()
+        for name, adapter in parts.items():
+            self.add_module(name, adapter)
+        self.names = selection.names
+        self.on = "output"
+        device = weight.device
+        self.register_buffer("index", selection.index().to(device), persistent=False)
+        size = selection.layout.size
+        ones = torch.ones(size, dtype=adapter_dtype(weight), device=device)
+        self.register_buffer("ones", ones, persistent=False)
+
+    def part(self, name: str) -> IA3Adapter:
+        return self._modules[name]
+
+    def rows(self, name: str) -> torch.Tensor:
+        start = 0
+        for other in self.names:
+            n = self.part(other).l.shape[0]
+            if other == name:
+                return self.index[start : start + n]
+            start += n
+        raise KeyError(name)
+
+    def full_vector(self) -> torch.Tensor:
+        """The equivalent whole-module vector: ones except in the selected parts' rows."""
+        scale = self.ones.clone()
+        for name in self.names:
+            scale[self.rows(name)] = self.part(name).l.detach()
+        return scale
+
+    def extra_repr(self) -> str:
+        return f"parts={', '.join(self.names)}, out={self.ones.shape[0]}"
+
+
 @register
 class IA3(Method):
     name = "ia3"
@@ -49,6 +92,7 @@ class IA3(Method):
         "than In-Context Learning (arXiv:2205.05638)"
     )
     mergeable = True
+    acts_on_parts = True  # Linear and Conv1D, whole or (output scaling) by part
     params = (
         Param(
             "on",
@@ -63,26 +107,62 @@ class IA3(Method):
         return INPUT_SCALE if options.get("on") == "input" else OUTPUT_SCALE
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
-        return require_linear(self.name, module)
+        if projection_dims(module) is None:
+            problem = require_linear(self.name, module)
+            assert problem is not None
+            return Problem(
+                f"{self.name} attaches to Linear layers (and their subclasses) and GPT-2's "
+                f"Conv1D, not {type(module).__name__}",
+                hint=problem.hint,
+            )
+        if args.get("parts") is not None and args["on"] == "input":
+            return Problem(
+                "on=input scales the module's input, which every part shares; a part has only "
+                "output rows of its own",
+                argument="on",
+                hint="scale the part's output (the default), or apply on=input to the whole module",
+            )
+        return None
 
     def parameter_shapes(
         self, module: nn.Module, args: dict[str, Any]
     ) -> dict[str, tuple[int, ...]]:
-        size = module.out_features if args["on"] == "output" else module.in_features
-        return {"l": (size,)}
+        n_in, n_out = projection_dims(module) or (module.in_features, module.out_features)
+        parts: Parts | None = args.get("parts")
+        if parts is not None:
+            return {f"{name}.l": (parts.count(name),) for name in parts.names}
+        return {"l": (n_out if args["on"] == "output" else n_in,)}
 
     def edit_key(self, name: str, module: nn.Module, args: dict[str, Any]) -> EditKey:
         cast = needs_cast(module.weight)
-        return EditKey(name, self.name, (("on", args["on"]), ("cast", cast)))
+        options: tuple[tuple[str, Any], ...] = (("on", args["on"]), ("cast", cast))
+        if args.get("parts") is not None:
+            options += (("parts", args["parts"].names),)
+        return EditKey(name, self.name, options)
 
     def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:
         weight = module.weight
-        (size,) = self.parameter_shapes(module, args)["l"]
-        l = torch.ones(size, dtype=adapter_dtype(weight), device=weight.device)  # noqa: E741
-        return IA3Adapter(nn.Parameter(l), args["on"])
+        adapters = {}
+        for key, (size,) in self.parameter_shapes(module, args).items():
+            l = torch.ones(size, dtype=adapter_dtype(weight), device=weight.device)  # noqa: E741
+            adapters[key.removesuffix("l").rstrip(".")] = IA3Adapter(nn.Parameter(l), args["on"])
+        if args.get("parts") is None:
+            return adapters[""]
+        return FusedIA3Adapter(adapters, args["parts"], weight)
 
     @staticmethod
     def emit(b: GraphBuilder) -> None:
+        parts = b.edit.option("parts")
+        if parts is not None:
+            # ones with the parts' vectors in their rows: one multiply over the output, and
+            # every other row is scaled by exactly 1
+            ls = [b.attr(f"{name}.l") for name in parts]
+            l = ls[0] if len(ls) == 1 else b.function(torch.cat, ls)  # noqa: E741
+            scale = b.function(torch.index_copy, b.attr("ones"), 0, b.attr("index"), l)
+            if b.edit.option("cast"):
+                scale = b.method("to", scale, b.function(getattr, b.value, "dtype"))
+            b.set_output(b.function(operator.mul, b.value, scale))
+            return
         if b.edit.option("on") == "input":
             with b.before_base():
                 x = b.base_input
@@ -94,14 +174,32 @@ class IA3(Method):
         weight = base.weight
         if weight.is_meta:
             return
-        with torch.no_grad():
-            l = adapter.l.detach().float().to(weight.device)  # noqa: E741
-            if adapter.on == "input":
-                weight.copy_((weight.float() * l[None, :]).to(weight.dtype))
-                return
-            weight.copy_((weight.float() * l[:, None]).to(weight.dtype))
-            if base.bias is not None:
-                base.bias.copy_((base.bias.float() * l).to(base.bias.dtype))
+        if isinstance(adapter, FusedIA3Adapter):
+            for name in adapter.names:
+                _scale_rows(base, adapter.rows(name), adapter.part(name).l)
+            return
+        if adapter.on == "input":
+            with torch.no_grad():
+                l = adapter.l.detach().float().to(weight.device)  # noqa: E741
+                shaped = l[:, None] if output_axis(base) == 1 else l[None, :]  # Conv1D: [in, out]
+                weight.copy_((weight.float() * shaped).to(weight.dtype))
+            return
+        _scale_rows(base, None, adapter.l)
+
+
+def _scale_rows(base: nn.Module, rows: torch.Tensor | None, l: torch.Tensor) -> None:  # noqa: E741
+    """Multiply output rows (all, or `rows`) of the weight and the bias by `l`, in fp32."""
+    l = l.detach().float().to(base.weight.device)  # noqa: E741
+    write_rows(base, rows, lambda w: w * l[:, None])
+    bias = base.bias
+    if bias is None:
+        return
+    with torch.no_grad():
+        if rows is None:
+            bias.copy_((bias.float() * l).to(bias.dtype))
+        else:
+            rows = rows.to(bias.device)
+            bias.index_copy_(0, rows, (bias.index_select(0, rows).float() * l).to(bias.dtype))
 
 
 def _scale(b: GraphBuilder, like: Any) -> Any:

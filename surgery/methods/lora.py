@@ -5,6 +5,11 @@ changes nothing. s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 20
 Merge folds s · B @ A into the base weight, computed in fp32 and rounded once.
 LoRA+ (Hayou et al. 2024, arXiv:2402.12354): `lr_ratio` makes B learn lr_ratio times faster than
 A in the optimizer groups of `surgery.param_groups`; it does not change the graph.
+
+Targets are Linear layers and GPT-2's Conv1D (weight stored `[in, out]`: merge adds the
+transposed update). On parts of a fused projection (`attn.qkv[q, v]`, docs/fused.md) the edit
+holds one independent A/B pair per part; each branch adds into its part's output rows only
+(one `index_add` over the last dimension) and merge writes those rows only.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery.fused import Parts, projection_dims, write_rows
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
 from surgery.methods.base import (
@@ -65,6 +71,49 @@ class LoRAAdapter(nn.Module):
         return f"r={r}, in={n_in}, out={self.B.shape[0]}, scaling={self.scaling:g}{ratio}"
 
 
+class FusedLoRAAdapter(nn.Module):
+    """Independent LoRA adapters on some parts of one fused projection: a `LoRAAdapter` per
+    part (`q.A`, `q.B`, ...), and the rows each part's output goes to."""
+
+    def __init__(self, parts: dict[str, LoRAAdapter], selection: Parts, device: torch.device):
+        super().__init__()
+        for name, adapter in parts.items():
+            self.add_module(name, adapter)
+        self.names = selection.names
+        self.out_features = selection.layout.size
+        # not saved: the rows follow from the layout, and adapter files hold only trained tensors
+        self.register_buffer("index", selection.index().to(device), persistent=False)
+
+    def part(self, name: str) -> LoRAAdapter:
+        return self._modules[name]
+
+    def rows(self, name: str) -> torch.Tensor:
+        """The output rows of part `name` (its B's rows, in order)."""
+        start = 0
+        for other in self.names:
+            n = self.part(other).B.shape[0]
+            if other == name:
+                return self.index[start : start + n]
+            start += n
+        raise KeyError(name)
+
+    def full_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One LoRA pair over the whole module, equal to this edit: A_full [P·r, in] stacks each
+        part's A; B_full [out, P·r] puts each part's B in its rows and its r columns (zeros
+        elsewhere). s · B_full @ A_full is the summed update of all parts; as a PEFT adapter it
+        is rank P·r with lora_alpha = s · P·r (s · sqrt(P·r) with rsLoRA)."""
+        parts = [self.part(n) for n in self.names]
+        A_full = torch.cat([p.A.detach() for p in parts])
+        r = parts[0].A.shape[0]
+        B_full = A_full.new_zeros(self.out_features, r * len(parts))
+        for i, name in enumerate(self.names):
+            B_full[self.rows(name), i * r : (i + 1) * r] = self.part(name).B.detach()
+        return A_full, B_full
+
+    def extra_repr(self) -> str:
+        return f"parts={', '.join(self.names)}, out={self.out_features}"
+
+
 def scaling(args: dict[str, Any]) -> float:
     return args["alpha"] / (math.sqrt(args["r"]) if args["rslora"] else args["r"])
 
@@ -75,6 +124,8 @@ class LoRA(Method):
     summary = "low-rank update B·A added to a Linear layer's output"
     paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models (arXiv:2106.09685)"
     mergeable = True
+    # Linear and Conv1D, whole or by part (subclasses that need the whole weight set False)
+    acts_on_parts = True
     params = (
         Param("r", int, 8, "rank of the update", check=at_least(1)),
         Param("alpha", float, 8.0, "scale numerator: s = alpha / r", check=positive),
@@ -102,14 +153,30 @@ class LoRA(Method):
         return ADDITIVE
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
-        problem = require_linear(self.name, module)
-        if problem is not None:
-            return problem
-        limit = min(module.in_features, module.out_features)
+        dims = projection_dims(module) if self.acts_on_parts else None
+        if dims is None:
+            problem = require_linear(self.name, module)
+            if problem is not None:
+                if self.acts_on_parts:
+                    problem = Problem(
+                        f"{self.name} attaches to Linear layers (and their subclasses) and "
+                        f"GPT-2's Conv1D, not {type(module).__name__}",
+                        hint=problem.hint,
+                    )
+                return problem
+            dims = module.in_features, module.out_features
+        n_in, n_out = dims
+        parts: Parts | None = args.get("parts")
+        if parts is not None:
+            smallest = min(parts.names, key=parts.count)
+            n_out, what = parts.count(smallest), f" (part {smallest})"
+        else:
+            what = ""
+        limit = min(n_in, n_out)
         if args["r"] > limit:
             return Problem(
                 f"r={args['r']} exceeds the layer's rank limit min(in, out) = {limit} "
-                f"({module.in_features} -> {module.out_features})",
+                f"({n_in} -> {n_out}{what})",
                 argument="r",
             )
         return None
@@ -117,21 +184,42 @@ class LoRA(Method):
     def parameter_shapes(
         self, module: nn.Module, args: dict[str, Any]
     ) -> dict[str, tuple[int, ...]]:
-        return {"A": (args["r"], module.in_features), "B": (module.out_features, args["r"])}
+        n_in, n_out = _dims(module)
+        r, parts = args["r"], args.get("parts")
+        if parts is None:
+            return {"A": (r, n_in), "B": (n_out, r)}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in parts.names:  # per part: r · (in + rows)
+            shapes[f"{name}.A"] = (r, n_in)
+            shapes[f"{name}.B"] = (parts.count(name), r)
+        return shapes
 
     def edit_key(self, name: str, module: nn.Module, args: dict[str, Any]) -> EditKey:
         cast = needs_cast(module.weight)
-        return EditKey(
-            name,
-            self.name,
-            (("dropout", args["dropout"] > 0), ("scaling", scaling(args)), ("cast", cast)),
+        options: tuple[tuple[str, Any], ...] = (
+            ("dropout", args["dropout"] > 0),
+            ("scaling", scaling(args)),
+            ("cast", cast),
         )
+        if args.get("parts") is not None:
+            options += (("parts", args["parts"].names),)
+        return EditKey(name, self.name, options)
 
     def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:
         weight = module.weight
+        parts: Parts | None = args.get("parts")
+        n_in, n_out = _dims(module)
+        if parts is None:
+            return self._pair(n_in, n_out, weight, args)
+        adapters = {name: self._pair(n_in, parts.count(name), weight, args) for name in parts.names}
+        return FusedLoRAAdapter(adapters, parts, weight.device)
+
+    def _pair(
+        self, n_in: int, n_out: int, weight: torch.Tensor, args: dict[str, Any]
+    ) -> LoRAAdapter:
         dtype, device, r = adapter_dtype(weight), weight.device, args["r"]
-        A = nn.Parameter(torch.empty(r, module.in_features, dtype=dtype, device=device))
-        B = nn.Parameter(torch.zeros(module.out_features, r, dtype=dtype, device=device))
+        A = nn.Parameter(torch.empty(r, n_in, dtype=dtype, device=device))
+        B = nn.Parameter(torch.zeros(n_out, r, dtype=dtype, device=device))
         if device.type != "meta":
             with torch.no_grad():
                 if args["init"] == "gaussian":
@@ -142,6 +230,10 @@ class LoRA(Method):
 
     @staticmethod
     def emit(b: GraphBuilder) -> None:
+        parts = b.edit.option("parts")
+        if parts is not None:
+            _emit_parts(b, parts)
+            return
         # s is folded into B (an [out, r] op) rather than applied to the [..., out] output, and
         # fp32 adapters over a half-precision base are cast to the activation dtype (a few
         # kilobytes) rather than casting the activations to fp32: the branch then costs two
@@ -159,9 +251,37 @@ class LoRA(Method):
         b.set_output(b.function(operator.add, b.value, h))
 
     def merge(self, base: nn.Module, adapter: nn.Module) -> None:
-        weight = base.weight
-        if weight.is_meta:
+        if base.weight.is_meta:
             return
-        with torch.no_grad():
-            merged = weight.float() + adapter.delta_weight().to(weight.device)
-            weight.copy_(merged.to(weight.dtype))
+        device = base.weight.device
+        if isinstance(adapter, FusedLoRAAdapter):
+            for name in adapter.names:  # only the part's rows are written
+                delta = adapter.part(name).delta_weight().to(device)
+                write_rows(base, adapter.rows(name), lambda w, d=delta: w + d)
+            return
+        delta = adapter.delta_weight().to(device)
+        write_rows(base, None, lambda w: w + delta)
+
+
+def _dims(module: nn.Module) -> tuple[int, int]:
+    dims = projection_dims(module)
+    return dims if dims is not None else (module.in_features, module.out_features)
+
+
+def _emit_parts(b: GraphBuilder, parts: tuple[str, ...]) -> None:
+    """One low-rank branch per part, its output added into the part's rows:
+    y.index_add(-1, rows, cat(h_q, h_v)); the other rows are left exactly as they were."""
+    branches = []
+    for name in parts:
+        x = b.input
+        if b.edit.option("dropout"):
+            x = b.module(f"{name}.dropout", x)
+        A, B = b.attr(f"{name}.A"), b.attr(f"{name}.B")
+        if b.edit.option("cast"):
+            dtype = b.function(getattr, x, "dtype")
+            A, B = b.method("to", A, dtype), b.method("to", B, dtype)
+        if b.edit.option("scaling") != 1.0:
+            B = b.function(operator.mul, B, b.edit.option("scaling"))
+        branches.append(b.function(F.linear, b.function(F.linear, x, A), B))
+    h = branches[0] if len(branches) == 1 else b.function(torch.cat, branches, -1)
+    b.set_output(b.function(torch.index_add, b.value, -1, b.attr("index"), h))
