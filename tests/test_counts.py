@@ -226,3 +226,73 @@ def test_step_counts_are_running_totals() -> None:
     v = 4 * 2 * (64 + 32)
     assert [s.trainable_after for s in plan.steps] == [q, q + 64, q + v]
     assert plan.steps[-1].total_after == plan.total
+
+
+# ---- the other families' skeletons ---------------------------------------------------------
+
+ROBERTA_QV = "use roberta\napply lora(r=8) to attn.q, attn.v"
+
+
+@pytest.mark.parametrize(
+    "name, base, lora",
+    [
+        # RobertaForMaskedLM; the LoRA paper's Table 2 lists LoRA on query, value at 0.3M / 0.8M
+        ("roberta-base", 124_697_433, 294_912),
+        ("roberta-large", 355_412_057, 786_432),
+    ],
+)
+def test_roberta_lora_qv_matches_the_lora_paper(name: str, base: int, lora: int) -> None:
+    c = PRESETS[name].config()
+    h, i, n = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    assert lora == n * 2 * 8 * (h + h)
+    embeddings = (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * h + 2 * h
+    layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h
+    lm_head = (h * h + h) + 2 * h + c.vocab_size  # dense, layer norm, decoder bias (weight tied)
+    assert base == embeddings + n * layer + lm_head
+
+    model = load_model(name, meta=True)
+    plan = rewrite(model, ROBERTA_QV, dry_run=True)
+    assert (plan.total_before, plan.trainable, plan.total) == (base, lora, base + lora)
+    assert len(plan.targets) == 2 * n
+    report = rewrite(model, ROBERTA_QV)
+    assert real_counts(model) == (report.trainable, report.total) == (lora, base + lora)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_roberta_counts_match_peft() -> None:
+    ours = rewrite(load_model("roberta-base", meta=True), ROBERTA_QV, dry_run=True)
+    theirs = peft_counts(load_model("roberta-base", meta=True), ["query", "value"])
+    assert (ours.trainable, ours.total) == theirs
+
+
+PHI3_ALL = "use phi3\napply lora(r=8) to attn.qkv, attn.o, mlp.gate_up, mlp.down"
+
+
+def test_phi3_mini_counts_by_formula() -> None:
+    c = PRESETS["phi-3-mini"].config()
+    h, i, n, v = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    kv = c.num_key_value_heads * (h // c.num_attention_heads)
+    # qkv_proj [h + 2 kv, h], o_proj, gate_up_proj [2 i, h], down_proj; two RMSNorms; no biases
+    layer = (h + 2 * kv) * h + h * h + 2 * i * h + i * h + 2 * h
+    base = 2 * v * h + n * layer + h  # embeddings and head untied, final norm
+    assert base == 3_821_079_552  # Phi-3-mini's published 3.8B
+    r = 8
+    lora = n * r * ((h + h + 2 * kv) + (h + h) + (h + 2 * i) + (i + h))
+    assert lora == 12_582_912
+
+    model = load_model("phi-3-mini", meta=True)
+    plan = rewrite(model, PHI3_ALL, dry_run=True)
+    assert (plan.total_before, plan.trainable, plan.total) == (base, lora, base + lora)
+    assert len(plan.targets) == 4 * n
+    report = rewrite(model, PHI3_ALL)
+    assert real_counts(model) == (report.trainable, report.total) == (lora, base + lora)
+
+
+def test_pythia_base_count_by_formula() -> None:
+    c = PRESETS["pythia-1.4b"].config()
+    h, i, n, v = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    # every Linear has a bias; two LayerNorms per layer (weight and bias)
+    layer = (3 * h * h + 3 * h) + (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h
+    base = 2 * v * h + n * layer + 2 * h
+    assert base == 1_414_647_808  # the Pythia paper's 1.4B total
+    assert real_counts(load_model("pythia-1.4b", meta=True)) == (base, base)
