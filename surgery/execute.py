@@ -14,6 +14,7 @@ from torch import nn
 
 from surgery.errors import ExecutionError, SurgeryError
 from surgery.fused import with_parts
+from surgery.graph import model_edit
 from surgery.graph.site import Site, add_edit, drop_edit, wrap
 from surgery.methods import REGISTRY
 from surgery.plan import Plan, Step, Target, totals_line
@@ -48,6 +49,8 @@ def parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 def iter_edits(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
     """Every edit in `model` as (path of the module it is on, edit name, adapter module)."""
+    for name in model_edit.edit_names(model):
+        yield "", name, model._modules[name]
     for path, module in model.named_modules():
         if isinstance(module, Site):
             for edit in module.edits:
@@ -139,7 +142,12 @@ def _apply(model: nn.Module, step: Step, tx: Transaction) -> None:
     method = REGISTRY[step.method]
     args = dict(step.arguments)
     adapters: list[nn.Module] = []
-    for target in step.targets:
+    if method.level == "model":
+        (target,) = step.targets
+        adapter = method.build(model, args)
+        tx.undo.append(model_edit.install(model, target.edit, adapter))
+        adapters.append(adapter)
+    for target in step.targets if method.level != "model" else ():
         current = logical_module(model, target.path)
         base = current._modules["base"] if isinstance(current, Site) else current
         targs = with_parts(args, target.selected_parts())  # an edit on parts of a fused module
@@ -164,6 +172,12 @@ def _apply(model: nn.Module, step: Step, tx: Transaction) -> None:
 
 def _take_out(model: nn.Module, step: Step, tx: Transaction, merge: bool) -> None:
     for target in step.targets:
+        if REGISTRY[target.method].level == "model":
+            if merge:  # bake the encoder into a plain table; the edit stays
+                tx.replace(target.edit, model._modules[target.edit].baked())
+            else:
+                tx.undo.append(model_edit.uninstall(model, target.edit))
+            continue
         site = logical_module(model, target.path)
         assert isinstance(site, Site), target
         if merge:

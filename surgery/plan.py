@@ -18,6 +18,7 @@ from torch import nn
 
 from surgery.errors import PlanError, ResolveError, Span, SurgeryError, did_you_mean
 from surgery.fused import Layout, Parts, check_part_names, compute_layout, layout_spec, with_parts
+from surgery.graph import model_edit
 from surgery.graph.site import is_reserved_edit_name
 from surgery.lang import ast, parse_file
 from surgery.methods import REGISTRY, Method, get_method
@@ -56,7 +57,6 @@ class Target:
 
     def selected_parts(self) -> Parts | None:
         return Parts(self.layout, self.parts) if self.parts and self.layout else None
-
 
 
 @dataclass(frozen=True)
@@ -371,9 +371,7 @@ class Planner:
                 except ResolveError as error:
                     raise self._with_alias_hint(error, selector) from None
                 for node in match.nodes:
-                    found.setdefault(
-                        id(node), (node, selector.span, alias.name if alias else "")
-                    )
+                    found.setdefault(id(node), (node, selector.span, alias.name if alias else ""))
         return sorted(found.values(), key=lambda item: order[id(item[0])])
 
     def _with_alias_hint(self, error: ResolveError, selector: ast.Selector) -> ResolveError:
@@ -400,7 +398,10 @@ class Planner:
         matched, parts = group_parts(matched, method.name, getattr(method, "acts_on_parts", False))
         nodes = [node for node, _, _ in matched]
         roles = {id(node): role for node, _, role in matched}
-        self._check_targets(st, method, args, matched, parts)
+        if method.level == "model":
+            self._check_model_target(st, method, args, matched)
+        else:
+            self._check_targets(st, method, args, matched, parts)
         if st.expect is not None and len(nodes) != st.expect:
             raise PlanError(
                 f"the selectors match {len(nodes)} module(s), but the statement "
@@ -410,19 +411,27 @@ class Planner:
                 + ", ".join(n.path for n in nodes[:6])
                 + (", ..." if len(nodes) > 6 else ""),
             )
+        if method.level == "model":  # the edit sits on the model; the selection said where
+            roles = {id(self.tree): ", ".join(sorted(set(roles.values()) - {""}))}
+            nodes = [self.tree]
         targets: list[Target] = []
         for node in nodes:
             module = node.module
             assert module is not None
-            if not node.path:
+            if not node.path and method.level != "model":
                 raise PlanError(
                     f"cannot apply {method.name} to the model itself: sites wrap submodules",
                     span=st.span,
                     hint="select the modules inside it, e.g. `** : Linear`",
                 )
-            if hasattr(module, edit) and edit not in node.children:
+            if (
+                hasattr(module, edit)
+                and edit not in node.children
+                and edit not in model_edit.edit_names(module)  # one a statement removes
+            ):
                 raise PlanError(
-                    f"'{edit}' is an attribute of {node.path} ({type(module).__name__}); an edit "
+                    f"'{edit}' is an attribute of {node.path or 'the model'} "
+                    f"({type(module).__name__}); an edit "
                     "of that name would hide it",
                     span=st.span,
                     hint="choose another name with `as NAME`",
@@ -503,7 +512,7 @@ class Planner:
             return
         node, span, problem = problems[0]
         if problem.argument is not None:
-            span = next(a.span for a in st.arguments if a.name == problem.argument)
+            span = next((a.span for a in st.arguments if a.name == problem.argument), span)
         where = node.path or "the model itself"
         if id(node) in parts:
             where += f"[{', '.join(parts[id(node)].names)}]"
@@ -517,6 +526,35 @@ class Planner:
             span=span,
             hint=problem.hint,
         )
+
+    def _check_model_target(
+        self,
+        st: ast.Apply,
+        method: Method,
+        args: dict[str, Any],
+        matched: list[tuple[TreeNode, Span, str]],
+    ) -> None:
+        """A model-level method: the model must support it, the selection must be where its
+        virtual tokens go, and a model takes one such edit (each one shifts every position)."""
+        problem = method.check_model(self.model) or method.check_selection(
+            self.model, [(n.path, n.module) for n, _, _ in matched], args
+        )
+        if problem is not None:
+            span = st.span
+            if problem.argument is not None:
+                span = next((a.span for a in st.arguments if a.name == problem.argument), span)
+            raise PlanError(
+                f"cannot apply {method.name}: {problem.message}", span=span, hint=problem.hint
+            )
+        present = [(e, m) for e, m in self.tree.edits if REGISTRY[m].level == "model"]
+        if present:
+            edit, other = present[0]
+            raise PlanError(
+                f"the model already has a virtual-token edit, '{edit}' ({other}); "
+                "a model takes one prompt, P-tuning or prefix edit at a time",
+                span=st.span,
+                hint=f"`remove {edit}` first",
+            )
 
     def merge(self, st: ast.Merge) -> None:
         self._take_out(st, "merge")
@@ -549,9 +587,15 @@ class Planner:
         if action == "merge":
             for node, name, method_name in chosen:
                 method = REGISTRY[method_name]
-                if not method.mergeable:
+                if not method.can_merge(node.edit_options.get(name, {})):
+                    where = node.path or "the model"
+                    why = (
+                        ": it has no encoder to bake into its table"
+                        if method.level == "model"
+                        else ""
+                    )
                     raise PlanError(
-                        f"{method_name} cannot be merged ({node.path}: edit '{name}')",
+                        f"{method_name} cannot be merged ({where}: edit '{name}'){why}",
                         span=st.span,
                         hint=f"use `remove {name}` to take it out",
                     )
@@ -562,7 +606,15 @@ class Planner:
         for node, name, method_name in chosen:
             for pnode in node.children[name].params():
                 self.params.pop(pnode.key, None)
+            options = node.edit_options.get(name, {})
             node.drop_adapter(name)
+            method = REGISTRY[method_name]
+            if action == "merge" and method.level == "model":
+                # baking keeps the edit with a plain, frozen table (see _virtual_tokens)
+                baked = options | {"encoder": ""}
+                node.add_virtual_adapter(name, method_name, method.baked_shapes(options), baked)
+                for pnode in node.children[name].params():
+                    self.params[pnode.key] = _ParamState(pnode.numel, False, True)
             targets.append(Target(node.path, node.type_names[0], method_name, name))
         self.record(st, action, targets=tuple(targets))
 

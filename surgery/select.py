@@ -29,6 +29,7 @@ from torch import nn
 
 from surgery.errors import ResolveError, Span, did_you_mean
 from surgery.fused import Layout, Parts
+from surgery.graph import model_edit
 from surgery.graph.site import Site
 from surgery.lang import ast
 
@@ -153,7 +154,12 @@ def build_tree(model: nn.Module) -> TreeNode:
                 node.edit_options[edit.name] = dict(edit.options)
         return node
 
-    return visit(model, "", "", False)
+    root = visit(model, "", "", False)
+    for name in model_edit.edit_names(model):  # model-level edits (prompts, prefixes)
+        root.children[name] = visit(model._modules[name], name, name, True)
+        root.edits.append((name, model._modules[name].options["method"]))
+        root.edit_options[name] = dict(model._modules[name].options)
+    return root
 
 
 # ---- aliases ------------------------------------------------------------------------------

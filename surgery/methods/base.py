@@ -138,6 +138,13 @@ class Method:
     # Methods whose graph reads the wrapped module's weight (DoRA's norm): while such an edit
     # stays on a site, merging another edit into that weight would change it.
     reads_base_weight: ClassVar[bool] = False
+    # "module": the edit sits on a site around each target. "model": it acts on the whole input
+    # sequence and attaches to the model itself (see surgery.graph.model_edit).
+    level: ClassVar[str] = "module"
+
+    def can_merge(self, options: dict[str, Any]) -> bool:
+        """Whether an edit with these EditKey options can be merged (most methods: always)."""
+        return self.mergeable
 
     def kind(self, options: dict[str, Any]) -> str:
         """How the edit (with these EditKey options) acts on the site; decides merge order."""

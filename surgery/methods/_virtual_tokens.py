@@ -1,0 +1,146 @@
+"""What prompt tuning, P-tuning and prefix tuning share: model-level edits of `n` virtual tokens.
+
+Their adapters attach to the model itself (see surgery.graph.model_edit); the `to` selector of
+the rule says, and the planner checks, where the tokens go: the input embedding (`embed`) for
+prompts, every layer's attention (`attn`) for prefixes. `merge` bakes a reparameterization
+(P-tuning's encoder, prefix tuning's MLP) into a plain table and drops it: the edit stays, as
+cheap at inference as its plain-table variant.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from surgery.graph.site import EditKey, GraphBuilder
+from surgery.methods.base import Method, Param, Problem, adapter_dtype, at_least
+
+N_PARAM = Param("n", int, 20, "number of virtual tokens", check=at_least(1))
+
+
+def hidden_param(doc: str) -> Param:
+    return Param("hidden", int, 0, doc + " (0: the model's hidden size)", check=at_least(0))
+
+
+class VirtualTokenMethod(Method):
+    """A model-level method: its adapter is `model.<edit>` and acts through a forward pre-hook."""
+
+    level: ClassVar[str] = "model"
+    mergeable = True  # when it has something to bake; see can_merge
+    # where the tokens go, for messages: ("the input embedding", "embed")
+    attaches_to: ClassVar[tuple[str, str]]
+
+    def can_merge(self, options: dict[str, Any]) -> bool:
+        return bool(options.get("encoder"))
+
+    def check_selection(
+        self, model: nn.Module, selected: list[tuple[str, nn.Module]], args: dict[str, Any]
+    ) -> Problem | None:
+        """Whether the modules a rule selected are where this method's tokens go."""
+        raise NotImplementedError
+
+    def check_model(self, model: nn.Module) -> Problem | None:
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(model, "get_input_embeddings"):
+            return Problem(
+                f"{self.name} needs a Hugging Face model (one with a config and input embeddings)"
+            )
+        if getattr(config, "is_encoder_decoder", False):
+            return Problem(f"{self.name} supports decoder-only models; this one is encoder-decoder")
+        return None
+
+    def table_width(self, model: nn.Module, args: dict[str, Any]) -> int:
+        """The width of one virtual token's row once baked (what the hook consumes)."""
+        raise NotImplementedError
+
+    def encoder(self, model: nn.Module, args: dict[str, Any]) -> nn.Module | None:
+        """The reparameterization that produces the table during training (None: plain table)."""
+        return None
+
+    def input_width(self, model: nn.Module, args: dict[str, Any]) -> int:
+        """The width of the trainable table (the encoder's input when there is one)."""
+        return self.table_width(model, args)
+
+    # ---- the Method interface, in terms of the above
+    def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
+        return None  # checked on the selection as a whole (check_selection)
+
+    def parameter_shapes(
+        self, model: nn.Module, args: dict[str, Any]
+    ) -> dict[str, tuple[int, ...]]:
+        shapes = {"embedding": (args["n"], self.input_width(model, args))}
+        with torch.device("meta"):
+            encoder = self.encoder(model, args)
+        if encoder is not None:
+            shapes |= {f"encoder.{k}": tuple(p.shape) for k, p in encoder.named_parameters()}
+        return shapes
+
+    def edit_key(self, name: str, model: nn.Module, args: dict[str, Any]) -> EditKey:
+        with torch.device("meta"):
+            encoder = self.encoder(model, args)
+        return EditKey(
+            name,
+            self.name,
+            (
+                ("n", args["n"]),
+                ("width", self.table_width(model, args)),
+                ("encoder", type(encoder).__name__ if encoder is not None else ""),
+            ),
+        )
+
+    def adapter_options(self, model: nn.Module, args: dict[str, Any]) -> dict[str, Any]:
+        """What the adapter remembers: its EditKey options and its method's name (a model-level
+        edit has no site to record them)."""
+        return dict(self.edit_key("", model, args).options) | {"method": self.name}
+
+    def baked_shapes(self, options: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        """The tensors left after `merge` bakes the encoder into the table."""
+        return {"embedding": (options["n"], options["width"])}
+
+    def reference_weight(self, model: nn.Module) -> torch.Tensor:
+        return model.get_input_embeddings().weight
+
+    def new_table(self, model: nn.Module, args: dict[str, Any]) -> nn.Parameter:
+        weight = self.reference_weight(model)
+        shape = (args["n"], self.input_width(model, args))
+        table = torch.empty(shape, dtype=adapter_dtype(weight), device=weight.device)
+        return nn.Parameter(table)
+
+    @staticmethod
+    def emit(builder: GraphBuilder) -> None:
+        raise TypeError("model-level methods have no site graph")
+
+    def merge(self, base: nn.Module, adapter: nn.Module) -> None:
+        raise TypeError("model-level methods bake (adapter.baked()), they do not merge weights")
+
+
+class VirtualTokenAdapter(nn.Module):
+    """A table of `n` virtual tokens, optionally produced by an encoder while training."""
+
+    def __init__(self, table: nn.Parameter, encoder: nn.Module | None, options: dict[str, Any]):
+        super().__init__()
+        self.embedding = table
+        if encoder is not None:
+            self.encoder = encoder
+        self.n = table.shape[0]
+        self.options = dict(options)
+
+    def table(self) -> torch.Tensor:
+        """The virtual tokens' rows `[n, width]`, through the encoder when there is one."""
+        encoder = self._modules.get("encoder")
+        return encoder(self.embedding) if encoder is not None else self.embedding
+
+    def baked(self) -> VirtualTokenAdapter:
+        """The same edit with the encoder's output as a plain (frozen) table."""
+        with torch.no_grad():
+            table = self.table().detach().clone()
+        options = self.options | {"encoder": ""}
+        return type(self)(nn.Parameter(table, requires_grad=False), None, options)
+
+    def prepare(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, width={self.options.get('width')}"

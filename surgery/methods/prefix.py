@@ -1,0 +1,154 @@
+"""Prefix tuning (Li & Liang 2021, arXiv:2101.00190) and P-tuning v2 (Liu et al. 2022,
+arXiv:2110.07602): `n` trainable key/value vectors prepended to every attention layer.
+
+The prefix enters through the model's own cache: at prefill the hook fills the (new or given)
+cache with the prefix's keys and values, so every layer attends to them, the attention mask
+gets `n` ones in front, and position ids move right by `n`. `generate()` then continues from
+that cache. Prefix tuning trains the table through a two-layer tanh MLP (`reparam`, as in the
+paper); `merge` bakes the MLP's output into the table. P-tuning v2 is the same deep prompt
+without the reparameterization. Table layout per virtual token: for each layer its key then
+its value, each `kv_heads × head_dim` wide (PEFT's layout, so tables convert as they are).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from surgery.graph.model_edit import cached_length, extend_inputs
+from surgery.methods import register
+from surgery.methods._virtual_tokens import (
+    N_PARAM,
+    VirtualTokenAdapter,
+    VirtualTokenMethod,
+    hidden_param,
+)
+from surgery.methods.base import Param, Problem
+
+
+def cache_geometry(config: Any) -> tuple[int, int, int]:
+    """(layers, key/value heads, head size) of the tensors the model keeps in its cache.
+
+    Most models cache `num_key_value_heads` heads. Falcon caches one head when multi-query and,
+    with the new decoder architecture, its keys and values after expanding them to every
+    attention head.
+    """
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if getattr(config, "model_type", "") == "falcon":
+        kv_heads = heads if config.new_decoder_architecture or not config.multi_query else 1
+    else:
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return layers, kv_heads, head_dim
+
+
+class PrefixAdapter(VirtualTokenAdapter):
+    def prepare(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        if cached_length(inputs) == 0:
+            inputs["past_key_values"] = self.fill(model, inputs)
+        return extend_inputs(inputs, self.n, prepended=0)
+
+    def fill(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
+        """The call's cache (a new DynamicCache when it has none) holding the prefix."""
+        from transformers import DynamicCache
+
+        cache = inputs.get("past_key_values")
+        if cache is None:
+            cache = DynamicCache(config=model.config)
+        sequence = inputs.get("inputs_embeds")
+        if sequence is None:
+            sequence = inputs["input_ids"]
+        batch = sequence.shape[0]
+        dtype = model.get_input_embeddings().weight.dtype
+        layers, kv_heads, head_dim = (self.options[k] for k in ("layers", "kv_heads", "head_dim"))
+        # [n, layers * 2 * kv_heads * head_dim] -> [layers * 2, kv_heads, n, head_dim]
+        table = self.table().to(dtype).view(self.n, 2 * layers, kv_heads, head_dim)
+        table = table.permute(1, 2, 0, 3)
+        for layer in range(layers):
+            keys, values = table[2 * layer], table[2 * layer + 1]
+            cache.update(
+                keys.unsqueeze(0).expand(batch, -1, -1, -1),
+                values.unsqueeze(0).expand(batch, -1, -1, -1),
+                layer,
+            )
+        return cache
+
+
+@register
+class PrefixTuning(VirtualTokenMethod):
+    name = "prefix"
+    summary = "n trainable key/value vectors prepended at every attention layer (via the cache)"
+    paper = (
+        "Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation "
+        "(arXiv:2101.00190)"
+    )
+    params: ClassVar[tuple[Param, ...]] = (
+        N_PARAM,
+        Param("reparam", bool, True, "train the table through a two-layer tanh MLP"),
+        hidden_param("width of the reparameterization MLP"),
+    )
+    attaches_to = ("every layer", "layers.*")
+
+    def check_selection(
+        self, model: nn.Module, selected: list[tuple[str, nn.Module]], args: dict[str, Any]
+    ) -> Problem | None:
+        layers = model.config.num_hidden_layers
+        types = {type(m).__name__ for _, m in selected}
+        if len(selected) == layers and len(types) == 1:
+            return None
+        got = f"{len(selected)} module(s) of type(s) {', '.join(sorted(types))}"
+        return Problem(
+            f"{self.name} extends every layer's key/value cache: select one module per layer "
+            f"({layers} of one type: the layers or their attention modules), not {got}",
+            hint=f"apply {self.name}(...) to layers.*",
+        )
+
+    def table_width(self, model: nn.Module, args: dict[str, Any]) -> int:
+        layers, kv_heads, head_dim = cache_geometry(model.config)
+        return 2 * layers * kv_heads * head_dim
+
+    def input_width(self, model: nn.Module, args: dict[str, Any]) -> int:
+        if args.get("reparam"):
+            return model.get_input_embeddings().weight.shape[1]
+        return self.table_width(model, args)
+
+    def encoder(self, model: nn.Module, args: dict[str, Any]) -> nn.Module | None:
+        if not args.get("reparam"):
+            return None
+        width = self.input_width(model, args)
+        hidden = args["hidden"] or width
+        return nn.Sequential(
+            nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, self.table_width(model, args))
+        )
+
+    def edit_key(self, name: str, model: nn.Module, args: dict[str, Any]) -> Any:
+        key = super().edit_key(name, model, args)
+        geometry = zip(
+            ("layers", "kv_heads", "head_dim"), cache_geometry(model.config), strict=True
+        )
+        return type(key)(key.name, key.method, (*key.options, *geometry))
+
+    def build(self, model: nn.Module, args: dict[str, Any]) -> nn.Module:
+        table = self.new_table(model, args)
+        encoder = self.encoder(model, args)
+        if encoder is not None:
+            encoder = encoder.to(device=table.device, dtype=table.dtype)
+        if not table.is_meta:
+            with torch.no_grad():
+                std = getattr(model.config, "initializer_range", 0.02)
+                nn.init.normal_(table, std=1.0 if encoder is not None else std)
+        options = self.adapter_options(model, args)
+        return PrefixAdapter(table, encoder, options)
+
+
+@register
+class PTuningV2(PrefixTuning):
+    name = "p_tuning_v2"
+    summary = "deep prompt: a plain table of key/value vectors at every layer (no reparam)"
+    paper = (
+        "Liu et al. 2022, P-Tuning v2: Prompt Tuning Can Be Comparable to Fine-tuning "
+        "Universally Across Scales and Tasks (arXiv:2110.07602)"
+    )
+    params: ClassVar[tuple[Param, ...]] = (N_PARAM,)
