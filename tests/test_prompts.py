@@ -346,3 +346,13 @@ def test_property_cache_decoding_counts_and_remove(
     after = model.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_counts_on_the_llama_2_7b_skeleton() -> None:
+    from surgery.models import load_model
+
+    model = load_model("llama-2-7b", meta=True)
+    assert rewrite(model, "use llama\napply prompt(n=20) to embed").trainable == 20 * 4096
+    rewrite(model, "remove prompt")
+    report = rewrite(model, "use llama\napply p_tuning_v2(n=20) to layers.*")
+    assert report.trainable == report.plan.trainable == 20 * 2 * 32 * 4096  # 5,242,880
