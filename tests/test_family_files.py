@@ -7,16 +7,20 @@ exactly, and the file on another architecture is a located error naming the righ
 
 from __future__ import annotations
 
+import re
 from functools import cache
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import edit_modules
 from torch import nn
+from transformers import OPTConfig
 
 from surgery import PlanError, ResolveError, Site, plan, rewrite
 from surgery.families import FamilyInfo, describe_families, describe_family
-from surgery.models import load_model, tiny
+from surgery.lang import ast, parse_file
+from surgery.models import PRESETS, from_config, load_model, tiny
 from surgery.plan import family_index
 
 SHIPPED = ["bert", "falcon", "gpt2", "gpt_neox", "llama", "phi3", "roberta", "t5"]
@@ -218,3 +222,55 @@ def test_full_size_skeletons_resolve_every_role(preset: str) -> None:
     assert len(o) == layers
     h = model.config.hidden_size if family != "t5" else model.config.d_model
     assert {t.shapes for t in o} == {(("A", (8, h)), ("B", (h, 8)))}
+
+
+# ---- docs/families.md ----------------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "families.md"
+
+
+def test_the_docs_table_lists_every_shipped_family() -> None:
+    rows = {}
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = [re.findall(r"`([^`]+)`", c) for c in cells[1:]]
+    assert list(rows) == SHIPPED
+    for family, (types, presets, roles) in rows.items():
+        assert tuple(types) == info(family).model_types
+        assert roles == list(info(family).roles)
+        assert f"tiny-{family.replace('_', '-')}" in presets
+        assert all(p in PRESETS for p in presets)
+
+
+def test_the_worked_example_in_the_docs(tmp_path: Path) -> None:
+    (example,) = [
+        block
+        for block in re.findall(r"```surg\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
+        if block.startswith("# OPT family")
+    ]
+    (tmp_path / "opt.surg").write_text(example, encoding="utf-8")
+    config = OPTConfig(
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        ffn_dim=128,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+    )
+    model = from_config(config)
+    roles = [s.name for s in parse_file(tmp_path / "opt.surg") if isinstance(s, ast.Let)]
+    rules = f'use "{tmp_path / "opt.surg"}"\n' + "\n".join(f"freeze {role}" for role in roles)
+    for role, step in zip(roles, plan(model, rules).steps, strict=True):
+        assert step.param_paths, f"{role} selects nothing"
+
+    (tmp_path / "rules.surg").write_text('use "opt.surg"\napply lora(r=2) to attn.q, attn.v\n')
+    targets = plan(model, tmp_path / "rules.surg").targets
+    assert [t.path for t in targets] == [  # model order: OPT defines v_proj before q_proj
+        f"model.decoder.layers.{i}.self_attn.{x}_proj" for i in range(2) for x in "vq"
+    ]
+    before = logits(model)
+    rewrite(model, tmp_path / "rules.surg")
+    assert torch.equal(logits(model), before)
+    with pytest.raises(ResolveError, match="the opt rules are for model_type opt"):
+        plan(planning_model("llama"), tmp_path / "rules.surg")
