@@ -1,4 +1,5 @@
-"""The `surgery` command: check, plan and apply rules; list methods and presets.
+"""The `surgery` command: check, plan and apply rules; load, export, import and merge adapters;
+list methods, presets and families.
 
 Exit codes: 0 success, 1 a SurgeryError (its message, no traceback), 2 a usage error.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from rich.table import Table
 
 from surgery import __version__
 from surgery.api import rewrite
-from surgery.errors import ModelLoadError, SurgeryError
+from surgery.errors import ModelLoadError, OutputError, SurgeryError
 from surgery.lang import ast, parse, parse_file
 from surgery.methods import REGISTRY
 from surgery.plan import Plan, Step, Target, lint
@@ -41,20 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("rules", nargs="?", help="a .surg file ('-' reads standard input)")
         p.add_argument("-e", "--rules-text", metavar="TEXT", help="rule text instead of a file")
 
-    def with_model(p: argparse.ArgumentParser, required: bool) -> None:
+    def with_model(p: argparse.ArgumentParser, required: bool, meta: bool = True) -> None:
         p.add_argument(
             "--model",
             "-m",
             required=required,
             metavar="M",
-            help="a preset (see `surgery presets`), a local HF model directory, or a config.json",
+            help="a preset (see `surgery presets`), a local HF model directory (single or "
+            "sharded safetensors), or a config.json",
         )
-        p.add_argument(
-            "--meta",
-            action="store_true",
-            help="build the model on the meta device (shapes only, no memory)",
-        )
+        if meta:
+            p.add_argument(
+                "--meta",
+                action="store_true",
+                help="build the model on the meta device (shapes only, no memory)",
+            )
         p.add_argument("--dtype", choices=sorted(DTYPES), help="load the model in this dtype")
+
+    def with_out(p: argparse.ArgumentParser, required: bool, what: str) -> None:
+        p.add_argument("--out", "-o", required=required, type=Path, metavar="DIR", help=what)
+        p.add_argument("--force", action="store_true", help="replace an existing --out")
 
     check = commands.add_parser("check", help="parse and lint rules; with --model, resolve them")
     with_rules(check)
@@ -69,11 +77,37 @@ def build_parser() -> argparse.ArgumentParser:
     apply = commands.add_parser("apply", help="apply rules and write the adapter to --out")
     with_rules(apply)
     with_model(apply, required=True)
-    apply.add_argument("--out", "-o", required=True, type=Path, metavar="DIR")
-    apply.add_argument("--force", action="store_true", help="replace an existing --out")
+    with_out(apply, True, "the adapter directory to write")
+
+    load = commands.add_parser("load", help="re-apply a saved adapter to a fresh base model")
+    with_model(load, required=True, meta=False)
+    load.add_argument("--adapter", "-a", required=True, type=Path, metavar="DIR")
+    with_out(load, False, "write the loaded adapter again (checked, current versions)")
+
+    export = commands.add_parser("export", help="write an adapter in another format (PEFT)")
+    export.add_argument("--adapter", "-a", required=True, type=Path, metavar="DIR")
+    export.add_argument("--format", choices=["peft"], default="peft", help="the output format")
+    export.add_argument(
+        "--base-model", metavar="NAME", help="base_model_name_or_path to record in the config"
+    )
+    with_out(export, True, "the PEFT adapter directory to write")
+
+    imp = commands.add_parser("import", help="read a PEFT adapter into a surgery adapter")
+    imp.add_argument("--peft", required=True, type=Path, metavar="DIR")
+    with_model(imp, required=False)
+    with_out(imp, True, "the surgery adapter directory to write")
+
+    merge = commands.add_parser(
+        "merge", help="write a Hugging Face checkpoint with an adapter merged in (streaming)"
+    )
+    merge.add_argument("--model", "-m", required=True, type=Path, metavar="DIR")
+    merge.add_argument("--adapter", "-a", required=True, type=Path, metavar="DIR")
+    merge.add_argument("--no-progress", action="store_true", help="no progress bar")
+    with_out(merge, True, "the merged checkpoint directory to write")
 
     commands.add_parser("methods", help="list the methods and their parameters")
     commands.add_parser("presets", help="list the built-in model presets")
+    commands.add_parser("families", help="list the model families, their types and roles")
     return parser
 
 
@@ -92,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except SurgeryError as error:
         err.print(str(error) if error.span else f"error: {error}", markup=False)
+        return 1
+    except OSError as error:  # a path the user gave that cannot be read or written
+        err.print(f"error: {error}", markup=False)
         return 1
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -114,7 +151,19 @@ def _read_rules(args: argparse.Namespace) -> tuple[ast.Program, str]:
 def _model(args: argparse.Namespace) -> torch.nn.Module:
     from surgery.models import load_model  # transformers is slow to import: only when needed
 
-    return load_model(args.model, meta=args.meta, dtype=DTYPES.get(args.dtype or ""))
+    meta = getattr(args, "meta", False)
+    return load_model(args.model, meta=meta, dtype=DTYPES.get(args.dtype or ""))
+
+
+def _refuse_existing(out: Path, force: bool) -> None:
+    """Fail before the slow work (loading a model) when the output is in the way."""
+    if out.exists() and not force:
+        raise OutputError(f"{out} already exists", hint="pass --force to replace it")
+
+
+def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
+    for warning in caught:
+        err.print(f"warning: {warning.message}", markup=False)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -152,10 +201,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             "a model on the meta device has no weights to write; "
             "use `surgery plan --meta` to inspect it, or drop --meta"
         )
-    if args.out.exists() and not args.force:
-        from surgery.errors import OutputError
-
-        raise OutputError(f"{args.out} already exists", hint="pass --force to replace it")
+    _refuse_existing(args.out, args.force)
     model = _model(args)
     report = rewrite(model, program)
     from surgery.io import write_adapter_dir
@@ -170,13 +216,96 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_load(args: argparse.Namespace) -> int:
+    from surgery.io import write_adapter_dir
+    from surgery.io.load import load_adapter, read_adapter_dir
+
+    if args.out is not None:
+        _refuse_existing(args.out, args.force)
+    saved = read_adapter_dir(args.adapter)  # a bad directory fails before the model loads
+    model = _model(args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = load_adapter(model, args.adapter)
+    _print_warnings(caught)
+    out.print(plan_table(report.plan, full=False))
+    out.print(report.totals_line())
+    out.print(f"loaded {len(saved.shapes) + len(saved.base_shapes)} tensor(s) from {args.adapter}/")
+    if args.out is not None:
+        written = write_adapter_dir(
+            model, args.out, rules_text=saved.rules_text, plan=report.plan, force=args.force
+        )
+        out.print(f"wrote {written} adapter tensor(s) to {args.out}/")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from surgery.io.peft_format import export_peft
+
+    _refuse_existing(args.out, args.force)
+    config = export_peft(
+        args.adapter, args.out, force=args.force, base_model_name_or_path=args.base_model
+    )
+    targets = ", ".join(config["target_modules"])
+    out.print(
+        f"wrote a PEFT {config['peft_type']} adapter to {args.out}/ (target_modules: {targets})"
+    )
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from surgery.io.peft_format import import_peft
+
+    _refuse_existing(args.out, args.force)
+    model = _model(args) if args.model is not None else None
+    rules = import_peft(args.peft, args.out, model=model, force=args.force)
+    out.print(rules, markup=False, highlight=False)
+    checked = f"checked against {args.model}" if model is not None else "not checked: no --model"
+    out.print(f"wrote a surgery adapter to {args.out}/ ({checked})")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from surgery.io.checkpoint import merge_checkpoint  # streams shards; needs no model in memory
+
+    _refuse_existing(args.out, args.force)
+    summary = merge_checkpoint(
+        args.model, args.adapter, args.out, force=args.force, progress=not args.no_progress
+    )
+    out.print(str(summary), markup=False)
+    return 0
+
+
+def cmd_families(args: argparse.Namespace) -> int:
+    table = Table(title="families", title_justify="left")
+    for column in ("family", "model types", "roles", "summary"):
+        table.add_column(column)
+    for name, types, roles, summary in _families():
+        table.add_row(name, ", ".join(types), ", ".join(roles), summary)
+    out.print(table)
+    return 0
+
+
+def _families() -> list[tuple[str, tuple[str, ...], list[str], str]]:
+    """(name, model types, role names, summary) of every shipped family file."""
+    try:
+        from surgery.families import describe_families
+    except ImportError:  # older trees: the model types alone
+        from surgery.plan import family_index
+
+        return [(name, types, [], "") for name, types in family_index().items()]
+    return [(f.name, f.model_types, list(f.roles), f.summary) for f in describe_families()]
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     table = Table(title="methods", title_justify="left")
     for column in ("method", "parameters (default)", "merge", "summary"):
         table.add_column(column)
     for name, method in sorted(REGISTRY.items()):
-        params = ", ".join(f"{p.name}={p.default!r}" if p.default is not None
-                           else f"{p.name} (optional: {p.doc})" for p in method.params)
+        params = ", ".join(
+            f"{p.name}={p.default!r}" if p.default is not None else f"{p.name} (optional: {p.doc})"
+            for p in method.params
+        )
         table.add_row(name, params, "yes" if method.mergeable else "no", method.summary)
     out.print(table)
     return 0
@@ -198,8 +327,13 @@ COMMANDS = {
     "check": cmd_check,
     "plan": cmd_plan,
     "apply": cmd_apply,
+    "load": cmd_load,
+    "export": cmd_export,
+    "import": cmd_import,
+    "merge": cmd_merge,
     "methods": cmd_methods,
     "presets": cmd_presets,
+    "families": cmd_families,
 }
 
 
@@ -235,10 +369,14 @@ def _shapes(target: Target) -> str:
 
 
 def plan_table(plan: Plan, *, full: bool) -> Table:
+    """The plan as a table: by default one row per role (the alias a rule used, `attn.q`) and
+    edit, with the layer range it covers, so a 32-layer plan stays short; sites selected by raw
+    paths group by path pattern. `full` lists every site."""
     table = Table(title="plan", title_justify="left")
     for column, justify in (
         ("step", "left"),
         ("action", "left"),
+        ("role", "left"),
         ("sites", "left"),
         ("n", "right"),
         ("type", "left"),
@@ -249,6 +387,36 @@ def plan_table(plan: Plan, *, full: bool) -> Table:
     for step in plan.steps:
         _add_step_rows(table, step, full)
     return table
+
+
+def layer_range(paths: list[str]) -> str | None:
+    """`layers[0:32].mlp.down_proj` when every path runs through one numbered list (the first
+    number in each path); the part after the number is listed when it differs. None otherwise."""
+    from surgery.io.peft_format import index_ranges
+
+    lists: set[str] = set()
+    numbers: set[int] = set()
+    rests: list[str] = []
+    for path in paths:
+        match = re.search(r"(?:^|\.)([^.]+)\.(\d+)(?=\.|$)", path)
+        if match is None:
+            return None
+        lists.add(match.group(1))
+        numbers.add(int(match.group(2)))
+        rests.append(path[match.end() + 1 :])
+    if len(lists) != 1:
+        return None
+    text = f"{lists.pop()}[{', '.join(index_ranges(sorted(numbers)))}]"
+    unique = list(dict.fromkeys(rests))
+    if len(unique) == 1:
+        return f"{text}.{unique[0]}" if unique[0] else text
+    return f"{text}: {_summarize(unique, limit=4, separator=', ')}"
+
+
+def _summarize(values: list[str], limit: int = 2, separator: str = " | ") -> str:
+    unique = list(dict.fromkeys(v for v in values if v))
+    more = f" (+{len(unique) - limit} more)" if len(unique) > limit else ""
+    return separator.join(unique[:limit]) + more
 
 
 def _add_step_rows(table: Table, step: Step, full: bool) -> None:
@@ -262,6 +430,7 @@ def _add_step_rows(table: Table, step: Step, full: bool) -> None:
             table.add_row(
                 step.location if i == 0 else "",
                 label if i == 0 else "",
+                "",
                 text + more,
                 str(len(step.param_paths) if not full else n),
                 "",
@@ -269,20 +438,34 @@ def _add_step_rows(table: Table, step: Step, full: bool) -> None:
                 "",
             )
         return
-    groups: dict[tuple[str, str, str, str], list[Target]] = defaultdict(list)
+    groups: dict[tuple[str, ...], list[Target]] = defaultdict(list)
     for target in step.targets:
-        pattern = target.path if full else re.sub(r"\.\d+(?=\.|$)", ".#", target.path)
-        groups[(pattern, target.module_type, _shapes(target), target.edit)].append(target)
-    for i, ((_, module_type, shapes, edit), targets) in enumerate(groups.items()):
-        ((text, n),) = [(targets[0].path, 1)] if full else group_paths([t.path for t in targets])
+        role = getattr(target, "role", "")
+        if full:
+            key: tuple[str, ...] = ("", target.path, target.edit)
+        elif role:
+            key = (role, "", target.edit)
+        else:
+            pattern = re.sub(r"\.\d+(?=\.|$)", ".#", target.path)
+            key = ("", pattern, target.module_type, _shapes(target), target.edit)
+        groups[key].append(target)
+    for i, ((role, *_, edit), targets) in enumerate(groups.items()):
+        paths = [t.path for t in targets]
+        if full:
+            text = paths[0]
+        elif role:
+            text = layer_range(paths) or _summarize([t for t, _ in group_paths(paths)])
+        else:
+            ((text, _),) = group_paths(paths)
         name = label if step.action == "apply" else f"{label} {edit}"
-        per_site = targets[0].params
+        params = sum(t.params for t in targets)
         table.add_row(
             step.location if i == 0 else "",
             name if i == 0 else "",
+            role or (getattr(targets[0], "role", "") if full else ""),
             text,
-            str(n),
-            module_type,
-            shapes,
-            f"{per_site * n:,d}" if per_site else "",
+            str(len(targets)),
+            _summarize([t.module_type for t in targets]),
+            _summarize([_shapes(t) for t in targets]),
+            f"{params:,d}" if params else "",
         )

@@ -464,3 +464,139 @@ def test_console_script_error(tmp_path) -> None:
     assert f"{rules}:2:22" in result.stderr
     assert "did you mean `*.self_attn.<q,v>_proj`" in result.stderr
     assert result.stdout == ""
+
+
+# ---- plan grouped by role ------------------------------------------------------------------
+
+
+def test_plan_groups_sites_by_role_and_layer_range(capsys) -> None:
+    rules = "use llama\napply lora(r=8) to attn, mlp.down\napply ia3 to *.k_proj"
+    code, out, err = run(capsys, "plan", "-e", rules, "-m", "llama-2-7b", "--meta")
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if "│" in line]
+    assert len(rows) == 3  # a 32-layer plan: one row per role and edit
+    attn = next(r for r in rows if "│ attn " in r)
+    assert "layers[0:32]: self_attn.q_proj" in attn and "│ 128 │" in attn
+    assert "8,388,608" in attn  # 128 sites x 65,536
+    down = next(r for r in rows if "mlp.down" in r)
+    assert "layers[0:32].mlp.down_proj" in down and "3,866,624" in down
+    assert "model.layers[0:32].self_attn.k_proj" in out  # raw paths: grouped by pattern
+
+
+# ---- load / export / import / merge / families -------------------------------------------
+
+
+def trained_adapter(tmp_path: Path, rules: str = QV) -> tuple[Path, torch.Tensor]:
+    """An adapter directory with non-zero weights, and the logits of the model that saved it."""
+    from surgery.io import write_adapter_dir
+
+    model = tiny("llama")
+    report = rewrite(model, rules)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.2)
+        expected = model(IDS).logits
+    out = tmp_path / "adapter"
+    write_adapter_dir(model, out, rules_text=rules, plan=report.plan)
+    return out, expected
+
+
+IDS = torch.tensor([[4, 8, 15, 16, 23, 42]])
+
+
+def test_load_onto_a_sharded_hf_directory_and_write_again(capsys, tmp_path) -> None:
+    from surgery.io.load import load_adapter
+
+    adapter, expected = trained_adapter(tmp_path)
+    model_dir = tmp_path / "sharded"
+    tiny("llama").save_pretrained(model_dir, max_shard_size="100KB")
+    assert (model_dir / "model.safetensors.index.json").is_file()
+    again = tmp_path / "again"
+    code, out, err = run(
+        capsys, "load", "-m", str(model_dir), "--adapter", str(adapter), "--out", str(again)
+    )
+    assert code == 0, err
+    assert "loaded 16 tensor(s)" in out and totals(out)[0] == QV_TRAINABLE
+    model = tiny("llama")
+    load_adapter(model, again)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, expected)
+
+
+def test_load_with_dtype_and_errors(capsys, tmp_path, hf_dir) -> None:
+    adapter, _ = trained_adapter(tmp_path)
+    code, out, err = run(
+        capsys, "load", "-m", str(hf_dir), "-a", str(adapter), "--dtype", "bfloat16"
+    )
+    assert code == 0, err
+    assert "loaded 16 tensor(s)" in out
+    code, _, err = run(capsys, "load", "-m", "tiny-falcon", "-a", str(adapter))
+    assert code == 1 and "made for a 'llama' model" in err and "Traceback" not in err
+    code, _, err = run(capsys, "load", "-m", "tiny-llama", "-a", str(tmp_path / "none"))
+    assert code == 1 and "no adapter directory" in err
+    code, _, err = run(capsys, "load", "-m", "tiny-llama", "-a", str(adapter), "-o", str(adapter))
+    assert code == 1 and "already exists" in err
+
+
+def test_export_and_import_round_trip_on_the_command_line(capsys, tmp_path) -> None:
+    from surgery.io.load import load_adapter
+
+    adapter, expected = trained_adapter(tmp_path)
+    peft_dir = tmp_path / "peft"
+    code, out, err = run(
+        capsys, "export", "-a", str(adapter), "--format", "peft", "-o", str(peft_dir)
+    )
+    assert code == 0, err
+    assert "target_modules: q_proj, v_proj" in out
+    assert json.loads((peft_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    back = tmp_path / "back"
+    code, out, err = run(
+        capsys, "import", "--peft", str(peft_dir), "-o", str(back), "-m", "tiny-llama"
+    )
+    assert code == 0, err
+    assert "^model.layers[0:4].self_attn.q_proj" in out and "checked against tiny-llama" in out
+    model = tiny("llama")
+    load_adapter(model, back)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+    # writing commands refuse an existing output and replace it with --force
+    code, _, err = run(capsys, "export", "-a", str(adapter), "-o", str(peft_dir))
+    assert code == 1 and "--force" in err
+    code, _, err = run(capsys, "export", "-a", str(adapter), "-o", str(peft_dir), "--force")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "back", "peft"]
+
+
+def test_export_refusal_is_a_clean_error(capsys, tmp_path) -> None:
+    adapter, _ = trained_adapter(tmp_path, "apply adapter(r=2) to *.mlp")
+    code, out, err = run(capsys, "export", "-a", str(adapter), "-o", str(tmp_path / "p"))
+    assert code == 1 and out == ""
+    assert "cannot export adapter to PEFT's format" in err and "Traceback" not in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_merge_command_writes_a_checkpoint(capsys, tmp_path, hf_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    adapter, expected = trained_adapter(tmp_path)
+    merged = tmp_path / "merged"
+    code, out, err = run(
+        capsys, "merge", "-m", str(hf_dir), "-a", str(adapter), "-o", str(merged), "--no-progress"
+    )
+    assert code == 0, err
+    assert "merged 8 edit(s)" in out
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+    code, _, err = run(capsys, "merge", "-m", str(hf_dir), "-a", str(adapter), "-o", str(merged))
+    assert code == 1 and "already exists" in err
+
+
+def test_families_lists_types_and_roles(capsys) -> None:
+    code, out, _ = run(capsys, "families")
+    assert code == 0
+    llama = next(line for line in out.splitlines() if "│ llama " in line)
+    assert "mistral" in llama and "attn.q" in llama
+    assert "falcon" in out

@@ -384,12 +384,13 @@ def selectors(paths: list[str]) -> list[str]:
         groups[(".".join(parts[:i]), ".".join(parts[i + 1 :]))].append(int(parts[i]))
     result = []
     for (head, tail), numbers in groups.items():
-        index = ", ".join(_ranges(sorted(set(numbers))))
+        index = ", ".join(index_ranges(sorted(set(numbers))))
         result.append(f"^{head}[{index}]" + (f".{tail}" if tail else ""))
     return result + singles
 
 
-def _ranges(numbers: list[int]) -> list[str]:
+def index_ranges(numbers: list[int]) -> list[str]:
+    """Sorted numbers as selector index items: [0, 1, 2, 5] -> ["0:3", "5"]."""
     items: list[str] = []
     start = prev = numbers[0]
     for n in [*numbers[1:], None]:
