@@ -9,15 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from surgery.fused import layout_spec
 from surgery.lang import ast, parse_file
 from surgery.resources import family_file, family_names
 
 
 @dataclass(frozen=True)
 class FamilyInfo:
-    """One family file. `roles` maps each alias to its definition, in file order (a name
+    """One family file. `roles` maps each `let` alias to its definition, in file order (a name
     defined twice keeps its first place and its last definition, as `let` does); `fused` holds
-    the file's fused-projection declarations as written."""
+    the file's `fuse` declarations as written, and `parts` maps each part alias they define to
+    the rows it names (`attn.q` -> `attn.qkv[q]`)."""
 
     name: str
     model_types: tuple[str, ...]
@@ -25,24 +27,31 @@ class FamilyInfo:
     summary: str = ""
     roles: dict[str, str] = field(default_factory=dict)
     fused: tuple[str, ...] = ()
+    parts: dict[str, str] = field(default_factory=dict)
 
 
 def describe_family(name: str) -> FamilyInfo:
     """The family file `rules/NAME.surg`, as `use NAME` reads it."""
     path = family_file(name)
     program = parse_file(path)
-    fuse = getattr(ast, "Fuse", None)  # fused-projection declarations, where the grammar has them
     model_types: tuple[str, ...] = ()
     roles: dict[str, str] = {}
     fused: list[str] = []
+    parts: dict[str, str] = {}
     for statement in program:
         if isinstance(statement, ast.Family):
             model_types = statement.model_types
         elif isinstance(statement, ast.Let):
             roles[statement.name] = ", ".join(str(s) for s in statement.selectors)
-        elif fuse is not None and isinstance(statement, fuse):
+        elif isinstance(statement, ast.Fuse):
             fused.append(" ".join(statement.span.text.split()))
-    return FamilyInfo(name, model_types, path, _summary(program), roles, tuple(fused))
+            module = ", ".join(str(s) for s in statement.selectors)
+            layout_parts = layout_spec(statement.layout, statement.layout_span).parts
+            for alias, part in zip(statement.parts, layout_parts, strict=False):
+                parts[alias] = (
+                    f"{module}[{part}]" if len(statement.selectors) == 1 else f"{part} of {module}"
+                )
+    return FamilyInfo(name, model_types, path, _summary(program), roles, tuple(fused), parts)
 
 
 def describe_families() -> list[FamilyInfo]:

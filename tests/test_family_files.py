@@ -106,6 +106,19 @@ def test_describe_family_lists_roles_in_file_order_with_their_definitions() -> N
     assert t5.roles["decoder.cross_attn.q"] == "decoder.layers.*.layer.*.EncDecAttention.q"
     assert t5.roles["encoder.mlp"] == "encoder.layers.*.layer.*.DenseReluDense.* : Linear"
     assert t5.summary == "T5 family (T5ForConditionalGeneration), an encoder-decoder."
+    phi3 = describe_family("phi3")
+    assert phi3.fused == (
+        "fuse attn.qkv into attn.q, attn.k, attn.v using phi3_qkv",
+        "fuse mlp.gate_up into mlp.gate, mlp.up using gate_up",
+    )
+    assert phi3.parts == {
+        "attn.q": "attn.qkv[q]",
+        "attn.k": "attn.qkv[k]",
+        "attn.v": "attn.qkv[v]",
+        "mlp.gate": "mlp.gate_up[gate]",
+        "mlp.up": "mlp.gate_up[up]",
+    }
+    assert llama.fused == () and llama.parts == {}
 
 
 @pytest.mark.parametrize("family", SHIPPED)
@@ -127,6 +140,13 @@ def test_every_role_resolves_on_the_tiny_preset(family: str) -> None:
             parts = [p for p in selected if p.rsplit(".", 1)[0] == role]
             assert parts, f"{family}: group {role} has no parts"
             assert paths == set().union(*(selected[p] for p in parts)), f"{family}: {role}"
+    # the parts of fused projections: LoRA on a part acts on that part's rows of each module
+    for part, rows in info(family).parts.items():
+        module, name = rows.rstrip("]").split("[")
+        targets = plan(model, f"use {family}\napply lora(r=2) to {part}").targets
+        fused = role_modules(model, selected[module])
+        assert len(targets) == len(fused) > 0, f"{family}: {part}"
+        assert {t.parts for t in targets} == {(name,)}, f"{family}: {part}"
     # every Linear projection role can take a LoRA, one adapter per module
     for role in lora_roles(model, family):
         modules = role_modules(model, selected[role])
@@ -233,12 +253,13 @@ def test_the_docs_table_lists_every_shipped_family() -> None:
     rows = {}
     for line in DOC.read_text(encoding="utf-8").splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 4 and cells[0].startswith("`"):
+        if len(cells) == 5 and cells[0].startswith("`"):
             rows[cells[0].strip("`")] = [re.findall(r"`([^`]+)`", c) for c in cells[1:]]
     assert list(rows) == SHIPPED
-    for family, (types, presets, roles) in rows.items():
+    for family, (types, presets, roles, parts) in rows.items():
         assert tuple(types) == info(family).model_types
         assert roles == list(info(family).roles)
+        assert parts == list(info(family).parts)
         assert f"tiny-{family.replace('_', '-')}" in presets
         assert all(p in PRESETS for p in presets)
 
