@@ -1,0 +1,62 @@
+"""examples/portable.surg runs unchanged on every family's tiny preset and full-size skeleton.
+
+T5 is left out: its family file names encoder.attn.q and decoder.attn.q (the two stacks apart)
+and no plain attn.q, so a rule meant for decoder-only and encoder-only models does not apply.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from surgery import Site, rewrite
+from surgery.execute import count_parameters
+from surgery.models import PRESETS, load_model
+
+RULES = Path(__file__).resolve().parents[1] / "examples" / "portable.surg"
+TINY = ["llama", "falcon", "gpt2", "gpt-neox", "phi3", "bert", "roberta"]
+FULL = ["llama-2-7b", "falcon-7b", "gpt2-medium", "pythia-1.4b", "phi-3-mini", "roberta-base"]
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family", TINY)
+def test_portable_rules_on_tiny_presets(family: str) -> None:
+    preset = f"tiny-{family}"
+    if preset not in PRESETS:
+        pytest.skip(f"no {preset} preset yet")
+    model = load_model(preset)
+    before = model(input_ids=_ids()).logits
+    report = rewrite(model, RULES)
+    assert (report.trainable, report.total) == count_parameters(model)
+    assert report.trainable == report.plan.trainable > 0
+    sites = [m for m in model.modules() if isinstance(m, Site)]
+    assert sites and all({"lora", "ia3", "ia3_ffn"} & set(s.edit_names()) for s in sites)
+    assert torch.equal(model(input_ids=_ids()).logits, before)  # every edit starts neutral
+    with torch.no_grad():  # then train-like values, and the merge must keep the outputs
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    trained = model(input_ids=_ids()).logits
+    assert not torch.equal(trained, before)
+    rewrite(model, "merge")
+    assert not any(isinstance(m, Site) for m in model.modules())
+    torch.testing.assert_close(model(input_ids=_ids()).logits, trained, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", FULL)
+def test_portable_rules_on_full_size_skeletons(preset: str) -> None:
+    if preset not in PRESETS:
+        pytest.skip(f"no {preset} preset yet")
+    model = load_model(preset, meta=True)
+    report = rewrite(model, RULES)
+    assert (report.trainable, report.total) == count_parameters(model)
+    assert report.trainable == report.plan.trainable
+    if preset == "llama-2-7b":  # LoRA r=8 on q, v (4,194,304) + IA3 k, v, down input (614,400)
+        assert report.trainable == 4_194_304 + 614_400
+    if preset == "falcon-7b":  # q, v slices: 3,506,176 (docs/fused.md); IA3: k, v rows + down in
+        assert report.trainable == 3_506_176 + 32 * (64 + 64 + 4 * 4544)
