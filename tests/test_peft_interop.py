@@ -32,6 +32,9 @@ RULES = {
     ("falcon", "lora"): "apply lora(r=4, alpha=16) to *.query_key_value\n"
     "apply lora(r=2) to *.h[1:3].mlp.dense_4h_to_h",
     ("falcon", "ia3"): "apply ia3 to *.query_key_value\napply ia3(on=input) to *.dense_4h_to_h",
+    # parts of the fused projection: zero rows of B (ones of ia3_l) for the other parts
+    ("falcon", "lora on parts"): "use falcon\napply lora(r=4, alpha=8) to attn.q, attn.v",
+    ("falcon", "ia3 on parts"): "use falcon\napply ia3 to attn.k, attn.v",
 }
 
 
@@ -96,6 +99,23 @@ def test_export_names_keys_and_patterns_like_peft(tmp_path: Path) -> None:
     assert config["alpha_pattern"]["model.layers.0.mlp.up_proj"] == pytest.approx(3 * 2**0.5)
     on_disk = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
     assert on_disk["peft_type"] == "LORA" and on_disk["target_modules"] == config["target_modules"]
+
+
+def test_lora_on_fused_parts_exports_zero_rows_for_the_other_parts(tmp_path: Path) -> None:
+    surgery_adapter("falcon", "lora on parts", tmp_path / "s")
+    config = export_peft(tmp_path / "s", tmp_path / "p")
+    saved = load_file(tmp_path / "s" / "adapter.safetensors")
+    weights = load_file(tmp_path / "p" / "adapter_model.safetensors")
+    key = "base_model.model.transformer.h.0.self_attention.query_key_value"
+    A, B = weights[f"{key}.lora_A.weight"], weights[f"{key}.lora_B.weight"]
+    assert A.shape == (8, 64) and B.shape == (96, 8)  # rank 2 x 4; rows q 64, k 16, v 16
+    prefix = "transformer.h.0.self_attention.query_key_value.lora"
+    assert torch.equal(A, torch.cat([saved[f"{prefix}.q.A"], saved[f"{prefix}.v.A"]]))
+    assert torch.equal(B[:64, :4], saved[f"{prefix}.q.B"]) and not B[:64, 4:].any()
+    assert not B[64:80].any()  # k gets nothing
+    assert torch.equal(B[80:, 4:], saved[f"{prefix}.v.B"]) and not B[80:, :4].any()
+    # the scale alpha / r = 2 is kept: PEFT's alpha over rank 8 is 16
+    assert (config["r"], config["lora_alpha"]) == (8, 16)
 
 
 def test_export_ia3_marks_the_feedforward_modules(tmp_path: Path) -> None:

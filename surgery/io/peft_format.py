@@ -63,6 +63,19 @@ class Edit:
     name: str
     method: str
     args: dict[str, Any]
+    parts: tuple[str, ...] = ()  # an edit on parts of a fused projection (`attn.qkv[q, v]`)
+    layout: dict[str, Any] | None = None  # that projection's row layout (surgery.fused.Layout)
+
+    def rows(self, part: str) -> torch.Tensor:
+        """The fused module's output rows that `part` writes."""
+        return self.fused_layout().rows(part)
+
+    def fused_layout(self) -> Any:
+        from surgery.fused import Layout
+
+        assert self.layout is not None
+        blocks = tuple((name, int(n)) for name, n in self.layout["blocks"])
+        return Layout(self.layout["name"], int(self.layout["groups"]), blocks)
 
 
 # ---- export ---------------------------------------------------------------------------------
@@ -82,7 +95,11 @@ def saved_edits(saved: SavedAdapter) -> list[Edit]:
             key = (target["path"], target["edit"])
             if step["action"] == "apply":
                 args = {name: value for name, value in step["arguments"]}
-                edits[key] = Edit(target["path"], target["edit"], target["method"], args)
+                parts = tuple(target.get("parts") or ())
+                layout = target.get("layout") if parts else None
+                edits[key] = Edit(
+                    target["path"], target["edit"], target["method"], args, parts, layout
+                )
             elif step["action"] in ("merge", "remove"):
                 edits.pop(key, None)
     return list(edits.values())
@@ -219,13 +236,14 @@ def _export_lora(
     weights: dict[str, torch.Tensor] = {}
     for e in edits:
         r, alpha = e.args["r"], e.args["alpha"]
-        if e.args["rslora"] != rslora:  # the same scaling under the adapter-wide convention
+        A, B = _lora_factors(e, tensors)
+        rank = A.shape[0]  # P·r for an edit on P parts of a fused projection
+        if e.args["rslora"] != rslora or rank != r:  # the same scale in PEFT's convention
             scale = alpha / (math.sqrt(r) if e.args["rslora"] else r)
-            alpha = scale * (math.sqrt(r) if rslora else r)
-        ranks[e.path], alphas[e.path] = r, _number(alpha)
-        prefix = f"{e.path}.{e.name}"
-        weights[f"{PREFIX}{e.path}.lora_A.weight"] = tensors[f"{prefix}.A"].contiguous()
-        weights[f"{PREFIX}{e.path}.lora_B.weight"] = tensors[f"{prefix}.B"].contiguous()
+            alpha = scale * (math.sqrt(rank) if rslora else rank)
+        ranks[e.path], alphas[e.path] = rank, _number(alpha)
+        weights[f"{PREFIX}{e.path}.lora_A.weight"] = A
+        weights[f"{PREFIX}{e.path}.lora_B.weight"] = B
     short = _short_names(list(ranks), names)
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
@@ -249,6 +267,22 @@ def _export_lora(
     return config, weights
 
 
+def _lora_factors(e: Edit, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [rank, in] and B [out, rank] of one edit. On parts of a fused projection: the parts'
+    A stacked, and B with each part's B in that part's rows and its own r columns, zero
+    elsewhere, so B @ A is the sum of the parts' updates and the other parts get none."""
+    prefix = f"{e.path}.{e.name}"
+    if not e.parts:
+        return tensors[f"{prefix}.A"].contiguous(), tensors[f"{prefix}.B"].contiguous()
+    As = [tensors[f"{prefix}.{part}.A"] for part in e.parts]
+    r = As[0].shape[0]
+    A = torch.cat(As)
+    B = A.new_zeros(e.fused_layout().size, r * len(e.parts))
+    for i, part in enumerate(e.parts):
+        B[e.rows(part), i * r : (i + 1) * r] = tensors[f"{prefix}.{part}.B"].to(A.dtype)
+    return A.contiguous(), B
+
+
 def _export_ia3(
     edits: list[Edit], tensors: dict[str, torch.Tensor], names: list[str] | None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -263,7 +297,13 @@ def _export_ia3(
             short[e.path] = e.path
     weights: dict[str, torch.Tensor] = {}
     for e in edits:
-        l = tensors[f"{e.path}.{e.name}.l"]  # noqa: E741
+        if e.parts:  # ones in the other parts' rows: PEFT scales the whole output
+            part_l = [tensors[f"{e.path}.{e.name}.{part}.l"] for part in e.parts]
+            l = part_l[0].new_ones(e.fused_layout().size)  # noqa: E741
+            for part, values in zip(e.parts, part_l, strict=True):
+                l[e.rows(part)] = values
+        else:
+            l = tensors[f"{e.path}.{e.name}.l"]  # noqa: E741
         shaped = l.reshape(1, -1) if e.path in inputs else l.reshape(-1, 1)
         weights[f"{PREFIX}{e.path}.ia3_l"] = shaped.contiguous()
     config = {
