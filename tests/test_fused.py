@@ -484,3 +484,16 @@ def test_part_selector_spelled_by_hand_and_through_alias_agree() -> None:
     assert [t.where for t in first.targets] == [
         f"transformer.h.{i}.self_attention.query_key_value[k]" for i in (0, 1)
     ]
+
+
+def test_the_counts_table_in_the_docs() -> None:
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "fused.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(apply [^`]+)` .*\| ([\d,]+) \|$", doc, flags=re.M)
+    assert len(rows) == 3
+    model = load_model("falcon-7b", meta=True)
+    for rule, figure in rows:
+        plan = rewrite(model, f"use falcon\n{rule}", dry_run=True)
+        assert f"{plan.trainable:,d}" == figure, rule
