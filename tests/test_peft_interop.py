@@ -35,6 +35,9 @@ RULES = {
     # parts of the fused projection: zero rows of B (ones of ia3_l) for the other parts
     ("falcon", "lora on parts"): "use falcon\napply lora(r=4, alpha=8) to attn.q, attn.v",
     ("falcon", "ia3 on parts"): "use falcon\napply ia3 to attn.k, attn.v",
+    # GPT-2's Conv1D (weight [in, out]): PEFT's fan_in_fan_out
+    ("gpt2", "lora on parts"): "use gpt2\napply lora(r=4) to attn.q, attn.v\n"
+    "apply lora(r=2) to mlp.down",
 }
 
 
@@ -72,6 +75,7 @@ def test_surgery_adapter_loads_in_peft_with_the_same_logits(
         "adapter_model.safetensors",
     ]
     assert config["task_type"] == "CAUSAL_LM"
+    assert config.get("fan_in_fan_out", False) == (family == "gpt2")
     expected = logits(model)
     assert not torch.allclose(expected, logits(tiny(family)), atol=1e-3)
     peft_model = peft.PeftModel.from_pretrained(tiny(family), tmp_path / "peft").eval()
@@ -167,6 +171,17 @@ def test_peft_adapter_imports_with_the_same_logits(family: str, kind: str, tmp_p
     report = load_adapter(model, tmp_path / "surgery")
     torch.testing.assert_close(logits(model), expected, rtol=1e-5, atol=1e-5)
     assert report.trainable == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+def test_peft_lora_on_gpt2_conv1d_imports(tmp_path: Path) -> None:
+    config = peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    peft_model = peft.get_peft_model(tiny("gpt2"), config).eval()
+    randomize([p for p in peft_model.parameters() if p.requires_grad], seed=4)
+    peft_model.save_pretrained(tmp_path / "peft")
+    import_peft(tmp_path / "peft", tmp_path / "surgery", model=tiny("gpt2"))
+    model = tiny("gpt2")
+    load_adapter(model, tmp_path / "surgery")
+    torch.testing.assert_close(logits(model), logits(peft_model), rtol=1e-5, atol=1e-5)
 
 
 def test_import_without_a_model_checks_shapes_at_load(tmp_path: Path) -> None:

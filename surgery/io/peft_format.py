@@ -43,6 +43,7 @@ PREFIX = "base_model.model."
 SUPPORTED = ("lora", "ia3")
 TASK_TYPES = {
     "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",  # GPT2LMHeadModel
     "ForConditionalGeneration": "SEQ_2_SEQ_LM",
     "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
     "ForSequenceClassification": "SEQ_CLS",
@@ -65,6 +66,7 @@ class Edit:
     args: dict[str, Any]
     parts: tuple[str, ...] = ()  # an edit on parts of a fused projection (`attn.qkv[q, v]`)
     layout: dict[str, Any] | None = None  # that projection's row layout (surgery.fused.Layout)
+    module_type: str = ""
 
     def rows(self, part: str) -> torch.Tensor:
         """The fused module's output rows that `part` writes."""
@@ -98,7 +100,13 @@ def saved_edits(saved: SavedAdapter) -> list[Edit]:
                 parts = tuple(target.get("parts") or ())
                 layout = target.get("layout") if parts else None
                 edits[key] = Edit(
-                    target["path"], target["edit"], target["method"], args, parts, layout
+                    target["path"],
+                    target["edit"],
+                    target["method"],
+                    args,
+                    parts,
+                    layout,
+                    target.get("module_type", ""),
                 )
             elif step["action"] in ("merge", "remove"):
                 edits.pop(key, None)
@@ -258,7 +266,7 @@ def _export_lora(
         "lora_dropout": dropouts[0],
         "use_rslora": rslora,
         "use_dora": False,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(e.module_type == "Conv1D" for e in edits),
         "bias": "none",
         "init_lora_weights": init,
         "layers_to_transform": None,
@@ -310,7 +318,7 @@ def _export_ia3(
         "peft_type": "IA3",
         "target_modules": sorted(set(short.values())),
         "feedforward_modules": sorted({short[p] for p in inputs}),
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(e.module_type == "Conv1D" for e in edits),
         "init_ia3_weights": True,
     }
     return config, weights
@@ -319,10 +327,11 @@ def _export_ia3(
 # ---- import ---------------------------------------------------------------------------------
 
 # LoRA options that change what the adapter computes and that the import does not translate:
-# (field, value that is fine)
+# (field, value that is fine). `fan_in_fan_out` is not among them: it only tells PEFT that a
+# module (GPT-2's Conv1D) stores its weight transposed, and the factors are [r, in], [out, r]
+# either way.
 _LORA_UNSUPPORTED = (
     ("use_dora", False),
-    ("fan_in_fan_out", False),
     ("lora_bias", False),
     ("modules_to_save", None),
     ("trainable_token_indices", None),
@@ -333,7 +342,7 @@ _LORA_UNSUPPORTED = (
     ("use_bdlora", None),
     ("bias", "none"),
 )
-_IA3_UNSUPPORTED = (("fan_in_fan_out", False), ("modules_to_save", None))
+_IA3_UNSUPPORTED = (("modules_to_save", None),)
 
 
 def read_peft_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
