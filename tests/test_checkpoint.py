@@ -36,10 +36,12 @@ IDS = torch.arange(3, 27).unsqueeze(0)
 NORM = "model.layers.1.input_layernorm.weight"  # a "trained" base parameter (base.safetensors)
 
 
-def make_base(folder: Path, dtype: torch.dtype, shard_size: str | None) -> torch.nn.Module:
-    """A tiny Llama checkpoint (sharded when `shard_size`) with a tokenizer file, a stale
+def make_base(
+    folder: Path, dtype: torch.dtype, shard_size: str | None, family: str = "llama"
+) -> torch.nn.Module:
+    """A tiny checkpoint (sharded when `shard_size`) with a tokenizer file, a stale
     pickle checkpoint and a subfolder beside it; returns the model that was saved."""
-    model = tiny("llama").to(dtype)
+    model = tiny(family).to(dtype)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(folder, **kwargs)
     (folder / "tokenizer.json").write_text('{"version": "1.0"}', encoding="utf-8")
@@ -48,9 +50,11 @@ def make_base(folder: Path, dtype: torch.dtype, shard_size: str | None) -> torch
     return model
 
 
-def make_adapter(model: torch.nn.Module, folder: Path, rules: str = RULES) -> torch.nn.Module:
-    """Apply `rules` to `model`, give every adapter tensor (and one norm weight, saved as a
-    trained base parameter) non-zero changes, and write the adapter directory."""
+def make_adapter(
+    model: torch.nn.Module, folder: Path, rules: str = RULES, trained: str | None = NORM
+) -> torch.nn.Module:
+    """Apply `rules` to `model`, give every adapter tensor (and the `trained` base parameter,
+    saved as base.safetensors) non-zero changes, and write the adapter directory."""
     report = rewrite(model, rules)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -58,10 +62,11 @@ def make_adapter(model: torch.nn.Module, folder: Path, rules: str = RULES) -> to
             if param.requires_grad:
                 noise = torch.randn(param.shape, generator=generator) * 0.05
                 param.add_(noise.to(param.dtype))
-        norm = model.get_parameter(NORM)
-        norm.mul_(1.5)
+        if trained:
+            model.get_parameter(trained).mul_(1.5)
     write_adapter_dir(model, folder, rules_text=rules, plan=report.plan)
-    save_file({NORM: norm.detach().clone()}, str(folder / BASE_FILE))
+    if trained:
+        save_file({trained: model.get_parameter(trained).detach().clone()}, folder / BASE_FILE)
     return model
 
 
@@ -128,6 +133,25 @@ def test_merged_checkpoint_loads_in_transformers_and_matches(
         assert torch.equal(value, want[key]), key
         assert value.dtype == dtype
     assert not torch.equal(written[NORM], tensors(tmp_path / "base")[NORM])
+
+
+def test_fused_falcon_projection_merges_and_tied_weights_are_refused(tmp_path: Path) -> None:
+    model = make_base(tmp_path / "base", torch.float32, None, family="falcon")
+    rules = (
+        "apply lora(r=2) to *.self_attention.query_key_value\napply ia3 to *.mlp.dense_4h_to_h\n"
+    )
+    model = make_adapter(model, tmp_path / "adapter", rules, trained=None)
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progress=False)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, model(IDS).logits, atol=1e-4, rtol=1e-4)
+
+    tied = make_base(tmp_path / "tied", torch.float32, None, family="falcon")
+    assert tied.lm_head.weight is tied.transformer.word_embeddings.weight
+    make_adapter(tied, tmp_path / "head", "apply lora(r=2) to lm_head\n", trained=None)
+    with pytest.raises(PlanError, match="tied weights"):
+        merge_checkpoint(tmp_path / "tied", tmp_path / "head", tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists()
 
 
 def test_layout_index_and_other_files_carry_over(sharded, tmp_path: Path) -> None:

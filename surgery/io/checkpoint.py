@@ -13,12 +13,15 @@ untouched bytes exactly.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -373,6 +376,26 @@ def _write_shard(shard: Shard, temp: Path, jobs: list[_Job], inputs: _Inputs) ->
         for name, (number, info) in job.tensors.items():
             file = temp / inputs.checkpoint.shards[number].path.name
             write_tensor(file, info, values[name].to(FLOATS[info.dtype]))
+        del values
+        _release_freed_memory()
+
+
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Give freed heap memory back to the OS. After freeing a large block, glibc raises its mmap
+    threshold, so the next module's tensors come from the heap and freed ones are kept: without
+    this the merge's resident memory grew by one module's fp32 weights per module (measured:
+    +590 MiB over a 1.1B checkpoint), as if it held the whole merged model."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _merge_site(job: _Job, values: dict[str, torch.Tensor], inputs: _Inputs) -> dict:
