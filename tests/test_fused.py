@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +23,9 @@ from torch import nn
 from surgery import rewrite
 from surgery.errors import PlanError, ResolveError, SurgeryError
 from surgery.fused import LAYOUTS, is_conv1d
+from surgery.lang import parse
 from surgery.models import from_config, load_model, preset_config
+from surgery.plan import lint
 
 # family -> (tiny preset, layer 0's fused qkv, the transformers modeling module)
 FUSED = {
@@ -465,6 +469,14 @@ def test_mistakes_are_located_errors(rules: str, error: type, words: str) -> Non
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+def test_check_finds_layout_mistakes_without_a_model() -> None:
+    with pytest.raises(PlanError, match="unknown fused layout 'falcon'"):
+        lint(parse("fuse *.query_key_value into q, k, v using falcon"))
+    with pytest.raises(PlanError, match="has 2 parts"):
+        lint(parse("fuse *.gate_up_proj into gate, up, down using gate_up"))
+    assert lint(parse("fuse *.c_attn into q, k, v using gpt2_qkv")) == []
+
+
 def test_mixed_index_is_a_syntax_error() -> None:
     with pytest.raises(SurgeryError, match=r"positions .* or part names"):
         rewrite(load_model("tiny-falcon"), "apply lora to *.query_key_value[0, q]")
@@ -487,9 +499,6 @@ def test_part_selector_spelled_by_hand_and_through_alias_agree() -> None:
 
 
 def test_the_counts_table_in_the_docs() -> None:
-    import re
-    from pathlib import Path
-
     doc = (Path(__file__).resolve().parents[1] / "docs" / "fused.md").read_text(encoding="utf-8")
     rows = re.findall(r"^\| `(apply [^`]+)` .*\| ([\d,]+) \|$", doc, flags=re.M)
     assert len(rows) == 3
