@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from surgery import __version__
@@ -442,15 +443,16 @@ def _add_step_rows(table: Table, step: Step, full: bool) -> None:
     for target in step.targets:
         role = getattr(target, "role", "")
         if full:
-            key: tuple[str, ...] = ("", target.path, target.edit)
+            key: tuple[str, ...] = ("", target.where, target.edit)
         elif role:
             key = (role, "", target.edit)
         else:
-            pattern = re.sub(r"\.\d+(?=\.|$)", ".#", target.path)
+            pattern = re.sub(r"\.\d+(?=\.|$)", ".#", target.where)
             key = ("", pattern, target.module_type, _shapes(target), target.edit)
         groups[key].append(target)
     for i, ((role, *_, edit), targets) in enumerate(groups.items()):
-        paths = [t.path for t in targets]
+        # `...query_key_value[q, v]` for parts (escaped: rich would read `[q, v]` as markup)
+        paths = [escape(t.where) for t in targets]
         if full:
             text = paths[0]
         elif role:
