@@ -154,9 +154,10 @@ def test_fused_falcon_projection_merges_and_tied_weights_are_refused(tmp_path: P
     assert not (tmp_path / "out2").exists()
 
 
-def test_layout_index_and_other_files_carry_over(sharded, tmp_path: Path) -> None:
+def test_layout_index_and_other_files_carry_over(sharded, tmp_path: Path, capsys) -> None:
     base, adapter, _ = sharded
-    summary = merge_checkpoint(base, adapter, tmp_path / "out", progress=False)
+    summary = merge_checkpoint(base, adapter, tmp_path / "out")
+    assert "merging shards" in capsys.readouterr().err  # the progress bar, on stderr
     out = tmp_path / "out"
     shards = sorted(p.name for p in base.glob("model-*.safetensors"))
     assert len(shards) > 2 and sorted(p.name for p in out.glob("*.safetensors")) == shards
