@@ -256,12 +256,12 @@ def test_import_refuses_dora_other_methods_and_pickles(tmp_path: Path) -> None:
     with pytest.raises(PeftFormatError, match=r"DoRA \(use_dora=true\) is not supported"):
         import_peft(tmp_path / "dora", tmp_path / "out")
 
-    prompt = peft.get_peft_model(
-        tiny("llama"), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    ln = peft.get_peft_model(
+        tiny("llama"), peft.LNTuningConfig(task_type="CAUSAL_LM", target_modules=["norm"])
     )
-    prompt.save_pretrained(tmp_path / "prompt")
-    with pytest.raises(PeftFormatError, match="PEFT PROMPT_TUNING adapter"):
-        import_peft(tmp_path / "prompt", tmp_path / "out")
+    ln.save_pretrained(tmp_path / "ln")
+    with pytest.raises(PeftFormatError, match="PEFT LN_TUNING adapter"):
+        import_peft(tmp_path / "ln", tmp_path / "out")
 
     lora = peft.get_peft_model(tiny("llama"), peft.LoraConfig(target_modules=["q_proj"]))
     lora.save_pretrained(tmp_path / "bin", safe_serialization=False)

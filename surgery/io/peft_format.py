@@ -1,4 +1,5 @@
-"""Hugging Face PEFT's adapter format, both ways, for LoRA and IA3.
+"""Hugging Face PEFT's adapter format, both ways, for LoRA, IA3 and the virtual-token methods
+(prompt tuning, P-tuning, prefix tuning; see surgery/io/peft_prompts.py).
 
 A PEFT adapter directory is `adapter_config.json` plus `adapter_model.safetensors`, keyed
 `base_model.model.<module path>.lora_A.weight` (A is [r, in], B is [out, r]) or `.ia3_l`
@@ -33,6 +34,12 @@ from surgery.io.load import (
     read_adapter_dir,
     read_safetensors,
 )
+from surgery.io.peft_prompts import (
+    IMPORTED_AS,
+    VIRTUAL_TOKEN_TYPES,
+    export_virtual_tokens,
+    import_virtual_tokens,
+)
 from surgery.io.safe import atomic_directory
 from surgery.lang import parse
 from surgery.plan import make_plan
@@ -40,7 +47,7 @@ from surgery.plan import make_plan
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-SUPPORTED = ("lora", "ia3")
+SUPPORTED = ("lora", "ia3", *VIRTUAL_TOKEN_TYPES)
 TASK_TYPES = {
     "ForCausalLM": "CAUSAL_LM",
     "LMHeadModel": "CAUSAL_LM",  # GPT2LMHeadModel
@@ -154,11 +161,11 @@ def export_peft(
             f"{doubled[0]} has {per_module[doubled[0]]} {methods[0]} edits; a PEFT adapter has one "
             "per module"
         )
-    if any(not e.path for e in edits):
-        raise PeftFormatError("model-level edits are not supported by the PEFT export yet")
     tensors = saved.tensors()
-    names = _module_names(saved)
-    if methods == ["lora"]:
+    names = _module_names(saved) if methods[0] in ("lora", "ia3") else None
+    if methods[0] in VIRTUAL_TOKEN_TYPES:
+        config, weights = export_virtual_tokens(edits[0], tensors, skeleton(saved))
+    elif methods == ["lora"]:
         config, weights = _export_lora(edits, tensors, names)
     else:
         config, weights = _export_ia3(edits, tensors, names)
@@ -179,9 +186,9 @@ def _task_type(model_class: str) -> str | None:
     return next((t for suffix, t in TASK_TYPES.items() if model_class.endswith(suffix)), None)
 
 
-def _module_names(saved: SavedAdapter) -> list[str] | None:
-    """Every module path of the model the adapter was made on (a meta-device build from the
-    recorded config), to decide whether short names like `q_proj` select exactly the targets."""
+def skeleton(saved: SavedAdapter) -> nn.Module | None:
+    """The model the adapter was made on, built on the meta device from its recorded config
+    (None when no config was recorded or transformers cannot build it)."""
     config = (saved.model or {}).get("config")
     if not config:
         return None
@@ -191,10 +198,16 @@ def _module_names(saved: SavedAdapter) -> list[str] | None:
         from surgery.models import from_config
 
         fields = {k: v for k, v in config.items() if k != "model_type"}
-        model = from_config(AutoConfig.for_model(config["model_type"], **fields), meta=True)
-    except Exception:  # an unusual model: fall back to full paths, which are always exact
+        return from_config(AutoConfig.for_model(config["model_type"], **fields), meta=True)
+    except Exception:  # an unusual model: callers fall back to what needs no model
         return None
-    return [name for name, _ in model.named_modules()]
+
+
+def _module_names(saved: SavedAdapter) -> list[str] | None:
+    """Every module path of the model the adapter was made on, to decide whether short names
+    like `q_proj` select exactly the targets (None: use full paths, which are always exact)."""
+    model = skeleton(saved)
+    return None if model is None else [name for name, _ in model.named_modules()]
 
 
 def _short_names(paths: list[str], names: list[str] | None) -> dict[str, str]:
@@ -525,9 +538,12 @@ def import_peft(
         statements, weights = _lora_program(config, tensors)
     elif kind == "IA3":
         statements, weights = _ia3_program(config, tensors)
+    elif kind in IMPORTED_AS:
+        statements, weights = import_virtual_tokens(config, tensors)
     else:
         raise PeftFormatError(
-            f"cannot import a PEFT {kind} adapter: the import supports LORA and IA3",
+            f"cannot import a PEFT {kind} adapter: the import supports LORA, IA3, "
+            + ", ".join(IMPORTED_AS),
         )
     if not statements:
         raise PeftFormatError(f"{peft_dir / WEIGHTS_FILE} holds no adapter tensors")
