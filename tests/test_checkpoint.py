@@ -146,6 +146,10 @@ def test_fused_falcon_projection_merges_and_tied_weights_are_refused(tmp_path: P
     with torch.no_grad():
         torch.testing.assert_close(merged(IDS).logits, model(IDS).logits, atol=1e-4, rtol=1e-4)
 
+    make_base(tmp_path / "llama", torch.float32, None)
+    with pytest.raises(ModelLoadError, match="made for a 'falcon' model"):
+        merge_checkpoint(tmp_path / "llama", tmp_path / "adapter", tmp_path / "out3")
+
     tied = make_base(tmp_path / "tied", torch.float32, None, family="falcon")
     assert tied.lm_head.weight is tied.transformer.word_embeddings.weight
     make_adapter(tied, tmp_path / "head", "apply lora(r=2) to lm_head\n", trained=None)

@@ -30,7 +30,8 @@ from torch import nn
 from surgery.errors import ModelLoadError, OutputError, PlanError
 from surgery.execute import iter_edits, logical_module
 from surgery.graph.site import Site
-from surgery.io.adapters import ADAPTER_FILE, PLAN_FILE, RULES_FILE
+from surgery.io.adapters import ADAPTER_FILE, BASE_FILE, RULES_FILE
+from surgery.io.load import SavedAdapter, read_adapter_dir
 from surgery.io.safe import atomic_directory
 from surgery.io.shards import (
     FLOATS,
@@ -44,8 +45,6 @@ from surgery.io.shards import (
 )
 from surgery.methods import REGISTRY
 
-# Trained base parameters (`unfreeze **.bias`) saved next to the adapter, by logical path.
-BASE_FILE = "base.safetensors"
 # Other weight formats next to the safetensors would hold the *unmerged* weights: never copied.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
@@ -110,10 +109,11 @@ def merge_checkpoint(
     _check_locations(model_dir, adapter_dir, out, force)
     checkpoint = open_checkpoint(model_dir)
     skeleton = _skeleton(model_dir)
-    _check_model_type(skeleton, adapter_dir)
-    _apply_rules(skeleton, adapter_dir)
+    saved = read_adapter_dir(adapter_dir)  # the files are there, in a format this version reads
+    _check_model_type(skeleton, saved)
+    _apply_rules(skeleton, saved)
     _check_mergeable(skeleton, adapter_dir)
-    adapter = read_shard(_adapter_file(adapter_dir))
+    adapter = read_shard(adapter_dir / ADAPTER_FILE)
     trained = read_shard(adapter_dir / BASE_FILE) if (adapter_dir / BASE_FILE).is_file() else None
     inputs = _Inputs(checkpoint, adapter, trained, _check_adapter(skeleton, adapter))
     jobs = _plan_jobs(skeleton, inputs, adapter_dir)
@@ -177,33 +177,24 @@ def _skeleton(model_dir: Path) -> nn.Module:
         raise ModelLoadError(f"cannot build the model of {where}: {error}") from None
 
 
-def _check_model_type(skeleton: nn.Module, adapter_dir: Path) -> None:
+def _check_model_type(skeleton: nn.Module, saved: SavedAdapter) -> None:
     """An adapter records the model type it was made on (plan.json); refuse another family."""
-    try:
-        document = json.loads((adapter_dir / PLAN_FILE).read_text(encoding="utf-8"))
-        made_on = (document.get("model") or {}).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return  # older adapters have no record; the rules and shapes are still checked
+    made_on = saved.model.get("model_type")
     found = getattr(getattr(skeleton, "config", None), "model_type", None)
     if made_on and found and made_on != found:
         raise ModelLoadError(
-            f"the adapter in {adapter_dir} was made for a '{made_on}' model; the checkpoint's "
+            f"the adapter in {saved.path} was made for a '{made_on}' model; the checkpoint's "
             f"config.json is '{found}'",
             hint=f"merge it into a {made_on} checkpoint with the same shapes",
         )
 
 
-def _apply_rules(skeleton: nn.Module, adapter_dir: Path) -> None:
+def _apply_rules(skeleton: nn.Module, saved: SavedAdapter) -> None:
     """Recreate the adapter's sites on the skeleton by running its own rules."""
     from surgery.api import rewrite
-    from surgery.lang import parse_file
+    from surgery.lang import parse
 
-    path = adapter_dir / RULES_FILE
-    if not path.is_file():
-        raise ModelLoadError(
-            f"{adapter_dir} has no {RULES_FILE}: not an adapter written by `surgery apply --out`"
-        )
-    rewrite(skeleton, parse_file(path))
+    rewrite(skeleton, parse(saved.rules_text, str(saved.path / RULES_FILE)))
 
 
 def _check_mergeable(skeleton: nn.Module, adapter_dir: Path) -> None:
@@ -233,15 +224,6 @@ def _check_mergeable(skeleton: nn.Module, adapter_dir: Path) -> None:
 
 def _level(method: object) -> str:
     return getattr(method, "level", "module")
-
-
-def _adapter_file(adapter_dir: Path) -> Path:
-    path = adapter_dir / ADAPTER_FILE
-    if not path.is_file():
-        raise ModelLoadError(
-            f"{adapter_dir} has no {ADAPTER_FILE}: not an adapter written by `surgery apply --out`"
-        )
-    return path
 
 
 def _check_adapter(skeleton: nn.Module, adapter: Shard) -> dict[int, str]:
