@@ -280,11 +280,21 @@ def test_adapter_that_does_not_fit_names_the_first_mismatching_tensor(sharded, t
     assert not (tmp_path / "out").exists()
 
 
-def test_non_mergeable_edit_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        ("apply adapter(r=4) to *.mlp", r"'adapter' \(adapter\) on model\.layers\.0\.mlp"),
+        ("use llama\napply prompt(n=3) to embed", r"'prompt' \(prompt\) adds virtual tokens"),
+    ],
+    ids=["serial adapter", "prompt"],
+)
+def test_non_mergeable_edit_is_refused_before_anything_is_written(
+    tmp_path: Path, rules: str, message: str
+) -> None:
     model = make_base(tmp_path / "base", torch.float32, None)
-    make_adapter(model, tmp_path / "adapter", "apply adapter(r=4) to *.mlp\n")
+    make_adapter(model, tmp_path / "adapter", rules + "\n", trained=None)
     listing = sorted(p.name for p in tmp_path.iterdir())
-    with pytest.raises(PlanError, match=r"'adapter' \(adapter\) on model\.layers\.0\.mlp") as err:
+    with pytest.raises(PlanError, match=message) as err:
         merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
     assert "serve this adapter unmerged" in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == listing

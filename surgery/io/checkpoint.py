@@ -201,16 +201,16 @@ def _check_mergeable(skeleton: nn.Module, adapter_dir: Path) -> None:
     """Every edit must fold into base weights: serial adapters (non-linear) and virtual tokens
     (no weight of the base model to fold into) cannot."""
     mergeable = ", ".join(
-        sorted(n for n, m in REGISTRY.items() if m.mergeable and _level(m) == "module")
+        sorted(n for n, m in REGISTRY.items() if m.mergeable and m.level == "module")
     )
     hint = f"a merged checkpoint can hold only {mergeable}; serve this adapter unmerged"
     for path, edit, module in iter_edits(skeleton):
         owner = skeleton.get_submodule(path) if path else None
         if not isinstance(owner, Site):  # a model-level edit (prompt, prefix)
+            method = getattr(module, "options", {}).get("method", type(module).__name__)
             raise PlanError(
-                f"cannot merge the adapter in {adapter_dir}: its edit '{edit}' "
-                f"({type(module).__name__}) adds virtual tokens, which a checkpoint of the base "
-                "architecture has no place for",
+                f"cannot merge the adapter in {adapter_dir}: its edit '{edit}' ({method}) adds "
+                "virtual tokens, which a checkpoint of the base architecture has no place for",
                 hint=hint,
             )
         method = next(e.method for e in owner.edits if e.name == edit)
@@ -220,10 +220,6 @@ def _check_mergeable(skeleton: nn.Module, adapter_dir: Path) -> None:
                 f"{path} cannot be folded into the weights",
                 hint=hint,
             )
-
-
-def _level(method: object) -> str:
-    return getattr(method, "level", "module")
 
 
 def _check_adapter(skeleton: nn.Module, adapter: Shard) -> dict[int, str]:
