@@ -395,7 +395,7 @@ class Planner:
                 hint="choose another name with `as NAME`",
             )
         matched = self.resolve(st.selectors, modules_only=True, include_adapters=False)
-        matched, parts = group_parts(matched, method.name, getattr(method, "acts_on_parts", False))
+        matched, parts = group_parts(matched, method.name, method.acts_on_parts)
         nodes = [node for node, _, _ in matched]
         roles = {id(node): role for node, _, role in matched}
         if method.level == "model":

@@ -141,6 +141,9 @@ class Method:
     # "module": the edit sits on a site around each target. "model": it acts on the whole input
     # sequence and attaches to the model itself (see surgery.graph.model_edit).
     level: ClassVar[str] = "module"
+    # Whether the method can act on parts of a fused projection (`attn.qkv[q, v]`, see
+    # surgery/fused.py): it then receives the parts' output rows and touches only those.
+    acts_on_parts: ClassVar[bool] = False
 
     def can_merge(self, options: dict[str, Any]) -> bool:
         """Whether an edit with these EditKey options can be merged (most methods: always)."""
