@@ -459,6 +459,7 @@ def _add_step_rows(table: Table, step: Step, full: bool) -> None:
             text = layer_range(paths) or _summarize([t for t, _ in group_paths(paths)])
         else:
             ((text, _),) = group_paths(paths)
+        text = text or "(the model)"  # a model-level edit (prompt, prefix)
         name = label if step.action == "apply" else f"{label} {edit}"
         params = sum(t.params for t in targets)
         table.add_row(
