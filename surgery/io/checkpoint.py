@@ -31,7 +31,7 @@ from surgery.errors import ModelLoadError, OutputError, PlanError
 from surgery.execute import iter_edits, logical_module
 from surgery.graph.site import Site
 from surgery.io.adapters import ADAPTER_FILE, BASE_FILE, RULES_FILE
-from surgery.io.load import SavedAdapter, read_adapter_dir
+from surgery.io.load import SavedAdapter, check_family, read_adapter_dir
 from surgery.io.safe import atomic_directory
 from surgery.io.shards import (
     FLOATS,
@@ -110,7 +110,7 @@ def merge_checkpoint(
     checkpoint = open_checkpoint(model_dir)
     skeleton = _skeleton(model_dir)
     saved = read_adapter_dir(adapter_dir)  # the files are there, in a format this version reads
-    _check_model_type(skeleton, saved)
+    check_family(saved, skeleton)
     _apply_rules(skeleton, saved)
     _check_mergeable(skeleton, adapter_dir)
     adapter = read_shard(adapter_dir / ADAPTER_FILE)
@@ -175,18 +175,6 @@ def _skeleton(model_dir: Path) -> nn.Module:
     except Exception as error:  # anything transformers raises about a config is the user's input
         where = model_dir / "config.json"
         raise ModelLoadError(f"cannot build the model of {where}: {error}") from None
-
-
-def _check_model_type(skeleton: nn.Module, saved: SavedAdapter) -> None:
-    """An adapter records the model type it was made on (plan.json); refuse another family."""
-    made_on = saved.model.get("model_type")
-    found = getattr(getattr(skeleton, "config", None), "model_type", None)
-    if made_on and found and made_on != found:
-        raise ModelLoadError(
-            f"the adapter in {saved.path} was made for a '{made_on}' model; the checkpoint's "
-            f"config.json is '{found}'",
-            hint=f"merge it into a {made_on} checkpoint with the same shapes",
-        )
 
 
 def _apply_rules(skeleton: nn.Module, saved: SavedAdapter) -> None:

@@ -130,7 +130,7 @@ def load_adapter(model: nn.Module, adapter_dir: Path | str) -> Report:
     """
     saved = read_adapter_dir(adapter_dir)
     _check_versions(saved)
-    _check_family(saved, model)
+    check_family(saved, model)
     program = parse(saved.rules_text, str(saved.path / RULES_FILE))
     with _paused_gc():
         plan = make_plan(model, program)
@@ -155,7 +155,8 @@ def _check_versions(saved: SavedAdapter) -> None:
         )
 
 
-def _check_family(saved: SavedAdapter, model: nn.Module) -> None:
+def check_family(saved: SavedAdapter, model: nn.Module) -> None:
+    """An adapter records the model type it was made on (plan.json); refuse another one."""
     expected = saved.model.get("model_type")
     found = getattr(getattr(model, "config", None), "model_type", None)
     if expected and found and expected != found:
