@@ -35,6 +35,7 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 @pytest.mark.parametrize("family", TINY)
 def test_portable_rules_on_tiny_presets(family: str) -> None:
     model = load_model(f"tiny-{family}").eval()  # T5 has dropout
+    model.requires_grad_(False)  # as after the rewrite: T5's logits move ~1e-6 with this flag
     before = _logits(model)
     report = rewrite(model, RULES)
     assert (report.trainable, report.total) == count_parameters(model)
