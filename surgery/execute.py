@@ -171,35 +171,53 @@ def _apply(model: nn.Module, step: Step, tx: Transaction) -> None:
 
 
 def _take_out(model: nn.Module, step: Step, tx: Transaction, merge: bool) -> None:
+    by_site: dict[str, list[Target]] = {}  # the planner lists a site's targets together
     for target in step.targets:
-        if REGISTRY[target.method].level == "model":
-            if merge:  # bake the encoder into a plain table; the edit stays
-                tx.replace(target.edit, model._modules[target.edit].baked())
-            else:
-                tx.undo.append(model_edit.uninstall(model, target.edit))
-            continue
-        site = logical_module(model, target.path)
-        assert isinstance(site, Site), target
+        if REGISTRY[target.method].level != "model":
+            by_site.setdefault(target.path, []).append(target)
+        elif merge:  # bake the encoder into a plain table; the edit stays
+            tx.replace(target.edit, model._modules[target.edit].baked())
+        else:
+            tx.undo.append(model_edit.uninstall(model, target.edit))
+    for path, targets in by_site.items():
+        site = logical_module(model, path)
+        assert isinstance(site, Site), path
         if merge:
-            _merge_one(site, target, tx)
-        tx.replace(target.path, drop_edit(site, target.edit))
+            _merge_into_base(site, targets, tx)
+        for target in targets:
+            tx.replace(path, drop_edit(logical_module(model, path), target.edit))
 
 
-def _merge_one(site: Site, target: Target, tx: Transaction) -> None:
+def _merge_into_base(site: Site, targets: list[Target], tx: Transaction) -> None:
+    """Merge the targets' edits, in order, into the site's module: in fp32, rounded once.
+
+    The module's floating-point parameters become fp32 copies while the methods merge (each
+    method computes in fp32 and writes back in the weight's dtype, which is then fp32), and the
+    result is copied once into the original tensors: several edits merged by one statement round
+    once, as the streaming checkpoint merge does.
+    """
     base = site._modules["base"]
-    saved = {
-        name: p.detach().clone()
-        for name, p in base.named_parameters(recurse=False)
-        if not p.is_meta
-    }
+    params = [
+        p for p in base.parameters(recurse=False) if not p.is_meta and p.is_floating_point()
+    ]
+    originals = [p.data for p in params]
+    saved = [data.clone() for data in originals]
 
     def restore() -> None:
         with torch.no_grad():
-            for name, value in saved.items():
-                getattr(base, name).copy_(value)
+            for param, original, value in zip(params, originals, saved, strict=True):
+                param.data = original
+                original.copy_(value)
 
     tx.undo.append(restore)
-    REGISTRY[target.method].merge(base, site._modules[target.edit])
+    for param in params:
+        param.data = param.data.to(torch.float32, copy=True)
+    for target in targets:
+        REGISTRY[target.method].merge(base, site._modules[target.edit])
+    with torch.no_grad():
+        for param, original in zip(params, originals, strict=True):
+            merged, param.data = param.data, original
+            original.copy_(merged)  # the one rounding into the parameter's dtype
 
 
 def _set_trainable(model: nn.Module, step: Step, tx: Transaction, value: bool) -> None:

@@ -130,3 +130,23 @@ def test_forced_replacement_that_fails_keeps_the_previous_output(tmp_path: Path,
         (temp / "new.txt").write_text("new")
     assert (target / "keep.txt").read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_one_merge_statement_rounds_once_per_module() -> None:
+    """LoRA and IA3 on one bf16 module, merged by one statement: the weight is the fp32
+    computation rounded once (each method rounding on its own differed in ~1/4 of entries)."""
+    model = tiny("llama").to(torch.bfloat16)
+    rewrite(model, "apply lora(r=2) to *.q_proj\napply ia3 to *.q_proj")
+    site = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.5)
+    weight = site.base.weight.detach().float()
+    lora, ia3 = site.edit_module("lora"), site.edit_module("ia3")
+    expected = ((weight + lora.delta_weight()) * ia3.l.detach().float()[:, None]).to(torch.bfloat16)
+    original = site.base.weight
+    rewrite(model, "merge")
+    merged = model.model.layers[0].self_attn.q_proj.weight
+    assert merged is original and merged.dtype == torch.bfloat16
+    assert torch.equal(merged, expected)
