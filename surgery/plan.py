@@ -388,7 +388,7 @@ class Planner:
         method = get_method(st.method, st.method_span)
         args = method.bind(st.arguments, st.method_span)
         edit = st.name or method.name
-        if is_reserved_edit_name(edit):
+        if method.level != "model" and is_reserved_edit_name(edit):
             raise PlanError(
                 f"'{edit}' cannot name an edit: the site uses that name itself",
                 span=st.span,
@@ -446,7 +446,7 @@ class Planner:
                 )
             if edit in node.children:
                 raise PlanError(
-                    f"'{edit}' is already the name of a child of {node.path}; "
+                    f"'{edit}' is already the name of a child of {node.path or 'the model'}; "
                     "choose another edit name with `as NAME`",
                     span=st.span,
                 )

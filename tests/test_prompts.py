@@ -199,6 +199,10 @@ def test_merging_a_plain_table_is_a_plan_error(llama: nn.Module, method: str) ->
         ('apply prompt(n=4, init=text, text="hello") to embed', "needs the model's tokenizer"),
         ("apply prompt(n=0) to embed", "must be at least 1"),
         ("apply p_tuning(encoder=gru) to embed", "must be one of mlp, lstm"),
+        ("apply prefix(n=2) to *.mlp.down_proj", r"down_proj \(Linear\), which never sees"),
+        ("apply prefix(n=2) to layers.*.mlp", r"mlp \(LlamaMLP\), which never sees the cache"),
+        ("apply prompt(n=2) to embed as model", "already the name of a child of the model"),
+        ("apply prompt(n=2) to embed as forward", "'forward' is an attribute of the model"),
     ],
 )
 def test_selection_and_argument_errors(llama: nn.Module, rule: str, message: str) -> None:
@@ -356,3 +360,22 @@ def test_counts_on_the_llama_2_7b_skeleton() -> None:
     rewrite(model, "remove prompt")
     report = rewrite(model, "use llama\napply p_tuning_v2(n=20) to layers.*")
     assert report.trainable == report.plan.trainable == 20 * 2 * 32 * 4096  # 5,242,880
+
+
+def test_prompt_on_an_encoder_pads_token_types_and_masked_lm_labels() -> None:
+    model = tiny("bert").eval()
+    rewrite(model, "use auto\napply prompt(n=4) to embed")
+    randomize(model)
+    ids = IDS % 200
+    types, mask = torch.zeros_like(ids), torch.ones_like(ids)
+    out = model(input_ids=ids, token_type_ids=types, attention_mask=mask, labels=ids)
+    assert out.logits.shape[:2] == (2, 4 + ids.shape[1])
+    logits = out.logits[:, 4:]
+    expected = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+
+
+@pytest.mark.parametrize("method", ["prefix", "p_tuning_v2"])
+def test_prefix_needs_a_generative_decoder(method: str) -> None:
+    with pytest.raises(PlanError, match="BertForMaskedLM is not one"):
+        rewrite(tiny("bert"), f"use auto\napply {method}(n=2) to layers.*")

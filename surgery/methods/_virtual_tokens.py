@@ -48,7 +48,10 @@ class VirtualTokenMethod(Method):
                 f"{self.name} needs a Hugging Face model (one with a config and input embeddings)"
             )
         if getattr(config, "is_encoder_decoder", False):
-            return Problem(f"{self.name} supports decoder-only models; this one is encoder-decoder")
+            return Problem(
+                f"{self.name} supports decoder-only and encoder-only models; "
+                f"{type(model).__name__} is encoder-decoder"
+            )
         return None
 
     def table_width(self, model: nn.Module, args: dict[str, Any]) -> int:

@@ -12,6 +12,7 @@ its value, each `kv_heads × head_dim` wide (PEFT's layout, so tables convert as
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -42,6 +43,15 @@ def cache_geometry(config: Any) -> tuple[int, int, int]:
     else:
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return layers, kv_heads, head_dim
+
+
+CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")
+
+
+def takes_the_cache(module: nn.Module) -> bool:
+    """Whether a module's forward receives the key/value cache (a decoder layer, an attention)."""
+    names = inspect.signature(type(module).forward).parameters
+    return any(name in names for name in CACHE_ARGUMENTS)
 
 
 class PrefixAdapter(VirtualTokenAdapter):
@@ -91,17 +101,32 @@ class PrefixTuning(VirtualTokenMethod):
     )
     attaches_to = ("every layer", "layers.*")
 
+    def check_model(self, model: nn.Module) -> Problem | None:
+        problem = super().check_model(model)
+        if problem is None and not model.can_generate():
+            return Problem(
+                f"{self.name} enters through the cache of a generative decoder; "
+                f"{type(model).__name__} is not one (for encoders, use prompt)"
+            )
+        return problem
+
     def check_selection(
         self, model: nn.Module, selected: list[tuple[str, nn.Module]], args: dict[str, Any]
     ) -> Problem | None:
+        """One module per layer, each of which receives that layer's cache: the decoder layers
+        or their attention modules (a module whose forward takes the cache)."""
         layers = model.config.num_hidden_layers
         types = {type(m).__name__ for _, m in selected}
-        if len(selected) == layers and len(types) == 1:
+        cacheless = [p for p, m in selected if not takes_the_cache(m)]
+        if len(selected) == layers and len(types) == 1 and not cacheless:
             return None
         got = f"{len(selected)} module(s) of type(s) {', '.join(sorted(types))}"
+        if cacheless and len(selected) == layers:
+            kind = type(dict(selected)[cacheless[0]]).__name__
+            got = f"{cacheless[0]} ({kind}), which never sees the cache"
         return Problem(
             f"{self.name} extends every layer's key/value cache: select one module per layer "
-            f"({layers} of one type: the layers or their attention modules), not {got}",
+            f"({layers}: the layers or their attention modules), not {got}",
             hint=f"apply {self.name}(...) to layers.*",
         )
 

@@ -41,9 +41,13 @@ class PromptAdapter(VirtualTokenAdapter):
         inputs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
         inputs["input_ids"] = None
         labels = inputs.get("labels")
-        if isinstance(labels, torch.Tensor):
+        if isinstance(labels, torch.Tensor) and labels.shape[-1] == embeds.shape[1]:
             ignored = labels.new_full((labels.shape[0], self.n), IGNORE_INDEX)
             inputs["labels"] = torch.cat([ignored, labels], dim=1)
+        token_types = inputs.get("token_type_ids")  # BERT-like encoders: segment A
+        if isinstance(token_types, torch.Tensor):
+            front = token_types.new_zeros(token_types.shape[0], self.n)
+            inputs["token_type_ids"] = torch.cat([front, token_types], dim=1)
         return extend_inputs(inputs, self.n, prepended=self.n)
 
 
