@@ -123,8 +123,9 @@ def include_path(statement: ast.Use, program: ast.Program, including: tuple[str,
         base = Path(program.source.name).parent if program.source.name != "<string>" else Path()
         path = (base / statement.target).resolve()
         if not path.is_file():
+            what = "is a directory, not a rule file" if path.is_dir() else "does not exist"
             raise ResolveError(
-                f"rule file '{statement.target}' does not exist (looked for {path})",
+                f"rule file '{statement.target}' {what} (looked for {path})",
                 span=statement.span,
             )
     else:
@@ -145,6 +146,25 @@ def include_path(statement: ast.Use, program: ast.Program, including: tuple[str,
             f"'{statement.target}' is already being included: this {what}", span=statement.span
         )
     return path
+
+
+def parse_included(statement: ast.Use, path: Path) -> ast.Program:
+    """The program a `use` includes; a file that cannot be read is an error at the `use`, and
+    a file declares at most one family."""
+    try:
+        program = parse_file(path)
+    except SurgeryError as error:
+        if error.span is None:
+            error.span = statement.span
+        raise
+    families = [st for st in program if isinstance(st, ast.Family)]
+    if len(families) > 1:
+        raise ResolveError(
+            f"{path.name} declares {len(families)} families; a rule file declares at most one",
+            span=families[1].span,
+            hint="split it into one file per family",
+        )
+    return program
 
 
 @cache
@@ -182,7 +202,7 @@ def lint(program: ast.Program) -> list[LintWarning]:
                 if not st.is_path and st.target == "auto":
                     continue  # needs a model to pick the family
                 path = include_path(st, prog, including)
-                visit(parse_file(path), (*including, str(path)))
+                visit(parse_included(st, path), (*including, str(path)))
             elif isinstance(st, ast.Apply):
                 method = get_method(st.method, st.method_span)
                 method.bind(st.arguments, st.method_span)
@@ -310,7 +330,7 @@ class Planner:
         if not statement.is_path and statement.target == "auto":
             statement = replace(statement, target=self.auto_family(statement.span))
         path = include_path(statement, program, including)
-        self.run(parse_file(path), (*including, str(path)), used_at=statement.span)
+        self.run(parse_included(statement, path), (*including, str(path)), used_at=statement.span)
 
     def model_type(self) -> str | None:
         return getattr(getattr(self.model, "config", None), "model_type", None)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from surgery import ModelLoadError, PlanError, ResolveError, Site, rewrite
+from surgery import ModelLoadError, PlanError, ResolveError, Site, SurgeryError, rewrite
 from surgery.models import load_model, tiny
 
 IDS = torch.arange(3, 15).unsqueeze(0)
@@ -150,3 +150,24 @@ def test_one_merge_statement_rounds_once_per_module() -> None:
     merged = model.model.layers[0].self_attn.q_proj.weight
     assert merged is original and merged.dtype == torch.bfloat16
     assert torch.equal(merged, expected)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xff\xfe\x00", "cannot read rule file"),
+        (None, "is a directory, not a rule file"),
+        (b'family x for "llama"\nfamily y for "llama"\n', "declares 2 families"),
+    ],
+)
+def test_unusable_included_files_are_errors_located(
+    content: bytes | None, message: str, tmp_path: Path
+) -> None:
+    included = tmp_path / "inc.surg"
+    if content is None:
+        included.mkdir()
+    else:
+        included.write_bytes(content)
+    with pytest.raises(SurgeryError, match=message) as caught:
+        rewrite(tiny("llama"), f'use "{included}"\napply lora(r=2) to *.q_proj')
+    assert caught.value.span is not None
