@@ -20,7 +20,8 @@ from rich.table import Table
 
 from surgery import __version__
 from surgery.api import rewrite
-from surgery.errors import ModelLoadError, OutputError, SurgeryError
+from surgery.errors import ModelLoadError, SurgeryError
+from surgery.io.safe import check_output
 from surgery.lang import ast, parse, parse_file
 from surgery.methods import REGISTRY
 from surgery.plan import Plan, Step, Target, lint
@@ -156,10 +157,23 @@ def _model(args: argparse.Namespace) -> torch.nn.Module:
     return load_model(args.model, meta=meta, dtype=DTYPES.get(args.dtype or ""))
 
 
-def _refuse_existing(out: Path, force: bool) -> None:
+def _inputs(args: argparse.Namespace, **named: Path | None) -> dict[str, Path | None]:
+    """What a command reads from disk, which its --out may not be, contain, or lie inside:
+    `named` (the adapter or PEFT directory), the --model path and the rules file when they
+    are paths."""
+    found: dict[str, Path | None] = dict(named)
+    model = getattr(args, "model", None)
+    if model is not None and Path(model).exists():
+        found["model"] = Path(model)
+    rules = getattr(args, "rules", None)
+    if rules not in (None, "-"):
+        found["rules file"] = Path(rules)
+    return found
+
+
+def _refuse_output(args: argparse.Namespace, inputs: dict[str, Path | None]) -> None:
     """Fail before the slow work (loading a model) when the output is in the way."""
-    if out.exists() and not force:
-        raise OutputError(f"{out} already exists", hint="pass --force to replace it")
+    check_output(args.out, force=args.force, inputs=inputs)
 
 
 def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
@@ -202,14 +216,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
             "a model on the meta device has no weights to write; "
             "use `surgery plan --meta` to inspect it, or drop --meta"
         )
-    _refuse_existing(args.out, args.force)
+    inputs = _inputs(args)
+    _refuse_output(args, inputs)
     model = _model(args)
     report = rewrite(model, program)
     from surgery.io import write_adapter_dir
 
     with err.status("writing adapter"):
         written = write_adapter_dir(
-            model, args.out, rules_text=text, plan=report.plan, force=args.force
+            model, args.out, rules_text=text, plan=report.plan, force=args.force, inputs=inputs
         )
     out.print(plan_table(report.plan, full=False))
     out.print(report.totals_line())
@@ -221,8 +236,9 @@ def cmd_load(args: argparse.Namespace) -> int:
     from surgery.io import write_adapter_dir
     from surgery.io.load import load_adapter, read_adapter_dir
 
+    inputs = _inputs(args, **{"adapter directory": args.adapter})
     if args.out is not None:
-        _refuse_existing(args.out, args.force)
+        _refuse_output(args, inputs)
     saved = read_adapter_dir(args.adapter)  # a bad directory fails before the model loads
     model = _model(args)
     with warnings.catch_warnings(record=True) as caught:
@@ -234,7 +250,12 @@ def cmd_load(args: argparse.Namespace) -> int:
     out.print(f"loaded {len(saved.shapes) + len(saved.base_shapes)} tensor(s) from {args.adapter}/")
     if args.out is not None:
         written = write_adapter_dir(
-            model, args.out, rules_text=saved.rules_text, plan=report.plan, force=args.force
+            model,
+            args.out,
+            rules_text=saved.rules_text,
+            plan=report.plan,
+            force=args.force,
+            inputs=inputs,
         )
         out.print(f"wrote {written} adapter tensor(s) to {args.out}/")
     return 0
@@ -243,21 +264,20 @@ def cmd_load(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from surgery.io.peft_format import export_peft
 
-    _refuse_existing(args.out, args.force)
+    _refuse_output(args, _inputs(args, **{"adapter directory": args.adapter}))
     config = export_peft(
         args.adapter, args.out, force=args.force, base_model_name_or_path=args.base_model
     )
-    targets = ", ".join(config["target_modules"])
-    out.print(
-        f"wrote a PEFT {config['peft_type']} adapter to {args.out}/ (target_modules: {targets})"
-    )
+    targets = config.get("target_modules")  # virtual-token types have none
+    what = f" (target_modules: {', '.join(targets)})" if targets else ""
+    out.print(f"wrote a PEFT {config['peft_type']} adapter to {args.out}/{what}", markup=False)
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     from surgery.io.peft_format import import_peft
 
-    _refuse_existing(args.out, args.force)
+    _refuse_output(args, _inputs(args, **{"PEFT directory": args.peft}))
     model = _model(args) if args.model is not None else None
     rules = import_peft(args.peft, args.out, model=model, force=args.force)
     out.print(rules, markup=False, highlight=False)
@@ -269,7 +289,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from surgery.io.checkpoint import merge_checkpoint  # streams shards; needs no model in memory
 
-    _refuse_existing(args.out, args.force)
+    _refuse_output(
+        args, _inputs(args, **{"model directory": args.model, "adapter directory": args.adapter})
+    )
     summary = merge_checkpoint(
         args.model, args.adapter, args.out, force=args.force, progress=not args.no_progress
     )

@@ -327,3 +327,40 @@ def test_directories_without_safetensors_weights_are_refused(sharded, tmp_path: 
         merge_checkpoint(folder, adapter, tmp_path / "out", progress=False)
     with pytest.raises(SurgeryError, match="does not exist"):
         merge_checkpoint(tmp_path / "nowhere", adapter, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("family", ["falcon", "gpt2"])
+def test_lora_and_ia3_on_parts_of_a_fused_projection_merge(tmp_path: Path, family: str) -> None:
+    """Edits on parts of a fused projection (Falcon's query_key_value, GPT-2's c_attn) keep
+    their row index out of the adapter file: the merge rebuilds it, and plain transformers
+    computes the unmerged model's logits."""
+    model = make_base(tmp_path / "base", torch.float32, None, family=family)
+    rules = "use auto\napply lora(r=2) to attn.q, attn.v\napply ia3 to attn.k\n"
+    model = make_adapter(model, tmp_path / "adapter", rules, trained=None)
+    summary = merge_checkpoint(
+        tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progress=False
+    )
+    layers = model.config.num_hidden_layers
+    assert (summary.modules, summary.edits) == (layers, 2 * layers)
+    merged, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()), info
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, model(IDS).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_summary_counts_only_the_tensors_the_merge_rewrites(tmp_path: Path) -> None:
+    """LoRA changes a Conv1D's weight, not its bias: the bias keeps its bytes and is not
+    counted; IA3 on the output scales both."""
+    model = make_base(tmp_path / "base", torch.float32, None, family="gpt2")
+    make_adapter(model, tmp_path / "lora", "apply lora(r=2) to *.c_fc\n", trained=None)
+    summary = merge_checkpoint(tmp_path / "base", tmp_path / "lora", tmp_path / "a", progress=False)
+    layers = model.config.num_hidden_layers
+    assert (summary.modules, summary.edits, summary.tensors) == (layers, layers, layers)
+    old, new = tensors(tmp_path / "base"), tensors(tmp_path / "a")
+    changed = sorted(k for k in old if not torch.equal(old[k], new[k]))
+    assert changed == [f"transformer.h.{i}.mlp.c_fc.weight" for i in range(layers)]
+
+    model = make_base(tmp_path / "base2", torch.float32, None, family="gpt2")
+    make_adapter(model, tmp_path / "ia3", "apply ia3 to *.c_fc\n", trained=None)
+    summary = merge_checkpoint(tmp_path / "base2", tmp_path / "ia3", tmp_path / "b", progress=False)
+    assert summary.tensors == 2 * layers  # weight and bias

@@ -537,7 +537,7 @@ def test_load_with_dtype_and_errors(capsys, tmp_path, hf_dir) -> None:
     code, _, err = run(capsys, "load", "-m", "tiny-llama", "-a", str(tmp_path / "none"))
     assert code == 1 and "no adapter directory" in err
     code, _, err = run(capsys, "load", "-m", "tiny-llama", "-a", str(adapter), "-o", str(adapter))
-    assert code == 1 and "already exists" in err
+    assert code == 1 and "overlaps the adapter directory" in err  # never "pass --force"
 
 
 def test_export_and_import_round_trip_on_the_command_line(capsys, tmp_path) -> None:
@@ -600,3 +600,33 @@ def test_families_lists_types_and_roles(capsys) -> None:
     llama = next(line for line in out.splitlines() if "│ llama " in line)
     assert "mistral" in llama and "attn.q" in llama
     assert "falcon" in out
+
+
+def test_an_output_that_overlaps_an_input_is_refused_even_with_force(
+    capsys, tmp_path, hf_dir
+) -> None:
+    """--force replaces an output, never an input: an --out that is, contains, or lies inside
+    what the command reads is an error for every writing command, and nothing changes."""
+    (tmp_path / "work").mkdir()
+    adapter, _ = trained_adapter(tmp_path / "work")
+    peft_dir = tmp_path / "work" / "peft"
+    assert run(capsys, "export", "-a", str(adapter), "-o", str(peft_dir))[0] == 0
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for file in hf_dir.iterdir():
+        (model_dir / file.name).write_bytes(file.read_bytes())
+    before = listing(tmp_path)
+    commands = {
+        "export": (["export", "-a", str(adapter)], [adapter]),
+        "import": (["import", "--peft", str(peft_dir)], [peft_dir]),
+        "load": (["load", "-m", "tiny-llama", "-a", str(adapter)], [adapter]),
+        "merge": (["merge", "-m", str(model_dir), "-a", str(adapter)], [model_dir, adapter]),
+        "apply": (["apply", "-e", QV, "-m", str(model_dir)], [model_dir]),
+    }
+    for name, (argv, inputs) in commands.items():
+        for folder in inputs:
+            for out in (folder, folder / "inside", folder.parent):
+                code, _, err = run(capsys, *argv, "-o", str(out), "--force")
+                assert code == 1, (name, out, err)
+                assert "overlaps" in err and "Traceback" not in err, (name, out, err)
+    assert listing(tmp_path) == before

@@ -23,7 +23,7 @@ from torch import nn
 import surgery
 from surgery.execute import iter_edits, unique_parameters
 from surgery.graph.site import Site
-from surgery.io.safe import atomic_directory
+from surgery.io.safe import Inputs, atomic_directory
 from surgery.plan import Plan
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -103,9 +103,17 @@ def model_info(model: nn.Module) -> dict[str, Any]:
 
 
 def write_adapter_dir(
-    model: nn.Module, out: Path, *, rules_text: str, plan: Plan | None, force: bool = False
+    model: nn.Module,
+    out: Path,
+    *,
+    rules_text: str,
+    plan: Plan | None,
+    force: bool = False,
+    inputs: Inputs | None = None,
 ) -> int:
-    """Write adapter weights, the rules and the plan to `out` atomically; return tensor count."""
+    """Write adapter weights, the rules and the plan to `out` atomically; return tensor count.
+    An `out` that is, contains, or lies inside one of `inputs` (what the caller read: the
+    adapter it loaded) is refused, even with `force`."""
     tensors = adapter_state_dict(model)
     base = trained_base_state_dict(model)
     return write_adapter_files(
@@ -116,6 +124,7 @@ def write_adapter_dir(
         plan=plan.to_dict() if plan is not None else None,
         model=model_info(model),
         force=force,
+        inputs=inputs,
     )
 
 
@@ -129,10 +138,12 @@ def write_adapter_files(
     base: dict[str, torch.Tensor] | None = None,
     force: bool = False,
     extra: dict[str, Any] | None = None,
+    inputs: Inputs | None = None,
 ) -> int:
-    """The files of an adapter directory, written all at once or not at all."""
+    """The files of an adapter directory, written all at once or not at all (never over one
+    of `inputs`)."""
     recorded = versions()
-    with atomic_directory(Path(out), force=force) as temp:
+    with atomic_directory(Path(out), force=force, inputs=inputs) as temp:
         metadata = {"format": "pt", **recorded}
         save_file(tensors, str(temp / ADAPTER_FILE), metadata=metadata)
         if base:

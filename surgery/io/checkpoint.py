@@ -23,16 +23,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from surgery.errors import ModelLoadError, OutputError, PlanError
+from surgery.errors import ModelLoadError, PlanError
 from surgery.execute import iter_edits, logical_module
 from surgery.graph.site import Site
 from surgery.io.adapters import ADAPTER_FILE, BASE_FILE, RULES_FILE
 from surgery.io.load import SavedAdapter, check_family, read_adapter_dir
-from surgery.io.safe import atomic_directory
+from surgery.io.safe import atomic_directory, check_output
 from surgery.io.shards import (
     FLOATS,
     INDEX_FILE,
@@ -57,7 +58,7 @@ class MergeSummary:
     shards: int
     modules: int  # base modules whose weights changed
     edits: int  # edits merged into them
-    tensors: int  # checkpoint tensors rewritten
+    tensors: int  # checkpoint tensors rewritten: those a merge writes or base.safetensors replaces
     bytes: int  # bytes of weights in the output
     copied: tuple[str, ...]  # non-weight files copied (config, tokenizer, ...)
     skipped: tuple[str, ...]  # entries of the model directory left out (other weight formats)
@@ -93,6 +94,7 @@ class _Inputs:
     adapter: Shard
     trained: Shard | None
     prefixes: dict[int, str]  # id(edit module) -> its key prefix in the adapter file
+    arguments: dict[tuple[str, str], dict[str, Any]]  # (site path, edit) -> the method's args
 
 
 def merge_checkpoint(
@@ -111,19 +113,23 @@ def merge_checkpoint(
     skeleton = _skeleton(model_dir)
     saved = read_adapter_dir(adapter_dir)  # the files are there, in a format this version reads
     check_family(saved, skeleton)
-    _apply_rules(skeleton, saved)
+    arguments = _apply_rules(skeleton, saved)
     _check_mergeable(skeleton, adapter_dir)
     adapter = read_shard(adapter_dir / ADAPTER_FILE)
     trained = read_shard(adapter_dir / BASE_FILE) if (adapter_dir / BASE_FILE).is_file() else None
-    inputs = _Inputs(checkpoint, adapter, trained, _check_adapter(skeleton, adapter))
+    inputs = _Inputs(checkpoint, adapter, trained, _check_adapter(skeleton, adapter), arguments)
     jobs = _plan_jobs(skeleton, inputs, adapter_dir)
     copied, skipped = _other_files(model_dir, checkpoint)
     by_shard: dict[int, list[_Job]] = {}
     for job in jobs:
         by_shard.setdefault(job.last_shard, []).append(job)
-    with atomic_directory(out, force=force) as temp, _progress_bar(progress, checkpoint) as done:
+    rewritten = 0
+    with (
+        atomic_directory(out, force=force, inputs=_inputs(model_dir, adapter_dir)) as temp,
+        _progress_bar(progress, checkpoint) as done,
+    ):
         for number, shard in enumerate(checkpoint.shards):
-            _write_shard(shard, temp, by_shard.get(number, []), inputs)
+            rewritten += _write_shard(shard, temp, by_shard.get(number, []), inputs)
             done()
         if checkpoint.index is not None:
             index = dict(checkpoint.index)
@@ -136,7 +142,7 @@ def merge_checkpoint(
         shards=len(checkpoint.shards),
         modules=len(jobs),
         edits=sum(len(job.edits) for job in jobs),
-        tensors=sum(len(job.tensors) for job in jobs),
+        tensors=rewritten,
         bytes=checkpoint.total_size,
         copied=tuple(copied),
         skipped=tuple(skipped),
@@ -148,19 +154,16 @@ def merge_checkpoint(
 
 
 def _check_locations(model_dir: Path, adapter_dir: Path, out: Path, force: bool) -> None:
-    """The output must not overlap an input: replacing it (or writing into it) would change it."""
+    """The inputs exist, and the output does not overlap them: replacing it (or writing into it)
+    would change them."""
     for name, folder in (("model", model_dir), ("adapter", adapter_dir)):
         if not folder.is_dir():
             raise ModelLoadError(f"the {name} directory {folder} does not exist")
-        source, target = folder.resolve(), out.resolve()
-        if target == source or source in target.parents or target in source.parents:
-            raise OutputError(
-                f"the output {out} overlaps the {name} directory {folder}, which must stay "
-                "unchanged",
-                hint="write the merged checkpoint to a new directory",
-            )
-    if out.exists() and not force:
-        raise OutputError(f"{out} already exists", hint="pass --force to replace it")
+    check_output(out, force=force, inputs=_inputs(model_dir, adapter_dir))
+
+
+def _inputs(model_dir: Path, adapter_dir: Path) -> dict[str, Path]:
+    return {"model directory": model_dir, "adapter directory": adapter_dir}
 
 
 def _skeleton(model_dir: Path) -> nn.Module:
@@ -177,12 +180,20 @@ def _skeleton(model_dir: Path) -> nn.Module:
         raise ModelLoadError(f"cannot build the model of {where}: {error}") from None
 
 
-def _apply_rules(skeleton: nn.Module, saved: SavedAdapter) -> None:
-    """Recreate the adapter's sites on the skeleton by running its own rules."""
+def _apply_rules(skeleton: nn.Module, saved: SavedAdapter) -> dict[tuple[str, str], dict]:
+    """Recreate the adapter's sites on the skeleton by running its own rules; return each
+    applied edit's method arguments (with its parts), to rebuild what the file does not hold."""
     from surgery.api import rewrite
+    from surgery.fused import with_parts
     from surgery.lang import parse
 
-    rewrite(skeleton, parse(saved.rules_text, str(saved.path / RULES_FILE)))
+    report = rewrite(skeleton, parse(saved.rules_text, str(saved.path / RULES_FILE)))
+    return {
+        (target.path, target.edit): with_parts(dict(step.arguments), target.selected_parts())
+        for step in report.plan.steps
+        if step.action == "apply"
+        for target in step.targets
+    }
 
 
 def _check_mergeable(skeleton: nn.Module, adapter_dir: Path) -> None:
@@ -325,9 +336,10 @@ def _other_files(model_dir: Path, checkpoint: Checkpoint) -> tuple[list[str], li
 # ---- writing ---------------------------------------------------------------------------------
 
 
-def _write_shard(shard: Shard, temp: Path, jobs: list[_Job], inputs: _Inputs) -> None:
+def _write_shard(shard: Shard, temp: Path, jobs: list[_Job], inputs: _Inputs) -> int:
     """Copy one shard, then rewrite the modules whose last tensor is in it (earlier shards'
-    copies are already in `temp`)."""
+    copies are already in `temp`); return how many tensors were rewritten."""
+    rewritten = 0
     shutil.copyfile(shard.path, temp / shard.path.name)
     for job in jobs:
         values = {}
@@ -337,13 +349,18 @@ def _write_shard(shard: Shard, temp: Path, jobs: list[_Job], inputs: _Inputs) ->
                 values[name] = inputs.trained.read(job.trained[name]).float()
             else:
                 values[name] = inputs.checkpoint.shards[number].read(info.name).float()
+        changed = set(job.trained)
         if job.site is not None:
-            values = _merge_site(job, values, inputs)
+            values, merged = _merge_site(job, values, inputs)
+            changed |= merged
         for name, (number, info) in job.tensors.items():
-            file = temp / inputs.checkpoint.shards[number].path.name
-            write_tensor(file, info, values[name].to(FLOATS[info.dtype]))
+            if name in changed:  # the others (a bias LoRA leaves alone) keep their bytes
+                file = temp / inputs.checkpoint.shards[number].path.name
+                write_tensor(file, info, values[name].to(FLOATS[info.dtype]))
+                rewritten += 1
         del values
         _release_freed_memory()
+    return rewritten
 
 
 @cache
@@ -364,13 +381,18 @@ def _release_freed_memory() -> None:
         trim(0)
 
 
-def _merge_site(job: _Job, values: dict[str, torch.Tensor], inputs: _Inputs) -> dict:
+def _merge_site(
+    job: _Job, values: dict[str, torch.Tensor], inputs: _Inputs
+) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Merge every edit of the site, in the engine's order, into its wrapped module holding
-    `values` (fp32), with the methods' own `merge`; the site is back on meta afterwards."""
+    `values` (fp32), with the methods' own `merge`; the site is back on meta afterwards.
+    Return the module's tensors and the names of those the merges wrote (a new tensor, or an
+    in-place write, which bumps the tensor's version counter)."""
     assert job.site is not None
     base = job.site._modules["base"]
     base.load_state_dict(values, assign=True)
     try:
+        before = {k: (t, t._version) for k, t in base.state_dict(keep_vars=True).items()}
         for edit, method in job.edits:
             module = job.site.edit_module(edit)
             prefix = inputs.prefixes[id(module)]
@@ -378,12 +400,32 @@ def _merge_site(job: _Job, values: dict[str, torch.Tensor], inputs: _Inputs) -> 
             tensors = {n: inputs.adapter.read(f"{prefix}.{n}") for n in names}
             module.load_state_dict(tensors, assign=True)
             try:
-                REGISTRY[method].merge(base, module)
+                live = _materialized(module, base, method, inputs.arguments[(job.path, edit)])
+                REGISTRY[method].merge(base, live)
             finally:
                 module.to(device="meta")
-        return {k: v.detach() for k, v in base.state_dict().items()}
+        after = base.state_dict(keep_vars=True)
+        written = {
+            k for k, t in after.items() if t is not before[k][0] or t._version != before[k][1]
+        }
+        return {k: v.detach() for k, v in after.items()}, written
     finally:
         base.to(device="meta")
+
+
+def _materialized(
+    module: nn.Module, base: nn.Module, method: str, arguments: dict[str, Any]
+) -> nn.Module:
+    """`module` with its saved tensors loaded, or, when it still has tensors on meta (buffers an
+    adapter file does not hold: a fused edit's row index, IA3's ones), the same edit rebuilt on
+    the CPU by its method for the loaded `base`, with the saved tensors in place of its own."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if not any(t.is_meta for t in tensors):
+        return module
+    with torch.random.fork_rng(devices=[]):  # building initializes; keep the caller's RNG
+        fresh = REGISTRY[method].build(base, arguments)
+    fresh.load_state_dict(module.state_dict(), assign=True)
+    return fresh
 
 
 @contextmanager

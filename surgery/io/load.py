@@ -51,6 +51,8 @@ class SavedAdapter:
     document: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]
     base_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)  # adapter tensor -> safetensors dtype
+    base_dtypes: dict[str, str] = field(default_factory=dict)
 
     @property
     def model(self) -> dict[str, Any]:
@@ -74,13 +76,34 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes from a safetensors header, without reading the tensors."""
+    return {key: shape for key, (shape, _) in safetensors_header(file).items()}
+
+
+def safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, dtype code such as "F32") from a safetensors header, without reading the
+    tensors."""
     try:
         with safe_open(str(file), framework="pt") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            slices = {key: handle.get_slice(key) for key in handle.keys()}
+            return {k: (tuple(v.get_shape()), str(v.get_dtype())) for k, v in slices.items()}
     except Exception as error:
         raise AdapterError(
             f"cannot read {file}: {error}", hint="the file is truncated or not safetensors"
         ) from None
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def check_float(file: Path, name: str, dtype: str) -> None:
+    """A tensor that must hold floating-point values (a trained parameter) is refused when the
+    file stores it as integers or booleans: copying would silently cast it."""
+    if dtype not in FLOAT_DTYPES:
+        raise AdapterError(
+            f"tensor {name} in {file} is stored as {dtype}, but it is a trained parameter: "
+            f"it must be floating point ({', '.join(FLOAT_DTYPES)})",
+            hint="the file was not written by surgery, or was converted; save the adapter again",
+        )
 
 
 def read_adapter_dir(path: Path | str) -> SavedAdapter:
@@ -105,19 +128,128 @@ def read_adapter_dir(path: Path | str) -> SavedAdapter:
     except (ValueError, UnicodeDecodeError) as error:
         raise AdapterError(f"cannot read {path / PLAN_FILE}: {error}") from None
     written = document.get("format", 1)
-    if not isinstance(written, int) or written > FORMAT:
+    if not isinstance(written, int) or isinstance(written, bool) or written < 1:
+        raise _malformed(path / PLAN_FILE, "format", "a positive integer", written)
+    if written > FORMAT:
         raise AdapterError(
             f"{path} has adapter format {written!r}; this surgery reads format {FORMAT} and older",
             hint="upgrade surgery",
         )
+    check_document(path / PLAN_FILE, document)
+    try:
+        rules_text = (path / RULES_FILE).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise AdapterError(
+            f"cannot read {path / RULES_FILE}: it is not UTF-8 text ({error})"
+        ) from None
     base = path / BASE_FILE
+    header = safetensors_header(path / ADAPTER_FILE)
+    base_header = safetensors_header(base) if base.is_file() else {}
     return SavedAdapter(
         path,
-        (path / RULES_FILE).read_text(encoding="utf-8"),
+        rules_text,
         document,
-        safetensors_shapes(path / ADAPTER_FILE),
-        safetensors_shapes(base) if base.is_file() else {},
+        {k: shape for k, (shape, _) in header.items()},
+        {k: shape for k, (shape, _) in base_header.items()},
+        {k: dtype for k, (_, dtype) in header.items()},
+        {k: dtype for k, (_, dtype) in base_header.items()},
     )
+
+
+# ---- plan.json's structure, checked once where it is read ---------------------------------
+
+_OPTIONAL_STR = (str, type(None))
+
+
+def _malformed(file: Path, field: str, wanted: str, value: Any) -> AdapterError:
+    shown = json.dumps(value) if len(json.dumps(value)) <= 60 else type(value).__name__
+    return AdapterError(
+        f"{file} is malformed: `{field}` must be {wanted}, not {shown}",
+        hint="the file was edited or damaged; save the adapter again",
+    )
+
+
+def _get(file: Path, parent: dict[str, Any], key: str, where: str, types: Any, wanted: str) -> Any:
+    """`parent[key]` checked against `types` (a missing key reads as None)."""
+    value = parent.get(key)
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in _tuple(types))
+    if not ok:
+        raise _malformed(file, f"{where}{key}", wanted, value)
+    return value
+
+
+def _tuple(types: Any) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def check_document(file: Path, document: dict[str, Any]) -> None:
+    """plan.json's fields have the types readers rely on: `versions` an object of strings,
+    `model` an object (`class`, `model_type`, `name_or_path` strings, `config` an object),
+    `plan` an object whose `steps` list the actions, methods, arguments and targets. The first
+    field that does not is an error naming it."""
+    versions = _get(file, document, "versions", "", (dict, type(None)), "an object")
+    for key in versions or {}:
+        _get(file, versions, key, "versions.", _OPTIONAL_STR, "a string")
+    model = _get(file, document, "model", "", (dict, type(None)), "an object")
+    for key in ("class", "model_type", "name_or_path"):
+        _get(file, model or {}, key, "model.", _OPTIONAL_STR, "a string")
+    _get(file, model or {}, "config", "model.", (dict, type(None)), "an object")
+    plan = _get(file, document, "plan", "", (dict, type(None)), "an object")
+    if plan is None:
+        return
+    from surgery.methods import REGISTRY
+
+    steps = _get(file, plan, "steps", "plan.", list, "a list")
+    for i, step in enumerate(steps):
+        where = f"plan.steps[{i}]"
+        if not isinstance(step, dict):
+            raise _malformed(file, where, "an object", step)
+        action = _get(file, step, "action", f"{where}.", str, "a string")
+        arguments = _get(file, step, "arguments", f"{where}.", (list, type(None)), "a list")
+        for j, pair in enumerate(arguments or []):
+            if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
+                raise _malformed(file, f"{where}.arguments[{j}]", "a [name, value] pair", pair)
+        targets = _get(file, step, "targets", f"{where}.", (list, type(None)), "a list")
+        for j, target in enumerate(targets or []):
+            at = f"{where}.targets[{j}]"
+            if not isinstance(target, dict):
+                raise _malformed(file, at, "an object", target)
+            for key in ("path", "edit", "method"):
+                _get(file, target, key, f"{at}.", str, "a string")
+            _get(file, target, "module_type", f"{at}.", _OPTIONAL_STR, "a string")
+            method = REGISTRY.get(target["method"])
+            if method is None:
+                raise _malformed(file, f"{at}.method", "a registered method", target["method"])
+            parts = _get(file, target, "parts", f"{at}.", (list, type(None)), "a list")
+            if any(not isinstance(part, str) for part in parts or []):
+                raise _malformed(file, f"{at}.parts", "a list of strings", parts)
+            if parts:
+                _check_layout(file, f"{at}.layout", target.get("layout"))
+            if action == "apply":
+                given = {name for name, _ in arguments or []}
+                missing = [p.name for p in method.params if p.name not in given]
+                if missing:
+                    raise _malformed(
+                        file, f"{where}.arguments", f"the {method.name} arguments", arguments
+                    )
+
+
+def _check_layout(file: Path, where: str, layout: Any) -> None:
+    """A fused projection's row layout: {"name": str, "groups": int, "blocks": [[str, int]]}."""
+    if not isinstance(layout, dict):
+        raise _malformed(file, where, "an object", layout)
+    _get(file, layout, "name", f"{where}.", str, "a string")
+    _get(file, layout, "groups", f"{where}.", int, "an integer")
+    blocks = _get(file, layout, "blocks", f"{where}.", list, "a list")
+    for block in blocks:
+        if not (
+            isinstance(block, list)
+            and len(block) == 2
+            and isinstance(block[0], str)
+            and isinstance(block[1], int)
+            and not isinstance(block[1], bool)
+        ):
+            raise _malformed(file, f"{where}.blocks", "a list of [part, rows] pairs", blocks)
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path | str) -> Report:
@@ -167,15 +299,24 @@ def check_family(saved: SavedAdapter, model: nn.Module) -> None:
         )
 
 
-def expected_shapes(plan: Plan) -> dict[str, tuple[int, ...]]:
-    """The adapter parameters the model has after `plan` runs: `<path>.<edit>.<name>` -> shape
-    (edits that a later `merge` or `remove` takes out again are not among them)."""
+def expected_shapes(plan: Plan, model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The adapter parameters `model` has after `plan` runs: `<path>.<edit>.<name>` -> shape
+    (edits that a later `merge` or `remove` takes out again are not among them; a model-level
+    edit that `merge` bakes stays, with its baked table and no encoder)."""
+    from surgery.methods import REGISTRY
+
     shapes: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}
+    arguments: dict[tuple[str, str], dict[str, Any]] = {}
     for step in plan.steps:
         for target in step.targets:
             key = (target.path, target.edit)
+            method = REGISTRY.get(target.method)
             if step.action == "apply":
                 shapes[key] = dict(target.shapes)
+                arguments[key] = dict(step.arguments)
+            elif step.action == "merge" and method is not None and method.level == "model":
+                options = dict(method.edit_key(target.edit, model, arguments[key]).options)
+                shapes[key] = dict(method.baked_shapes(options))
             elif step.action in ("merge", "remove"):
                 shapes.pop(key, None)
     return {
@@ -211,15 +352,19 @@ def _check_tensors(saved: SavedAdapter, plan: Plan, model: nn.Module) -> None:
     """Every planned adapter parameter is saved with its shape, every saved tensor belongs to
     a planned edit (buffers such as a sparse index are checked after building), and every
     saved base parameter exists with its shape; the first violation is the error."""
-    expected = expected_shapes(plan)
+    expected = expected_shapes(plan, model)
     for name, shape in expected.items():
         if saved.shapes.get(name) != shape:
             raise _mismatch(saved, name, shape, saved.shapes.get(name))
+        check_float(saved.path / ADAPTER_FILE, name, saved.dtypes[name])
+    # a tensor beside an edit's parameters may be a buffer (a sparse index): only building
+    # tells, and `_copy_tensors` then refuses any that is not
     prefixes = {name.rpartition(".")[0] + "." for name in expected}
     for name, shape in saved.shapes.items():
         if name not in expected and name.rpartition(".")[0] + "." not in prefixes:
             raise _mismatch(saved, name, None, shape)
     for name, shape in saved.base_shapes.items():
+        check_float(saved.path / BASE_FILE, name, saved.base_dtypes[name])
         try:
             param = logical_parameter(model, name)
         except (KeyError, AttributeError):
@@ -233,6 +378,21 @@ def _copy_tensors(saved: SavedAdapter, model: nn.Module) -> None:
     for name, tensor in live.items():  # buffers: only now do we know them
         if saved.shapes.get(name) != tuple(tensor.shape):
             raise _mismatch(saved, name, tuple(tensor.shape), saved.shapes.get(name))
+        if tensor.is_floating_point():
+            check_float(saved.path / ADAPTER_FILE, name, saved.dtypes[name])
+        elif saved.dtypes[name] in FLOAT_DTYPES:
+            raise AdapterError(
+                f"tensor {name} in {saved.path / ADAPTER_FILE} is stored as "
+                f"{saved.dtypes[name]}, but the edit holds it as {tensor.dtype}",
+                hint=_made_on(saved),
+            )
+    unknown = sorted(set(saved.shapes) - set(live))
+    if unknown:
+        listed = ", ".join(unknown[:5]) + (f" (and {len(unknown) - 5} more)" if unknown[5:] else "")
+        raise AdapterError(
+            f"the adapter in {saved.path} holds tensor(s) that no edit of its rules has: {listed}",
+            hint="was its adapter.safetensors or rules.surg edited?",
+        )
     values = saved.tensors()
     base = saved.tensors(base=True)
     with torch.no_grad():

@@ -30,6 +30,7 @@ from surgery.io.adapters import ADAPTER_FILE, write_adapter_files
 from surgery.io.load import (
     AdapterError,
     SavedAdapter,
+    check_float,
     expected_shapes,
     read_adapter_dir,
     read_safetensors,
@@ -40,7 +41,7 @@ from surgery.io.peft_prompts import (
     export_virtual_tokens,
     import_virtual_tokens,
 )
-from surgery.io.safe import atomic_directory
+from surgery.io.safe import atomic_directory, check_output
 from surgery.lang import parse
 from surgery.plan import make_plan
 
@@ -115,9 +116,18 @@ def saved_edits(saved: SavedAdapter) -> list[Edit]:
                     layout,
                     target.get("module_type", ""),
                 )
+            elif step["action"] == "merge" and _model_level(target["method"]):
+                pass  # baked: the edit stays, its table saved already through its encoder
             elif step["action"] in ("merge", "remove"):
                 edits.pop(key, None)
     return list(edits.values())
+
+
+def _model_level(method: str) -> bool:
+    from surgery.methods import REGISTRY
+
+    known = REGISTRY.get(method)
+    return known is not None and known.level == "model"
 
 
 def export_peft(
@@ -130,7 +140,9 @@ def export_peft(
     """Write the surgery adapter in `adapter_dir` as a PEFT adapter directory `out`; return the
     adapter_config written. `PeftModel.from_pretrained(base, out)` then computes what surgery's
     model computes."""
+    inputs = {"adapter directory": adapter_dir}
     saved = read_adapter_dir(adapter_dir)
+    check_output(out, force=force, inputs=inputs)
     if saved.base_shapes:
         names = ", ".join(list(saved.base_shapes)[:3])
         raise PeftFormatError(
@@ -138,6 +150,8 @@ def export_peft(
             "adapter cannot hold",
             hint="export rules that train adapters only",
         )
+    for name, dtype in saved.dtypes.items():  # every tensor of an exportable edit is trained
+        check_float(saved.path / ADAPTER_FILE, name, dtype)
     edits = saved_edits(saved)
     if not edits:
         raise PeftFormatError(f"{saved.path} has no edits to export")
@@ -176,7 +190,7 @@ def export_peft(
         revision=None,
         modules_to_save=None,
     )
-    with atomic_directory(Path(out), force=force) as temp:
+    with atomic_directory(Path(out), force=force, inputs=inputs) as temp:
         save_file(weights, str(temp / WEIGHTS_FILE), metadata={"format": "pt"})
         (temp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
@@ -368,6 +382,7 @@ def read_peft_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as error:
         raise PeftFormatError(f"cannot read {path / CONFIG_FILE}: {error}") from None
+    check_peft_config(path / CONFIG_FILE, config)
     if not (path / WEIGHTS_FILE).is_file():
         pickled = (path / "adapter_model.bin").is_file()
         raise PeftFormatError(
@@ -377,7 +392,80 @@ def read_peft_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             if pickled
             else None,
         )
-    return config, read_safetensors(path / WEIGHTS_FILE)
+    tensors = read_safetensors(path / WEIGHTS_FILE)
+    for name, tensor in tensors.items():  # LoRA factors, IA3 vectors, virtual-token tables
+        if not tensor.is_floating_point():
+            raise PeftFormatError(
+                f"tensor {name} in {path / WEIGHTS_FILE} is stored as {tensor.dtype}; a PEFT "
+                "adapter's tensors are floating point"
+            )
+    return config, tensors
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive(value: Any) -> bool:
+    return _real(value) and value > 0 and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _regex(value: str) -> bool:
+    try:
+        re.compile(rf"(.*\.)?({value})$")
+    except re.error:
+        return False
+    return True
+
+
+def _modules(value: Any) -> bool:
+    """PEFT's target lists: a regex string, or a list of names."""
+    if isinstance(value, str):
+        return _regex(value)
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _pattern(check: Any) -> Any:
+    return lambda value: (
+        isinstance(value, dict)
+        and all(isinstance(k, str) and _regex(k) and check(v) for k, v in value.items())
+    )
+
+
+# field -> (test of a present, non-null value, what it must be); `lora_alpha` may not be null
+_PEFT_FIELDS: dict[str, tuple[Any, str]] = {
+    "r": (_count, "a positive integer"),
+    "lora_alpha": (_positive, "a positive number"),
+    "lora_dropout": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "alpha_pattern": (_pattern(_positive), "an object of module regexes to positive numbers"),
+    "rank_pattern": (_pattern(_count), "an object of module regexes to positive integers"),
+    "target_modules": (_modules, "a regex or a list of module names"),
+    "feedforward_modules": (_modules, "a regex or a list of module names"),
+    "num_virtual_tokens": (_count, "a positive integer"),
+    "num_transformer_submodules": (_count, "a positive integer"),
+}
+
+
+def check_peft_config(file: Path, config: dict[str, Any]) -> None:
+    """The fields the import reads have the types PEFT gives them; the first that does not is
+    an error naming the file and the field."""
+    checks = {"peft_type": (lambda v: isinstance(v, str), "a string"), **_PEFT_FIELDS}
+    for name, (check, wanted) in checks.items():
+        value = config.get(name)
+        required = name == "peft_type" or (name == "lora_alpha" and name in config)
+        if (value is None and not required) or (value is not None and check(value)):
+            continue
+        shown = json.dumps(value)
+        raise PeftFormatError(
+            f"{file} is malformed: `{name}` must be {wanted}, not "
+            + (shown if len(shown) <= 60 else type(value).__name__),
+            hint="check the adapter's adapter_config.json",
+        )
 
 
 def _check_options(config: dict[str, Any], table: tuple[tuple[str, Any], ...], kind: str) -> None:
@@ -533,6 +621,7 @@ def import_peft(
     tensor's shape checked against it now; without, `load_adapter` checks them later."""
     peft_dir = Path(peft_dir)
     config, tensors = read_peft_dir(peft_dir)
+    check_output(out, force=force, inputs={"PEFT directory": peft_dir})
     kind = config.get("peft_type")
     if kind == "LORA":
         statements, weights = _lora_program(config, tensors)
@@ -557,7 +646,7 @@ def import_peft(
         from surgery.io.adapters import model_info
 
         plan_value = make_plan(model, parse(rules, "<imported rules>"))
-        expected = expected_shapes(plan_value)
+        expected = expected_shapes(plan_value, model)
         for name, shape in expected.items():
             found = tuple(weights[name].shape)
             if found != shape:
@@ -575,6 +664,7 @@ def import_peft(
         model=info,
         force=force,
         extra={"imported_from": {"format": "peft", "peft_type": kind}},
+        inputs={"PEFT directory": peft_dir},
     )
     return rules
 

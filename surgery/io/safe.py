@@ -5,23 +5,51 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from surgery.errors import OutputError
 
+Inputs = Mapping[str, "Path | str | None"]  # what an input is ("adapter directory") -> its path
+
+
+def check_output(target: Path | str, *, force: bool = False, inputs: Inputs | None = None) -> None:
+    """Refuse to write `target` when it exists (unless `force`), or when it is, contains, or lies
+    inside one of `inputs` (whatever `force` says): replacing it, or writing into it, would
+    change or destroy what the command reads. `None` inputs are skipped."""
+    target = Path(target)
+    resolved = target.resolve()
+    for what, source in (inputs or {}).items():
+        if source is None:
+            continue
+        source_resolved = Path(source).resolve()
+        if (
+            resolved == source_resolved
+            or source_resolved in resolved.parents
+            or resolved in source_resolved.parents
+        ):
+            raise OutputError(
+                f"the output {target} overlaps the {what} {source}, which must stay unchanged "
+                "(an output may not be, contain, or lie inside an input)",
+                hint="write the output to a new directory",
+            )
+    if target.exists() and not force:
+        raise OutputError(f"{target} already exists", hint="pass --force to replace it")
+
 
 @contextmanager
-def atomic_directory(target: Path, *, force: bool = False) -> Iterator[Path]:
+def atomic_directory(
+    target: Path, *, force: bool = False, inputs: Inputs | None = None
+) -> Iterator[Path]:
     """Yield a temporary sibling of `target` to fill; rename it into place only on success.
 
     An interrupted or failed write leaves no `target` (and an existing one untouched); with
-    `force`, an existing `target` is replaced only after the new one is complete.
+    `force`, an existing `target` is replaced only after the new one is complete. A `target`
+    that overlaps one of `inputs` (see `check_output`) is refused before anything is written.
     """
     target = Path(target)
-    if target.exists() and not force:
-        raise OutputError(f"{target} already exists", hint="pass --force to replace it")
+    check_output(target, force=force, inputs=inputs)
     parent = target.resolve().parent
     if not parent.is_dir():
         raise OutputError(f"cannot write {target}: {parent} is not a directory")
