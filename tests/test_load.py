@@ -234,3 +234,98 @@ def test_versions_are_recorded_and_another_version_warns(tmp_path: Path) -> None
     (saved / "plan.json").write_text(json.dumps(document))
     with pytest.raises(AdapterError, match="format 99"):
         load_adapter(tiny("llama"), saved)
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        "use llama\napply prefix(n=3, hidden=8) to layers.*.self_attn\nmerge prefix",
+        "use llama\napply p_tuning(n=3, hidden=8) to embed\nmerge p_tuning",
+    ],
+    ids=["prefix", "p_tuning"],
+)
+def test_a_baked_virtual_token_edit_round_trips(rules: str, tmp_path: Path) -> None:
+    """`merge` of a reparameterized virtual-token edit keeps the edit with a plain table (no
+    encoder): that is what is saved, and what the load expects."""
+    apply, merge = rules.rsplit("\n", 1)
+    model = tiny("llama")
+    rewrite(model, apply)
+    fill(model)  # trained values in the table and the encoder, then baked by the merge
+    rewrite(model, merge)
+    plan = rewrite(tiny("llama"), rules, dry_run=True)
+    write_adapter_dir(model, tmp_path / "a", rules_text=rules, plan=plan)
+    method = merge.split()[1]
+    assert list(load_file(tmp_path / "a" / "adapter.safetensors")) == [f"{method}.embedding"]
+    loaded = tiny("llama")
+    load_adapter(loaded, tmp_path / "a")
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_an_unknown_tensor_beside_an_edits_tensors_is_refused(tmp_path: Path) -> None:
+    saved = save(tiny("llama"), "apply lora(r=2) to *.q_proj", tmp_path / "a")
+    tensors = load_file(saved / "adapter.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.lora.Z"] = torch.zeros(2)
+    save_file(tensors, str(saved / "adapter.safetensors"))
+    model = tiny("llama")
+    before = state(model)
+    with pytest.raises(AdapterError, match=r"no edit of its rules has: .*q_proj\.lora\.Z"):
+        load_adapter(model, saved)
+    assert_unchanged(model, before)
+
+
+def _set(document: dict, path: str, value: object) -> None:
+    *parents, last = path.split(".")
+    for key in parents:
+        document = document[int(key)] if isinstance(document, list) else document[key]
+    document[int(last) if isinstance(document, list) else last] = value
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("model", "x", r"`model` must be an object, not \"x\""),
+        ("versions", [1], r"`versions` must be an object"),
+        ("format", True, r"`format` must be a positive integer, not true"),
+        ("plan", 5, r"`plan` must be an object, not 5"),
+        ("plan.steps", {}, r"`plan\.steps` must be a list"),
+        ("plan.steps.0.targets.0.path", 3, r"`plan\.steps\[0\]\.targets\[0\]\.path` must be a"),
+        ("plan.steps.0.arguments", [], r"`plan\.steps\[0\]\.arguments` must be the lora"),
+        ("model.config", [], r"`model\.config` must be an object"),
+    ],
+)
+def test_a_malformed_plan_json_names_the_file_and_field(
+    field: str, value: object, message: str, tmp_path: Path
+) -> None:
+    from surgery.io.peft_format import export_peft
+
+    saved = save(tiny("llama"), "apply lora(r=2) to *.q_proj", tmp_path / "a")
+    document = json.loads((saved / "plan.json").read_text())
+    _set(document, field, value)
+    (saved / "plan.json").write_text(json.dumps(document))
+    model = tiny("llama")
+    before = state(model)
+    with pytest.raises(AdapterError, match=r"plan\.json is malformed: " + message):
+        load_adapter(model, saved)
+    assert_unchanged(model, before)
+    with pytest.raises(AdapterError, match=message):
+        export_peft(saved, tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+
+
+def test_rules_that_are_not_utf8_and_integer_tensors_are_refused(tmp_path: Path) -> None:
+    saved = save(tiny("llama"), "apply lora(r=2) to *.q_proj", tmp_path / "a")
+    rules = (saved / "rules.surg").read_bytes()
+    (saved / "rules.surg").write_bytes(b"\xff\xfe" + rules)
+    with pytest.raises(AdapterError, match=r"rules\.surg: it is not UTF-8"):
+        load_adapter(tiny("llama"), saved)
+    (saved / "rules.surg").write_bytes(rules)
+
+    tensors = load_file(saved / "adapter.safetensors")
+    key = "model.layers.1.self_attn.q_proj.lora.B"
+    tensors[key] = tensors[key].to(torch.int32)
+    save_file(tensors, str(saved / "adapter.safetensors"))
+    model = tiny("llama")
+    before = state(model)
+    with pytest.raises(AdapterError, match=rf"{key} in .* is stored as I32.*floating point"):
+        load_adapter(model, saved)
+    assert_unchanged(model, before)

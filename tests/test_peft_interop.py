@@ -8,11 +8,12 @@ computes PEFT's logits. What PEFT's format cannot hold is refused by name.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from surgery import load_adapter, rewrite
@@ -277,4 +278,57 @@ def test_import_onto_a_mismatching_model_is_refused(tmp_path: Path) -> None:
     lora.save_pretrained(tmp_path / "peft")
     with pytest.raises(Exception, match="matches nothing"):
         import_peft(tmp_path / "peft", tmp_path / "out", model=tiny("falcon"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_baked_prefix_exports_to_peft_with_the_same_logits(tmp_path: Path) -> None:
+    """`merge prefix` keeps the prefix edit with its baked table: the export writes that table
+    as PEFT's prompt_embeddings."""
+    rules = "use llama\napply prefix(n=3, hidden=8) to layers.*.self_attn\nmerge prefix"
+    model = tiny("llama").eval()
+    rewrite(model, "use llama\napply prefix(n=3, hidden=8) to layers.*.self_attn")
+    randomize([p for p in model.parameters() if p.requires_grad])
+    rewrite(model, "merge prefix")
+    plan = rewrite(tiny("llama"), rules, dry_run=True)
+    write_adapter_dir(model, tmp_path / "s", rules_text=rules, plan=plan)
+    config = export_peft(tmp_path / "s", tmp_path / "p")
+    assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 3
+    theirs = peft.PeftModel.from_pretrained(tiny("llama").eval(), tmp_path / "p")
+    torch.testing.assert_close(theirs(input_ids=IDS).logits, logits(model), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"lora_alpha": "x"}, r"`lora_alpha` must be a positive number, not \"x\""),
+        ({"lora_alpha": None}, r"`lora_alpha` must be a positive number, not null"),
+        ({"lora_dropout": "abc"}, r"`lora_dropout` must be a number in \[0, 1\)"),
+        ({"alpha_pattern": [1]}, r"`alpha_pattern` must be an object of module regexes"),
+        ({"alpha_pattern": {"(": 3}}, r"`alpha_pattern` must be an object of module regexes"),
+        ({"peft_type": None}, r"`peft_type` must be a string, not null"),
+        ({"peft_type": "IA3", "feedforward_modules": 5}, r"`feedforward_modules` must be a"),
+        ({"target_modules": "("}, r"`target_modules` must be a regex or a list"),
+    ],
+)
+def test_a_malformed_peft_config_names_the_file_and_field(
+    change: dict, message: str, tmp_path: Path
+) -> None:
+    surgery_adapter("llama", "lora", tmp_path / "s")
+    export_peft(tmp_path / "s", tmp_path / "p")
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps(config | change))
+    with pytest.raises(PeftFormatError, match=r"adapter_config\.json is malformed: " + message):
+        import_peft(tmp_path / "p", tmp_path / "out", model=tiny("llama"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_integer_peft_tensors_are_refused(tmp_path: Path) -> None:
+    surgery_adapter("llama", "lora", tmp_path / "s")
+    export_peft(tmp_path / "s", tmp_path / "p")
+    weights = load_file(tmp_path / "p" / "adapter_model.safetensors")
+    key = next(iter(weights))
+    weights[key] = weights[key].to(torch.int32)
+    save_file(weights, str(tmp_path / "p" / "adapter_model.safetensors"))
+    with pytest.raises(PeftFormatError, match=rf"{re.escape(key)} in .* is stored as torch.int32"):
+        import_peft(tmp_path / "p", tmp_path / "out")
     assert not (tmp_path / "out").exists()
