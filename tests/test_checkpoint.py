@@ -364,3 +364,19 @@ def test_summary_counts_only_the_tensors_the_merge_rewrites(tmp_path: Path) -> N
     make_adapter(model, tmp_path / "ia3", "apply ia3 to *.c_fc\n", trained=None)
     summary = merge_checkpoint(tmp_path / "base2", tmp_path / "ia3", tmp_path / "b", progress=False)
     assert summary.tensors == 2 * layers  # weight and bias
+
+
+def test_integer_adapter_tensors_are_refused(sharded, tmp_path: Path) -> None:
+    base, adapter, _ = sharded
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    for file in adapter.iterdir():
+        (edited / file.name).write_bytes(file.read_bytes())
+    with safe_open(str(adapter / "adapter.safetensors"), framework="pt") as f:
+        kept = {k: f.get_tensor(k) for k in f.keys()}
+    key = "model.layers.1.self_attn.q_proj.lora.B"
+    kept[key] = kept[key].to(torch.int32)
+    save_file(kept, str(edited / "adapter.safetensors"))
+    with pytest.raises(ModelLoadError, match=rf"{key} in .* is stored as I32"):
+        merge_checkpoint(base, edited, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

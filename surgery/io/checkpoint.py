@@ -32,7 +32,7 @@ from surgery.errors import ModelLoadError, PlanError
 from surgery.execute import iter_edits, logical_module
 from surgery.graph.site import Site
 from surgery.io.adapters import ADAPTER_FILE, BASE_FILE, RULES_FILE
-from surgery.io.load import SavedAdapter, check_family, read_adapter_dir
+from surgery.io.load import SavedAdapter, check_family, check_float, read_adapter_dir
 from surgery.io.safe import atomic_directory, check_output
 from surgery.io.shards import (
     FLOATS,
@@ -225,12 +225,15 @@ def _check_adapter(skeleton: nn.Module, adapter: Shard) -> dict[int, str]:
     """Compare the adapter file with the tensors the rules create on this model; return each edit
     module's key prefix in the file (keyed by the module's id)."""
     expected: dict[str, tuple[int, ...]] = {}
+    floating: set[str] = set()
     prefixes: dict[int, str] = {}
     for path, edit, module in iter_edits(skeleton):
         prefix = f"{path}.{edit}" if path else edit
         prefixes[id(module)] = prefix
         for name, tensor in module.state_dict().items():
             expected[f"{prefix}.{name}"] = tuple(tensor.shape)
+            if tensor.is_floating_point():
+                floating.add(f"{prefix}.{name}")
     hint = "was the adapter made for another model, or its rules.surg edited?"
     for key, shape in expected.items():
         info = adapter.tensors.get(key)
@@ -246,6 +249,8 @@ def _check_adapter(skeleton: nn.Module, adapter: Shard) -> dict[int, str]:
                 f"model give it {list(shape)}",
                 hint=hint,
             )
+        if key in floating:
+            check_float(adapter.path, key, info.dtype)
     extra = sorted(set(adapter.tensors) - set(expected))
     if extra:
         raise ModelLoadError(
@@ -276,6 +281,8 @@ def _plan_jobs(skeleton: nn.Module, inputs: _Inputs, adapter_dir: Path) -> list[
             jobs[target.path] = _Job(target.path, site, _locate(shapes, target.path, inputs))
         jobs[target.path].edits.append((target.edit, target.method))
     for key, info in (inputs.trained.tensors if inputs.trained else {}).items():
+        assert inputs.trained is not None
+        check_float(inputs.trained.path, key, info.dtype)
         path, _, name = key.rpartition(".")
         job = jobs.get(path)
         if job is None or name not in job.tensors:
