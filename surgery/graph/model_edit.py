@@ -15,18 +15,10 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from functools import cache
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
-
-
-class VirtualTokens(Protocol):
-    """What the adapter of a model-level edit provides to the hook."""
-
-    n: int
-
-    def prepare(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]: ...
 
 
 class ModelEditHook:

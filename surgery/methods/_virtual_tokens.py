@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from surgery.graph.site import EditKey, GraphBuilder
+from surgery.graph.site import EditKey
 from surgery.methods.base import Method, Param, Problem, adapter_dtype, at_least
 
 N_PARAM = Param("n", int, 20, "number of virtual tokens", check=at_least(1))
@@ -29,8 +29,6 @@ class VirtualTokenMethod(Method):
 
     level: ClassVar[str] = "model"
     mergeable = True  # when it has something to bake; see can_merge
-    # where the tokens go, for messages: ("the input embedding", "embed")
-    attaches_to: ClassVar[tuple[str, str]]
 
     def can_merge(self, options: dict[str, Any]) -> bool:
         return bool(options.get("encoder"))
@@ -102,21 +100,11 @@ class VirtualTokenMethod(Method):
         """The tensors left after `merge` bakes the encoder into the table."""
         return {"embedding": (options["n"], options["width"])}
 
-    def reference_weight(self, model: nn.Module) -> torch.Tensor:
-        return model.get_input_embeddings().weight
-
     def new_table(self, model: nn.Module, args: dict[str, Any]) -> nn.Parameter:
-        weight = self.reference_weight(model)
+        weight = model.get_input_embeddings().weight
         shape = (args["n"], self.input_width(model, args))
         table = torch.empty(shape, dtype=adapter_dtype(weight), device=weight.device)
         return nn.Parameter(table)
-
-    @staticmethod
-    def emit(builder: GraphBuilder) -> None:
-        raise TypeError("model-level methods have no site graph")
-
-    def merge(self, base: nn.Module, adapter: nn.Module) -> None:
-        raise TypeError("model-level methods bake (adapter.baked()), they do not merge weights")
 
 
 class VirtualTokenAdapter(nn.Module):

@@ -99,7 +99,6 @@ class PrefixTuning(VirtualTokenMethod):
         Param("reparam", bool, True, "train the table through a two-layer tanh MLP"),
         hidden_param("width of the reparameterization MLP"),
     )
-    attaches_to = ("every layer", "layers.*")
 
     def check_model(self, model: nn.Module) -> Problem | None:
         problem = super().check_model(model)

@@ -141,7 +141,6 @@ class PromptTuning(VirtualTokenMethod):
         "(arXiv:2104.08691)"
     )
     params = (N_PARAM, *INIT_PARAMS)
-    attaches_to = ("the input embedding", "embed")
 
     def check_selection(
         self, model: nn.Module, selected: list[tuple[str, nn.Module]], args: dict[str, Any]
