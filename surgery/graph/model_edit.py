@@ -5,20 +5,21 @@ input embeddings, or key/value vectors before every layer's cache. No single mod
 they must change (the attention mask, the labels, the position ids, the cache), so they attach
 to the model itself: the adapter is a child module of the model named after the edit
 (`model.prompt`), and a forward pre-hook on the model rewrites the call's arguments through the
-adapter's `prepare`. Both are reversible: removing the edit deletes the child and the hook, and
+adapter's `prepare`, which reads and replaces them by role through `surgery.hf.Call` (the
+argument names differ between transformers releases). Both are reversible: removing the edit deletes the child and the hook, and
 the model is exactly what it was. The hook is a plain picklable object, so `deepcopy` and
 `torch.save` keep the edit.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from functools import cache
 from typing import Any
 
 import torch
 from torch import nn
+
+from surgery.hf import Call, positional_names
 
 
 class ModelEditHook:
@@ -31,16 +32,12 @@ class ModelEditHook:
         self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         adapter = model._modules[self.edit]
-        return (), adapter.prepare(model, bind_arguments(model, args, kwargs))
+        call = Call(model, bind_arguments(model, args, kwargs))
+        adapter.prepare(model, call)
+        return (), call.inputs
 
     def __repr__(self) -> str:
         return f"ModelEditHook({self.edit!r})"
-
-
-@cache
-def _forward_names(cls: type[nn.Module]) -> tuple[str, ...]:
-    params = list(inspect.signature(cls.forward).parameters.values())[1:]
-    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 def bind_arguments(
@@ -48,7 +45,7 @@ def bind_arguments(
 ) -> dict[str, Any]:
     """A call's arguments as keywords (`model(ids)` -> {"input_ids": ids}), so `prepare` can
     read and replace them by name."""
-    names = _forward_names(type(model))
+    names = positional_names(type(model))
     if len(args) > len(names):
         raise TypeError(f"{type(model).__name__}.forward got {len(args)} positional arguments")
     bound = dict(zip(names, args, strict=False))
@@ -99,34 +96,33 @@ def uninstall(model: nn.Module, edit: str) -> Callable[[], None]:
 # ---- what every virtual-token method does to a call's inputs --------------------------------
 
 
-def cached_length(inputs: dict[str, Any]) -> int:
-    cache_ = inputs.get("past_key_values")
-    return int(cache_.get_seq_length()) if cache_ is not None else 0
-
-
-def extend_inputs(inputs: dict[str, Any], n: int, *, prepended: int) -> dict[str, Any]:
-    """Make the attention mask and position ids of a call account for `n` virtual tokens.
+def extend_inputs(call: Call, n: int, *, prepended: int) -> None:
+    """Make the attention mask and positions of a call account for `n` virtual tokens.
 
     `prepended` is how many virtual positions this very call adds in front of its tokens
-    (the prompt at prefill), as opposed to those already in the cache. Masks and position ids
-    arrive in the user's coordinates (generate() builds them from the user's tokens), so a
-    mask that is `n` short gets `n` ones in front, and position ids move right by `n`.
+    (the prompt at prefill), as opposed to those already in the cache. Masks, position ids and
+    cache positions arrive in the user's coordinates (generate() builds them from the user's
+    tokens), so a mask that is `n` short gets `n` ones in front, and positions move right by `n`.
     """
-    mask = inputs.get("attention_mask")
-    sequence = inputs["inputs_embeds"] if inputs.get("inputs_embeds") is not None else None
-    if sequence is None:
-        sequence = inputs["input_ids"]
-    length = sequence.shape[1]
-    keys = cached_length(inputs) + length
+    length = call.sequence.shape[1]
+    keys = call.cached_length + length
+    mask = call.attention_mask
     if isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[1] == keys - n:
-        ones = mask.new_ones(mask.shape[0], n)
-        inputs["attention_mask"] = torch.cat([ones, mask], dim=1)
-    positions = inputs.get("position_ids")
-    if isinstance(positions, torch.Tensor) and positions.shape[-1] == length - prepended:
-        shifted = positions + n
-        if prepended:
-            front = torch.arange(prepended, device=positions.device, dtype=positions.dtype)
-            front = front.expand(*positions.shape[:-1], prepended)
-            shifted = torch.cat([front, shifted], dim=-1)
-        inputs["position_ids"] = shifted
-    return inputs
+        call.attention_mask = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+
+    def in_user_coordinates(positions: Any) -> bool:
+        return isinstance(positions, torch.Tensor) and positions.shape[-1] == length - prepended
+
+    if in_user_coordinates(call.position_ids):
+        call.position_ids = shifted(call.position_ids, n, prepended)
+    if in_user_coordinates(call.cache_position):
+        call.cache_position = shifted(call.cache_position, n, prepended)
+
+
+def shifted(positions: torch.Tensor, n: int, prepended: int) -> torch.Tensor:
+    """User positions moved right by `n`, after `prepended` virtual ones (0, 1, ...)."""
+    moved = positions + n
+    if not prepended:
+        return moved
+    front = torch.arange(prepended, device=positions.device, dtype=positions.dtype)
+    return torch.cat([front.expand(*positions.shape[:-1], prepended), moved], dim=-1)

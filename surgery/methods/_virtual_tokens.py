@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from surgery.graph.site import EditKey
+from surgery.hf import Call, position_limit
 from surgery.methods.base import Method, Param, Problem, adapter_dtype, at_least
 
 N_PARAM = Param("n", int, 20, "number of virtual tokens", check=at_least(1))
@@ -22,6 +23,20 @@ N_PARAM = Param("n", int, 20, "number of virtual tokens", check=at_least(1))
 
 def hidden_param(doc: str) -> Param:
     return Param("hidden", int, 0, doc + " (0: the model's hidden size)", check=at_least(0))
+
+
+def length_problem(model: nn.Module, n: int) -> Problem | None:
+    """Every virtual-token method moves the user's positions right by `n`; with a learned
+    position table the virtual tokens and at least one real token must fit in it."""
+    limit = position_limit(model)
+    if limit is None or n < limit:
+        return None
+    return Problem(
+        f"n={n} virtual tokens leave no position for the input: {type(model).__name__} "
+        f"has a learned table of {limit} positions, and the virtual tokens take the first {n}",
+        argument="n",
+        hint=f"use n={limit - 1} or fewer (each virtual token is one position less for the input)",
+    )
 
 
 class VirtualTokenMethod(Method):
@@ -34,6 +49,11 @@ class VirtualTokenMethod(Method):
         return bool(options.get("encoder"))
 
     def check_selection(
+        self, model: nn.Module, selected: list[tuple[str, nn.Module]], args: dict[str, Any]
+    ) -> Problem | None:
+        return self.check_placement(model, selected, args) or length_problem(model, args["n"])
+
+    def check_placement(
         self, model: nn.Module, selected: list[tuple[str, nn.Module]], args: dict[str, Any]
     ) -> Problem | None:
         """Whether the modules a rule selected are where this method's tokens go."""
@@ -130,7 +150,8 @@ class VirtualTokenAdapter(nn.Module):
         options = self.options | {"encoder": ""}
         return type(self)(nn.Parameter(table, requires_grad=False), None, options)
 
-    def prepare(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    def prepare(self, model: nn.Module, call: Call) -> None:
+        """Rewrite a forward call's arguments (in place) for the virtual tokens."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:

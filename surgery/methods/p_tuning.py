@@ -56,7 +56,7 @@ class PTuning(PromptTuning):
             nn.Linear(hidden, width),
         )
 
-    def check_selection(
+    def check_placement(
         self, model: nn.Module, selected: list[tuple[str, nn.Module]], args: dict[str, Any]
     ) -> Problem | None:
         return input_embedding_problem(self.name, model, selected)

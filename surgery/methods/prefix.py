@@ -12,13 +12,13 @@ its value, each `kv_heads × head_dim` wide (PEFT's layout, so tables convert as
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from surgery.graph.model_edit import cached_length, extend_inputs
+from surgery.graph.model_edit import extend_inputs
+from surgery.hf import Call, cache_argument, cache_geometry, cache_names, new_cache
 from surgery.methods import register
 from surgery.methods._virtual_tokens import (
     N_PARAM,
@@ -29,48 +29,16 @@ from surgery.methods._virtual_tokens import (
 from surgery.methods.base import Param, Problem
 
 
-def cache_geometry(config: Any) -> tuple[int, int, int]:
-    """(layers, key/value heads, head size) of the tensors the model keeps in its cache.
-
-    Most models cache `num_key_value_heads` heads. Falcon caches one head when multi-query and,
-    with the new decoder architecture, its keys and values after expanding them to every
-    attention head.
-    """
-    layers, heads = config.num_hidden_layers, config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    if getattr(config, "model_type", "") == "falcon":
-        kv_heads = heads if config.new_decoder_architecture or not config.multi_query else 1
-    else:
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return layers, kv_heads, head_dim
-
-
-CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")
-
-
-def takes_the_cache(module: nn.Module) -> bool:
-    """Whether a module's forward receives the key/value cache (a decoder layer, an attention)."""
-    names = inspect.signature(type(module).forward).parameters
-    return any(name in names for name in CACHE_ARGUMENTS)
-
-
 class PrefixAdapter(VirtualTokenAdapter):
-    def prepare(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
-        if cached_length(inputs) == 0:
-            inputs["past_key_values"] = self.fill(model, inputs)
-        return extend_inputs(inputs, self.n, prepended=0)
+    def prepare(self, model: nn.Module, call: Call) -> None:
+        if call.cached_length == 0:
+            call.cache = self.fill(model, call)
+        extend_inputs(call, self.n, prepended=0)
 
-    def fill(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
-        """The call's cache (a new DynamicCache when it has none) holding the prefix."""
-        from transformers import DynamicCache
-
-        cache = inputs.get("past_key_values")
-        if cache is None:
-            cache = DynamicCache(config=model.config)
-        sequence = inputs.get("inputs_embeds")
-        if sequence is None:
-            sequence = inputs["input_ids"]
-        batch = sequence.shape[0]
+    def fill(self, model: nn.Module, call: Call) -> Any:
+        """The call's cache (a new one when it has none) holding the prefix."""
+        cache = call.cache if call.cache is not None else new_cache(model)
+        batch = call.sequence.shape[0]
         dtype = model.get_input_embeddings().weight.dtype
         layers, kv_heads, head_dim = (self.options[k] for k in ("layers", "kv_heads", "head_dim"))
         # [n, layers * 2 * kv_heads * head_dim] -> [layers * 2, kv_heads, n, head_dim]
@@ -102,30 +70,36 @@ class PrefixTuning(VirtualTokenMethod):
 
     def check_model(self, model: nn.Module) -> Problem | None:
         problem = super().check_model(model)
-        if problem is None and not model.can_generate():
+        if problem is None and not (model.can_generate() and cache_argument(model)):
             return Problem(
                 f"{self.name} enters through the cache of a generative decoder; "
                 f"{type(model).__name__} is not one (for encoders, use prompt)"
             )
         return problem
 
-    def check_selection(
+    def check_placement(
         self, model: nn.Module, selected: list[tuple[str, nn.Module]], args: dict[str, Any]
     ) -> Problem | None:
         """One module per layer, each of which receives that layer's cache: the decoder layers
         or their attention modules (a module whose forward takes the cache)."""
         layers = model.config.num_hidden_layers
         types = {type(m).__name__ for _, m in selected}
-        cacheless = [p for p, m in selected if not takes_the_cache(m)]
+        cacheless = [(p, m) for p, m in selected if cache_argument(m) is None]
         if len(selected) == layers and len(types) == 1 and not cacheless:
             return None
-        got = f"{len(selected)} module(s) of type(s) {', '.join(sorted(types))}"
         if cacheless and len(selected) == layers:
-            kind = type(dict(selected)[cacheless[0]]).__name__
-            got = f"{cacheless[0]} ({kind}), which never sees the cache"
+            path, module = cacheless[0]
+            return Problem(
+                f"{self.name} extends every layer's key/value cache, not {path} "
+                f"({type(module).__name__}), which never sees the cache (its forward takes "
+                f"none of {', '.join(cache_names())})",
+                hint="select modules whose forward receives the cache: the decoder layers "
+                "or their attention modules",
+            )
         return Problem(
             f"{self.name} extends every layer's key/value cache: select one module per layer "
-            f"({layers}: the layers or their attention modules), not {got}",
+            f"({layers}: the layers or their attention modules), not {len(selected)} "
+            f"module(s) of type(s) {', '.join(sorted(types))}",
             hint=f"apply {self.name}(...) to layers.*",
         )
 

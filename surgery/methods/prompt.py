@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from surgery.errors import PlanError
-from surgery.graph.model_edit import cached_length, extend_inputs
+from surgery.graph.model_edit import extend_inputs
+from surgery.hf import Call
 from surgery.methods import register
 from surgery.methods._virtual_tokens import (
     N_PARAM,
@@ -30,25 +31,26 @@ IGNORE_INDEX = -100  # the label value HF losses skip
 
 
 class PromptAdapter(VirtualTokenAdapter):
-    def prepare(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
-        if cached_length(inputs) > 0:  # decoding: the prompt is in the cache already
-            return extend_inputs(inputs, self.n, prepended=0)
-        embeds = inputs.get("inputs_embeds")
+    def prepare(self, model: nn.Module, call: Call) -> None:
+        if call.cached_length > 0:  # decoding: the prompt is in the cache already
+            extend_inputs(call, self.n, prepended=0)
+            return
+        embeds = call.inputs_embeds
         if embeds is None:
-            embeds = model.get_input_embeddings()(inputs["input_ids"])
+            embeds = model.get_input_embeddings()(call.input_ids)
         batch = embeds.shape[0]
         prompt = self.table().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-        inputs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
-        inputs["input_ids"] = None
-        labels = inputs.get("labels")
+        call.inputs_embeds = torch.cat([prompt, embeds], dim=1)
+        call.input_ids = None
+        labels = call.labels
         if isinstance(labels, torch.Tensor) and labels.shape[-1] == embeds.shape[1]:
             ignored = labels.new_full((labels.shape[0], self.n), IGNORE_INDEX)
-            inputs["labels"] = torch.cat([ignored, labels], dim=1)
-        token_types = inputs.get("token_type_ids")  # BERT-like encoders: segment A
+            call.labels = torch.cat([ignored, labels], dim=1)
+        token_types = call.token_type_ids  # BERT-like encoders: segment A
         if isinstance(token_types, torch.Tensor):
             front = token_types.new_zeros(token_types.shape[0], self.n)
-            inputs["token_type_ids"] = torch.cat([front, token_types], dim=1)
-        return extend_inputs(inputs, self.n, prepended=self.n)
+            call.token_type_ids = torch.cat([front, token_types], dim=1)
+        extend_inputs(call, self.n, prepended=self.n)
 
 
 def input_embedding_problem(
@@ -142,7 +144,7 @@ class PromptTuning(VirtualTokenMethod):
     )
     params = (N_PARAM, *INIT_PARAMS)
 
-    def check_selection(
+    def check_placement(
         self, model: nn.Module, selected: list[tuple[str, nn.Module]], args: dict[str, Any]
     ) -> Problem | None:
         return input_embedding_problem(self.name, model, selected) or init_problem(model, args)

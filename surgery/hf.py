@@ -1,0 +1,176 @@
+"""Hugging Face call conventions, in one place and read from the code that is installed.
+
+transformers renames arguments between releases (5.24 renamed the cache argument of models,
+decoder layers and attentions from `past_key_values` to `cache`; Falcon's layers call it
+`layer_past`), so nothing outside this module names one. Each *role* an argument plays (the
+cache, the attention mask, position ids, ...) has the names it has gone by, newest first; the
+name a class uses is the one its `forward` signature declares (`conventions`). `Call` gives a
+forward call's arguments by role, so the virtual-token methods read and replace them without
+knowing the release. Cache geometry and the position limit of a config live here too.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import cache
+from typing import Any
+
+from torch import nn
+
+# role -> the names transformers has used for it, newest first
+ROLES: dict[str, tuple[str, ...]] = {
+    "cache": ("cache", "past_key_values", "past_key_value", "layer_past"),
+    "attention_mask": ("attention_mask",),
+    "position_ids": ("position_ids",),
+    "cache_position": ("cache_position",),
+    "input_ids": ("input_ids",),
+    "inputs_embeds": ("inputs_embeds",),
+    "labels": ("labels",),
+    "token_type_ids": ("token_type_ids",),
+}
+
+
+@cache
+def declared_names(cls: type[nn.Module]) -> frozenset[str]:
+    """Every argument name `cls.forward` declares."""
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+@cache
+def conventions(cls: type[nn.Module]) -> dict[str, str | None]:
+    """role -> the name `cls.forward` declares for it (None: the forward does not take it)."""
+    declared = declared_names(cls)
+    return {
+        role: next((name for name in names if name in declared), None)
+        for role, names in ROLES.items()
+    }
+
+
+@cache
+def positional_names(cls: type[nn.Module]) -> tuple[str, ...]:
+    """The names `cls.forward` binds positional arguments to (`self` excluded)."""
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def cache_argument(module: nn.Module) -> str | None:
+    """The name under which `module`'s forward receives the key/value cache, if it does."""
+    return conventions(type(module))["cache"]
+
+
+def cache_names() -> tuple[str, ...]:
+    """Every name the cache argument has had (for messages that say what was looked for)."""
+    return ROLES["cache"]
+
+
+class Argument:
+    """A role as an attribute of `Call`: reads None when absent, writes under the class's name."""
+
+    def __set_name__(self, owner: type, role: str) -> None:
+        self.role = role
+
+    def __get__(self, call: Call, owner: type | None = None) -> Any:
+        name = call.names[self.role]
+        return call.inputs.get(name) if name is not None else None
+
+    def __set__(self, call: Call, value: Any) -> None:
+        name = call.names[self.role]
+        if name is None:
+            raise TypeError(f"{call.model_class}.forward takes no {self.role} argument")
+        call.inputs[name] = value
+
+
+class Call:
+    """One forward call's keyword arguments, read and replaced by role.
+
+    An argument given under an older name of its role (`past_key_values=` where the forward now
+    says `cache`, which transformers still accepts through `**kwargs`) is moved to the current
+    name first, so a method sees it wherever the caller put it.
+    """
+
+    cache = Argument()
+    attention_mask = Argument()
+    position_ids = Argument()
+    cache_position = Argument()
+    input_ids = Argument()
+    inputs_embeds = Argument()
+    labels = Argument()
+    token_type_ids = Argument()
+
+    def __init__(self, model: nn.Module, inputs: dict[str, Any]):
+        self.model_class = type(model).__name__
+        self.names = conventions(type(model))
+        self.inputs = inputs
+        declared = declared_names(type(model))
+        for role, current in self.names.items():
+            if current is None or inputs.get(current) is not None:
+                continue
+            for old in ROLES[role]:
+                if old != current and old not in declared and old in inputs:
+                    inputs[current] = inputs.pop(old)
+                    break
+
+    def takes(self, role: str) -> bool:
+        return self.names[role] is not None
+
+    @property
+    def sequence(self) -> Any:
+        """The call's tokens: its embeddings when given, else its ids (`[B, L, ...]`)."""
+        return self.inputs_embeds if self.inputs_embeds is not None else self.input_ids
+
+    @property
+    def cached_length(self) -> int:
+        """How many positions the call's cache holds already (0: prefill or no cache)."""
+        return int(self.cache.get_seq_length()) if self.cache is not None else 0
+
+
+def new_cache(model: nn.Module) -> Any:
+    """An empty cache of the kind the model's generate() would create."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def cache_geometry(config: Any) -> tuple[int, int, int]:
+    """(layers, key/value heads, head size) of the tensors the model keeps in its cache.
+
+    Most models cache `num_key_value_heads` heads. Falcon caches one head when multi-query and,
+    with the new decoder architecture, its keys and values after expanding them to every
+    attention head.
+    """
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if getattr(config, "model_type", "") == "falcon":
+        kv_heads = heads if config.new_decoder_architecture or not config.multi_query else 1
+    else:
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return layers, kv_heads, head_dim
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """How many positions a sequence may take, when the model has a hard limit.
+
+    A learned absolute position table (GPT-2's `wpe`, BERT's and RoBERTa's
+    `position_embeddings`, OPT's `embed_positions`) has one row per position: a longer sequence
+    indexes past its end. It is found as an embedding other than the input embedding whose
+    size is the config's `max_position_embeddings` (or that plus the table's own offset, as
+    OPT's); a padding row (RoBERTa numbers positions after `padding_idx`) and the offset are not
+    usable. Rotary and ALiBi models compute positions, so their config's value is the length
+    they were trained on, not a limit: None.
+    """
+    config = getattr(model, "config", None)
+    declared = getattr(config, "max_position_embeddings", None)
+    if not isinstance(declared, int):
+        return None
+    inputs = model.get_input_embeddings()
+    inputs = {id(inputs), id(getattr(inputs, "base", inputs))}  # a site around it: its base too
+    for module in model.modules():
+        if not isinstance(module, nn.Embedding) or id(module) in inputs:
+            continue
+        offset = getattr(module, "offset", 0)
+        offset = offset if isinstance(offset, int) else 0
+        if module.num_embeddings - offset != declared:
+            continue
+        padding = module.padding_idx + 1 if module.padding_idx is not None else 0
+        return declared - padding
+    return None
