@@ -6,9 +6,9 @@ they must change (the attention mask, the labels, the position ids, the cache), 
 to the model itself: the adapter is a child module of the model named after the edit
 (`model.prompt`), and a forward pre-hook on the model rewrites the call's arguments through the
 adapter's `prepare`, which reads and replaces them by role through `surgery.hf.Call` (the
-argument names differ between transformers releases). Both are reversible: removing the edit deletes the child and the hook, and
-the model is exactly what it was. The hook is a plain picklable object, so `deepcopy` and
-`torch.save` keep the edit.
+argument names differ between transformers releases). Both are reversible: removing the edit
+deletes the child and the hook, and the model is exactly what it was. The hook is a plain
+picklable object, so `deepcopy` and `torch.save` keep the edit.
 """
 
 from __future__ import annotations

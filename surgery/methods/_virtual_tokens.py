@@ -33,7 +33,7 @@ def length_problem(model: nn.Module, n: int) -> Problem | None:
         return None
     return Problem(
         f"n={n} virtual tokens leave no position for the input: {type(model).__name__} "
-        f"has a learned table of {limit} positions, and the virtual tokens take the first {n}",
+        f"has a learned table of {limit} positions and the virtual tokens take n of them",
         argument="n",
         hint=f"use n={limit - 1} or fewer (each virtual token is one position less for the input)",
     )

@@ -98,7 +98,7 @@ def token_ids(model: nn.Module, args: dict[str, Any]) -> list[int]:
             f"({type(error).__name__})",
             hint="give token ids instead: init=ids, ids=[...]",
         ) from None
-    return tokenizer(args["text"], add_special_tokens=False)["input_ids"]
+    return tokenizer(args["text"], add_special_tokens=False).input_ids
 
 
 def init_problem(model: nn.Module, args: dict[str, Any]) -> Problem | None:
