@@ -1,18 +1,25 @@
-# Two commands from a fresh clone: `make demo` and `make test`. Both create .venv first.
+# Two commands from a fresh clone: `make demo` and `make test`. Both create .venv first, from the
+# lock file: the exact release of every package, transitive ones included (`make lock` refreshes
+# it). `make test-latest` runs the suite on the newest releases pyproject.toml allows.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# torch is pinned to the CPU build that installs in seconds on the project's machines (an
-# unpinned torch pulls a multi-GB CUDA build). Another build: `make test TORCH="torch==2.6.0"`.
+LOCK   := requirements/lock.txt
+# torch is pinned to 2.13.0, the CPU build that installs in seconds on the project's machines
+# (an unpinned torch pulls a multi-GB CUDA build). `make lock` resolves with this pin and
+# `make test-latest` keeps it: "newest releases" means every package but torch.
 TORCH  ?= torch==2.13.0
+TOOLS  := .venv-tools
+LATEST := .venv-latest
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-latest lock lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The lock pins everything, the build backend (hatchling) included, so the project installs
+# without build isolation: nothing unpinned is downloaded.
+$(VENV)/.installed: $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 setup: $(VENV)/.installed
@@ -22,6 +29,34 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# pip-compile (pip-tools) resolves pyproject's dependencies, the `dev` extra and the build
+# dependencies with torch held at $(TORCH). It may pick a local build of that release (here
+# /opt/wheels' torch-2.13.0+cpu), whose `+cpu` tag is then dropped from the lock: `torch==2.13.0`
+# matches that wheel where it is offered (pip prefers it over the plain release) and stays
+# installable from PyPI alone, where a `+cpu` pin would find nothing. The lock has no hashes for
+# the same reason: each platform's torch wheel is a different file.
+lock: $(TOOLS)/.installed
+	printf '%s\n' "$(TORCH)" > $(TOOLS)/torch.txt
+	CUSTOM_COMPILE_COMMAND="make lock" $(TOOLS)/bin/pip-compile --quiet --upgrade \
+	  --extra dev --all-build-deps --strip-extras --allow-unsafe \
+	  --no-emit-index-url --no-emit-find-links --constraint $(TOOLS)/torch.txt \
+	  --output-file $(LOCK) pyproject.toml
+	sed -E -i 's/^(torch==[^+ ]+)\+[^ ]+/\1/' $(LOCK)
+
+$(TOOLS)/.installed:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q "pip-tools==7.6.2"
+	touch $@
+
+# A separate venv, rebuilt each time so that it always has the newest releases.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q "$(TORCH)"
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]" "$(TORCH)"
+	$(LATEST)/bin/pip list --format=freeze | grep -iE '^(torch|transformers|peft)='
+	$(LATEST)/bin/python -m pytest
 
 lint: setup
 	$(VENV)/bin/ruff check surgery tests benchmarks examples
@@ -33,4 +68,4 @@ bench: setup
 	$(PY) benchmarks/bench_latency.py
 
 clean:
-	rm -rf $(VENV) out build dist .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LATEST) $(TOOLS) out build dist .pytest_cache .hypothesis
