@@ -30,14 +30,25 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from surgery.errors import ExecutionError
-from surgery.graph.site import EDIT_META, REPLACES_META, EditKey, Signature, build_graph
+from surgery.errors import ExecutionError, PlanError, Span
+from surgery.graph.site import (
+    EDIT_META,
+    REPLACES_META,
+    EditKey,
+    Signature,
+    build_graph,
+    signature_of,
+)
+from surgery.select import TreeNode
+
+if TYPE_CHECKING:
+    from surgery.methods.base import Method
 
 OUTPUT, INPUT = "output", "input"
 ADD, SCALE, OTHER = "add", "scale", "other"
@@ -196,6 +207,56 @@ def merge_order(
     return done, None
 
 
+# ---- merges on the planner's logical tree ------------------------------------------------------
+
+
+def edit_keys(node: TreeNode) -> tuple[EditKey, ...]:
+    """The edits a planned site over `node` carries, as its graph sees them."""
+    return tuple(
+        EditKey(name, method, tuple(node.edit_options.get(name, {}).items()))
+        for name, method in node.edits
+    )
+
+
+def node_effects(node: TreeNode, *more: EditKey) -> dict[str, Effect]:
+    """The effects of `node`'s edits (plus `more`, about to be applied) on its site."""
+    assert node.module is not None
+    return site_effects(signature_of(type(node.module)), (*edit_keys(node), *more))
+
+
+def plan_site_merges(node: TreeNode, chosen: list[str], span: Span) -> list[str]:
+    """The order to merge `chosen` edits of `node` in; a PlanError naming the edit in the way
+    when no order is exact."""
+    methods = dict(node.edits)
+    order, refused = merge_order(node_effects(node), list(methods), chosen)
+    if refused is None:
+        return order
+    name, other, why = refused
+    if other in chosen:
+        hint = f"no order of merging these edits is exact: `remove {other}` first"
+    else:
+        hint = f"merge '{other}' in the same statement, or remove it first"
+    raise PlanError(
+        f"cannot merge '{name}' ({methods[name]}) into {node.path} while '{other}' "
+        f"({methods[other]}) stays on it: {why}; the result would differ from the unmerged model",
+        span=span,
+        hint=hint,
+    )
+
+
+def check_merge_storage(node: TreeNode, edit: str, method: Method, span: Span) -> None:
+    """A merge writes the wrapped module's tensors: each must be one the method can write."""
+    assert node.module is not None
+    for name, param in node.module.named_parameters(recurse=False):
+        if not method.can_merge_into(param):
+            raise PlanError(
+                f"cannot merge '{edit}' ({method.name}) into {node.path}: its parameter "
+                f"'{name}' is {describe_storage(param)}, which {method.name} cannot merge into",
+                span=span,
+                hint=f"`remove {edit}` instead, or merge before quantizing",
+            )
+
+
 # ---- what a merge may read and write -----------------------------------------------------------
 
 
@@ -207,9 +268,13 @@ def is_plain_float(tensor: torch.Tensor) -> bool:
 def storage_problem(module: nn.Module) -> str | None:
     """Why edits cannot be built over `module`: a parameter that is not a plain float tensor
     (adapters take their dtype from the weight, and the site computes in it)."""
-    for name, param in module.named_parameters():
-        if not is_plain_float(param):
+    for name, param in module._parameters.items():  # a plain walk: planning 7B skeletons
+        if param is not None and not is_plain_float(param):
             return f"its parameter '{name}' is {describe_storage(param)}"
+    for child_name, child in module._modules.items():
+        problem = storage_problem(child) if child is not None else None
+        if problem is not None:
+            return problem.replace("parameter '", f"parameter '{child_name}.", 1)
     return None
 
 

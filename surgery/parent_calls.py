@@ -2,8 +2,8 @@
 
 `nn.MultiheadAttention` never calls its `out_proj`: it passes `self.out_proj.weight` and `.bias`
 to a functional. A site around `out_proj` would never run (and a merge would then change the
-outputs), so `apply` refuses such a target. The rule reads the source of the parent's class
-(every class in its MRO but `nn.Module`) and refuses only when it is sure:
+outputs), so `apply` refuses such a target. The rule reads the source of the functions of
+the parent's class (and of its bases but `nn.Module`) and refuses only when it is sure:
 
 - every `self.<child>` there reads an attribute of the child, and at least one reads one of the
   child's own tensors as a value (`self.out_proj.weight`, not `self.out_proj.weight.dtype`);
@@ -21,6 +21,7 @@ import ast
 import inspect
 import textwrap
 from functools import cache
+from types import FunctionType
 
 from torch import nn
 
@@ -40,22 +41,30 @@ _METADATA = ("dtype", "device", "shape", "ndim", "requires_grad")
 
 def uncalled_reason(parent: nn.Module, name: str, child: nn.Module) -> str | None:
     """Why the site around `parent.<name>` (`child`) would never run; None when it may run."""
-    tensors = {*child._parameters, *child._buffers}
-    read: dict[str, None] = {}  # ordered, without repeats
-    for cls in type(parent).__mro__:
-        if cls in (nn.Module, object):
-            continue
-        uses = _uses(cls, name)
-        if uses is None or uses.called or uses.handed_on:
-            return None
-        read |= dict.fromkeys(a for a in uses.tensor_reads if a in tensors)
-    if not read:
+    reads = _attribute_reads(type(parent), name)
+    tensors = [attr for attr in reads or () if attr in child._parameters or attr in child._buffers]
+    if not tensors:
         return None
-    what = ", ".join(f"self.{name}.{attr}" for attr in read)
+    what = ", ".join(f"self.{name}.{attr}" for attr in tensors)
     return (
         f"its parent {type(parent).__name__} never calls it: it only reads its tensors "
         f"({what}), so an edit around it would never run"
     )
+
+
+@cache
+def _attribute_reads(cls: type, name: str) -> tuple[str, ...] | None:
+    """The attributes of `self.<name>` that the classes of the MRO of `cls` read as values, in
+    order; None when they may call it (or pass it on, or reach it some way unseen)."""
+    read: dict[str, None] = {}  # ordered, without repeats
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            continue
+        uses = _uses(klass, name)
+        if uses is None or uses.called or uses.handed_on:
+            return None
+        read |= dict.fromkeys(uses.tensor_reads)
+    return tuple(read)
 
 
 class _Uses:
@@ -67,17 +76,30 @@ class _Uses:
 
 @cache
 def _parsed(cls: type) -> tuple[list[ast.AST], dict[ast.AST, ast.AST]] | None:
-    """The nodes of the source of `cls` (its own body) and each node's parent; None when the
-    source is unavailable or the class reaches its children dynamically."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError, SyntaxError):
-        return None
-    nodes = list(ast.walk(tree))
+    """The syntax nodes of the functions `cls` defines (methods, properties) and each node's
+    parent; None when a source is unavailable or the class reaches its children dynamically.
+    Functions are read one by one: finding a whole class's source would parse its module."""
+    nodes: list[ast.AST] = []
+    for value in vars(cls).values():
+        for function in _functions(value):
+            try:
+                tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+            except (OSError, TypeError, SyntaxError):
+                return None
+            nodes += ast.walk(tree)
     if any(_reaches_children(node) for node in nodes):
         return None
     parents = {child: node for node in nodes for child in ast.iter_child_nodes(node)}
     return nodes, parents
+
+
+def _functions(value: object) -> list[FunctionType]:
+    """The Python functions behind a class attribute (a method, static/class method, property)."""
+    if isinstance(value, (staticmethod, classmethod)):
+        value = value.__func__
+    if isinstance(value, property):
+        return [f for f in (value.fget, value.fset, value.fdel) if isinstance(f, FunctionType)]
+    return [value] if isinstance(value, FunctionType) else []
 
 
 @cache

@@ -19,9 +19,9 @@ from torch import nn
 from surgery.errors import PlanError, ResolveError, Span, SurgeryError, did_you_mean
 from surgery.fused import Layout, Parts, check_part_names, compute_layout, layout_spec, with_parts
 from surgery.graph import model_edit
-from surgery.graph.site import EditKey, is_reserved_edit_name, signature_of
+from surgery.graph.site import EditKey, is_reserved_edit_name
 from surgery.lang import ast, parse_file
-from surgery.merge_rules import describe_storage, merge_order, site_effects, storage_problem
+from surgery.merge_rules import check_merge_storage, node_effects, plan_site_merges, storage_problem
 from surgery.methods import REGISTRY, Method, get_method
 from surgery.methods.base import Problem
 from surgery.parent_calls import uncalled_reason
@@ -552,7 +552,7 @@ class Planner:
         that cannot go there (DoRA after another edit) says so while it adds its nodes."""
         assert node.module is not None
         try:
-            site_effects(signature_of(type(node.module)), (*self._edit_keys(node), new))
+            node_effects(node, new)
         except (PlanError, TypeError) as error:
             message = error.message if isinstance(error, PlanError) else str(error)
             raise PlanError(
@@ -560,13 +560,6 @@ class Planner:
                 span=st.span,
                 hint=getattr(error, "hint", None),
             ) from None
-
-    @staticmethod
-    def _edit_keys(node: TreeNode) -> tuple[EditKey, ...]:
-        return tuple(
-            EditKey(name, method, tuple(node.edit_options.get(name, {}).items()))
-            for name, method in node.edits
-        )
 
     def _check_model_target(
         self,
@@ -642,7 +635,7 @@ class Planner:
                     )
                 self._check_not_shared(st, node, name)
                 if method.level != "model":
-                    self._check_merge_storage(st, node, name, method)
+                    check_merge_storage(node, name, method, st.span)
         targets = []
         if action == "merge":
             chosen = self._order_merges(st, chosen)
@@ -665,7 +658,7 @@ class Planner:
         self, st: ast.Merge, chosen: list[tuple[TreeNode, str, str]]
     ) -> list[tuple[TreeNode, str, str]]:
         """The order to merge in, site by site, each merge exact given the edits still present
-        when it runs (decided by `surgery.merge_rules` from the site graphs)."""
+        when it runs (see surgery.merge_rules)."""
         by_site: dict[int, list[tuple[TreeNode, str, str]]] = {}
         ordered = []
         for item in chosen:
@@ -674,51 +667,10 @@ class Planner:
             else:
                 by_site.setdefault(id(item[0]), []).append(item)
         for items in by_site.values():
-            node = items[0][0]
-            assert node.module is not None
-            methods = dict(node.edits)
-            effects = site_effects(signature_of(type(node.module)), self._edit_keys(node))
-            order, refused = merge_order(effects, list(methods), [name for _, name, _ in items])
-            if refused is not None:
-                self._refuse_merge(st, node, methods, refused, [n for _, n, _ in items])
+            node, methods = items[0][0], dict(items[0][0].edits)
+            order = plan_site_merges(node, [name for _, name, _ in items], st.span)
             ordered += [(node, name, methods[name]) for name in order]
         return ordered
-
-    @staticmethod
-    def _refuse_merge(
-        st: ast.Merge,
-        node: TreeNode,
-        methods: dict[str, str],
-        refused: tuple[str, str, str],
-        chosen: list[str],
-    ) -> None:
-        name, other, why = refused
-        if other in chosen:
-            hint = f"no order of merging these edits is exact: `remove {other}` first"
-        else:
-            hint = f"merge '{other}' in the same statement, or remove it first"
-        raise PlanError(
-            f"cannot merge '{name}' ({methods[name]}) into {node.path} while '{other}' "
-            f"({methods[other]}) stays on it: {why}; the result would differ from the unmerged "
-            "model",
-            span=st.span,
-            hint=hint,
-        )
-
-    @staticmethod
-    def _check_merge_storage(st: ast.Merge, node: TreeNode, edit: str, method: Method) -> None:
-        """A merge writes the wrapped module's tensors: each must be one the method can write
-        (plain floating point, unless the method knows the storage)."""
-        assert node.module is not None
-        for pname, param in node.module.named_parameters(recurse=False):
-            if not method.can_merge_into(param):
-                raise PlanError(
-                    f"cannot merge '{edit}' ({method.name}) into {node.path}: its parameter "
-                    f"'{pname}' is {describe_storage(param)}, which {method.name} cannot merge "
-                    "into",
-                    span=st.span,
-                    hint=f"`remove {edit}` instead, or merge before quantizing",
-                )
 
     def _check_not_shared(self, st: ast.Merge, node: TreeNode, edit: str) -> None:
         """A merge writes the base's own weights: refuse when another module shares them

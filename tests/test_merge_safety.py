@@ -272,8 +272,9 @@ def test_streaming_merge_refuses_non_finite_adapters_and_results(tmp_path: Path)
             changed[f"{DOWN}.lora.B"] = torch.full_like(tensors[f"{DOWN}.lora.B"], value)
         save_file(changed, file)
         with pytest.raises(ExecutionError, match=message):
-            merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out",
-                             progress=False)
+            merge_checkpoint(
+                tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progress=False
+            )
         assert not (tmp_path / "out").exists()
         assert not list(tmp_path.glob(".out*"))  # no partial output left either
 
