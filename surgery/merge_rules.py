@@ -8,8 +8,9 @@ node with its edit), as an `Effect`:
 - its *slot*: the site's output (`set_output`) or the wrapped module's input (`set_base_input`);
 - its *form* there: `add` (slot + t, t not reading the slot), `scale` (slot ⊙ s, s a constant of
   the edit), or `other`;
-- whether it reads the site's inputs (placeholders), and which of the wrapped module's tensors
-  it reads (`base_attr`: DoRA's norm and sparse's difference read the weight).
+- whether it reads the site's inputs (placeholders), which of the wrapped module's tensors it
+  reads (`base_attr`: DoRA's norm and sparse's difference read the weight), and which other
+  edits' nodes it reads.
 
 A merge may write any tensor of the wrapped module. Merging edit `e` now, while the edits `R`
 stay on the site, is exact when, for every `r` in `R`:
@@ -18,7 +19,8 @@ stay on the site, is exact when, for every `r` in `R`:
 2. on the output, `r` applied before `e` commutes with `e` (both `add`, or both `scale`): `e` is
    folded beneath it; on the input, the same for `r` applied after `e` (closer to the module);
 3. if `e` reads the site's input, `r` does not transform the module's input (folded into the
-   module, `e` would read the transformed input).
+   module, `e` would read the transformed input);
+4. neither reads the other's nodes, other than the site's output so far.
 
 A `merge` statement merges its edits one at a time, each at the first point where it is exact
 (input transforms first, then in application order); when none of the rest can go, it is refused
@@ -66,6 +68,8 @@ class Effect:
     form: str  # ADD, SCALE or OTHER
     reads_input: bool  # reads the site's inputs
     reads_base: tuple[str, ...]  # the wrapped module's tensors it reads ("weight", "bias")
+    # other edits whose nodes it reads, apart from the site's output so far (the value chain)
+    reads_edits: frozenset[str] = frozenset()
 
     def commutes_with(self, other: Effect) -> bool:
         """Two additions, or two elementwise scalings, can swap places."""
@@ -91,13 +95,16 @@ def _effects(graph: fx.Graph, edits: tuple[EditKey, ...]) -> dict[str, Effect]:
     base = next(n for n in graph.nodes if n.op == "call_module" and n.target == "base")
     feeds_base = _ancestors(base)
     by_name = {node.name: node for node in graph.nodes}
+    value_chain = {base} | {
+        n for n in graph.nodes if REPLACES_META in n.meta and n not in feeds_base
+    }
     effects = {}
     for edit in edits:
         own = [n for n in graph.nodes if n.meta.get(EDIT_META) == edit.name]
         outputs = [n for n in own if REPLACES_META in n.meta]
         slots = frozenset(INPUT if n in feeds_base else OUTPUT for n in outputs)
         replaced = {n: by_name[n.meta[REPLACES_META]] for n in outputs}
-        reads_input, reads_other, reads_base = False, False, []
+        reads_input, reads_other, reads_base, reads_edits = False, False, [], set()
         for node in own:
             if node.op == "get_attr" and str(node.target).startswith("base."):
                 reads_base.append(str(node.target).removeprefix("base."))
@@ -106,10 +113,14 @@ def _effects(graph: fx.Graph, edits: tuple[EditKey, ...]) -> dict[str, Effect]:
                     reads_input = True
                 elif source.meta.get(EDIT_META) != edit.name:
                     reads_other = True  # the wrapped module's output or another edit's nodes
+                    if source not in value_chain:
+                        reads_edits.add(source.meta.get(EDIT_META, ""))
         form = OTHER
         if len(outputs) == 1 and not reads_other:
             form = _form(outputs[0], replaced[outputs[0]], reads_input)
-        effects[edit.name] = Effect(edit.name, slots, form, reads_input, tuple(reads_base))
+        effects[edit.name] = Effect(
+            edit.name, slots, form, reads_input, tuple(reads_base), frozenset(reads_edits)
+        )
     return effects
 
 
@@ -169,6 +180,8 @@ def merge_blocker(
         r = effects[name]
         if r.reads_base:
             return name, f"it reads the module's {', '.join(r.reads_base)}, which the merge writes"
+        if edit in r.reads_edits or name in e.reads_edits:
+            return name, "one of the two reads the other's nodes, which the merge would rewire"
         before = position(name) < position(edit)
         if OUTPUT in e.slots and OUTPUT in r.slots and before and not e.commutes_with(r):
             return name, "it acts on the module's output before it, and the two do not commute"

@@ -529,6 +529,8 @@ class Planner:
         """Why no site can stand for `node`'s module, whatever the method: the site would never
         run (its parent does not call it), or adapters cannot be built over its storage."""
         assert node.module is not None
+        if not node.path:
+            return None  # the model itself: refused in `apply`, whatever it holds
         storage = storage_problem(node.module)
         if storage is not None:
             return Problem(

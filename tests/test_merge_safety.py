@@ -16,7 +16,17 @@ from surgery import ExecutionError, PlanError, rewrite
 from surgery.graph.site import Site, signature_of
 from surgery.io import write_adapter_dir
 from surgery.io.checkpoint import merge_checkpoint
-from surgery.merge_rules import ADD, INPUT, OTHER, OUTPUT, SCALE, site_effects
+from surgery.merge_rules import (
+    ADD,
+    INPUT,
+    OTHER,
+    OUTPUT,
+    SCALE,
+    Effect,
+    merge_blocker,
+    merge_order,
+    site_effects,
+)
 from surgery.models import PRESETS, load_model, tiny
 from surgery.parent_calls import uncalled_reason
 
@@ -99,6 +109,23 @@ def test_fused_parts_are_additions_and_scalings_too() -> None:
     site = model.transformer.h[0].self_attention.query_key_value
     effects = site_effects(signature_of(type(site.base)), site.edits)
     assert (effects["lora"].form, effects["ia3"].form) == (ADD, SCALE)
+
+
+def test_the_rule_orders_readers_first_and_refuses_what_no_order_makes_exact() -> None:
+    lora = Effect("lora", frozenset({OUTPUT}), ADD, True, ())
+    sparse = Effect("sparse", frozenset({OUTPUT}), ADD, True, ("weight",))
+    scale_in = Effect("scale_in", frozenset({INPUT}), SCALE, False, ())
+    effects = {e.edit: e for e in (lora, sparse, scale_in)}
+    assert merge_order(effects, ["lora", "sparse"], ["lora", "sparse"]) == (
+        ["sparse", "lora"],
+        None,
+    )
+    order, refused = merge_order(effects, ["scale_in", "sparse"], ["scale_in", "sparse"])
+    assert order == [] and refused is not None and refused[:2] == ("scale_in", "sparse")
+    # an edit reading another edit's nodes (here the transformed input) pins both
+    peek = Effect("peek", frozenset({OUTPUT}), OTHER, False, (), frozenset({"scale_in"}))
+    effects["peek"] = peek
+    assert merge_blocker(effects, ["scale_in", "peek"], "scale_in", ["peek"]) is not None
 
 
 # ---- the silent wrong results ----------------------------------------------------------
