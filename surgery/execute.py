@@ -16,6 +16,7 @@ from surgery.errors import ExecutionError, SurgeryError
 from surgery.fused import with_parts
 from surgery.graph import model_edit
 from surgery.graph.site import Site, add_edit, drop_edit, wrap
+from surgery.merge_rules import check_finite_adapter, check_finite_result
 from surgery.methods import REGISTRY
 from surgery.plan import Plan, Step, Target, totals_line
 
@@ -183,23 +184,30 @@ def _take_out(model: nn.Module, step: Step, tx: Transaction, merge: bool) -> Non
         site = logical_module(model, path)
         assert isinstance(site, Site), path
         if merge:
-            _merge_into_base(site, targets, tx)
+            _merge_into_base(site, path, targets, tx)
         for target in targets:
             tx.replace(path, drop_edit(logical_module(model, path), target.edit))
 
 
-def _merge_into_base(site: Site, targets: list[Target], tx: Transaction) -> None:
+def _merge_into_base(site: Site, path: str, targets: list[Target], tx: Transaction) -> None:
     """Merge the targets' edits, in order, into the site's module: in fp32, rounded once.
 
     The module's floating-point parameters become fp32 copies while the methods merge (each
     method computes in fp32 and writes back in the weight's dtype, which is then fp32), and the
     result is copied once into the original tensors: several edits merged by one statement round
-    once, as the streaming checkpoint merge does.
+    once, as the streaming checkpoint merge does. NaN or inf in an adapter tensor or in a rounded
+    result is refused, naming the tensor, before anything is written.
     """
+    for target in targets:
+        for name, tensor in site._modules[target.edit].state_dict().items():
+            check_finite_adapter(tensor, f"{_joined(path, target.edit)}.{name}")
     base = site._modules["base"]
-    params = [
-        p for p in base.parameters(recurse=False) if not p.is_meta and p.is_floating_point()
+    named = [
+        (name, p)
+        for name, p in base.named_parameters(recurse=False)
+        if not p.is_meta and p.is_floating_point()
     ]
+    params = [p for _, p in named]
     originals = [p.data for p in params]
     saved = [data.clone() for data in originals]
 
@@ -214,10 +222,17 @@ def _merge_into_base(site: Site, targets: list[Target], tx: Transaction) -> None
         param.data = param.data.to(torch.float32, copy=True)
     for target in targets:
         REGISTRY[target.method].merge(base, site._modules[target.edit])
+    rounded = [p.data.to(original.dtype) for p, original in zip(params, originals, strict=True)]
+    for (name, _), value in zip(named, rounded, strict=True):
+        check_finite_result(value, _joined(path, name))
     with torch.no_grad():
-        for param, original in zip(params, originals, strict=True):
-            merged, param.data = param.data, original
-            original.copy_(merged)  # the one rounding into the parameter's dtype
+        for param, original, value in zip(params, originals, rounded, strict=True):
+            param.data = original
+            original.copy_(value)  # the one rounding into the parameter's dtype
+
+
+def _joined(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
 
 
 def _set_trainable(model: nn.Module, step: Step, tx: Transaction, value: bool) -> None:

@@ -19,10 +19,12 @@ from torch import nn
 from surgery.errors import PlanError, ResolveError, Span, SurgeryError, did_you_mean
 from surgery.fused import Layout, Parts, check_part_names, compute_layout, layout_spec, with_parts
 from surgery.graph import model_edit
-from surgery.graph.site import is_reserved_edit_name
+from surgery.graph.site import EditKey, is_reserved_edit_name
 from surgery.lang import ast, parse_file
+from surgery.merge_rules import check_merge_storage, node_effects, plan_site_merges, storage_problem
 from surgery.methods import REGISTRY, Method, get_method
-from surgery.methods.base import ADDITIVE, INPUT_SCALE, OUTPUT_SCALE
+from surgery.methods.base import Problem
+from surgery.parent_calls import uncalled_reason
 from surgery.resources import family_file, family_names
 from surgery.select import (
     Alias,
@@ -234,26 +236,6 @@ def lint(program: ast.Program) -> list[LintWarning]:
 
     visit(program, (_source_key(program),))
     return warnings
-
-
-def merge_blockers(
-    kind: str, earlier: list[tuple[str, str]], others: list[tuple[str, str]]
-) -> list[str]:
-    """The edits that make merging an edit of `kind` inexact: merging folds it into the wrapped
-    module, beneath the `earlier` edits, while `others` stay on the site.
-
-    An input scaling commutes with everything. An output scaling may sit only on other
-    scalings. An additive branch reads the site's input, so no input scaling may stay (it would
-    then scale the branch too) and only other branches may come before it. Anything else must
-    come first and see no input scaling.
-    """
-    if kind == INPUT_SCALE:
-        return []
-    scaled_inputs = [e for e, k in others if k == INPUT_SCALE]
-    if kind == OUTPUT_SCALE:
-        return [e for e, k in earlier if k not in (INPUT_SCALE, OUTPUT_SCALE)]
-    allowed = (INPUT_SCALE, ADDITIVE) if kind == ADDITIVE else (INPUT_SCALE,)
-    return scaled_inputs + [e for e, k in earlier if k not in allowed]
 
 
 # ---- the planner --------------------------------------------------------------------------
@@ -470,17 +452,12 @@ class Planner:
                     "choose another edit name with `as NAME`",
                     span=st.span,
                 )
-            if method.first_on_site and node.edits:
-                raise PlanError(
-                    f"cannot apply {method.name} to {node.path}: it must be the first edit on its "
-                    f"module, which already has '{node.edits[0][0]}'",
-                    span=st.span,
-                    hint=f"apply {method.name} before the other methods",
-                )
             selected = parts.get(id(node))
             targs = with_parts(args, selected)
             shapes = method.parameter_shapes(module, targs)
             options = dict(method.edit_key(edit, module, targs).options)
+            if method.level != "model":
+                self._check_site_graph(st, node, EditKey(edit, method.name, tuple(options.items())))
             node.add_virtual_adapter(edit, method.name, shapes, options)
             targets.append(
                 Target(
@@ -526,6 +503,7 @@ class Planner:
         problems = []
         for node, span, _ in matched:
             problem = method.check_target(node.module, with_parts(args, parts.get(id(node))))
+            problem = problem or self._site_problem(node)
             if problem is not None:
                 problems.append((node, span, problem))
         if not problems:
@@ -546,6 +524,44 @@ class Planner:
             span=span,
             hint=problem.hint,
         )
+
+    def _site_problem(self, node: TreeNode) -> Problem | None:
+        """Why no site can stand for `node`'s module, whatever the method: the site would never
+        run (its parent does not call it), or adapters cannot be built over its storage."""
+        assert node.module is not None
+        if not node.path:
+            return None  # the model itself: refused in `apply`, whatever it holds
+        storage = storage_problem(node.module)
+        if storage is not None:
+            return Problem(
+                f"{storage}; edits need plain floating-point weights (integer and quantized "
+                "storage are not supported yet)",
+                hint="apply the edits before quantizing the model, or to other modules",
+            )
+        parent_path, _, name = node.path.rpartition(".")
+        parent = self._node(parent_path).module
+        reason = uncalled_reason(parent, name, node.module) if parent is not None else None
+        if reason is None:
+            return None
+        return Problem(
+            reason,
+            hint="select a module that its parent calls (a site acts only when its module is "
+            "called); see docs/language.md",
+        )
+
+    def _check_site_graph(self, st: ast.Apply, node: TreeNode, new: EditKey) -> None:
+        """Build the site graph the apply would give `node` (cached per structure): a method
+        that cannot go there (DoRA after another edit) says so while it adds its nodes."""
+        assert node.module is not None
+        try:
+            node_effects(node, new)
+        except (PlanError, TypeError) as error:
+            message = error.message if isinstance(error, PlanError) else str(error)
+            raise PlanError(
+                f"cannot apply {new.method} to {node.path}: {message}",
+                span=st.span,
+                hint=getattr(error, "hint", None),
+            ) from None
 
     def _check_model_target(
         self,
@@ -620,6 +636,8 @@ class Planner:
                         hint=f"use `remove {name}` to take it out",
                     )
                 self._check_not_shared(st, node, name)
+                if method.level != "model":
+                    check_merge_storage(node, name, method, st.span)
         targets = []
         if action == "merge":
             chosen = self._order_merges(st, chosen)
@@ -641,45 +659,19 @@ class Planner:
     def _order_merges(
         self, st: ast.Merge, chosen: list[tuple[TreeNode, str, str]]
     ) -> list[tuple[TreeNode, str, str]]:
-        """The order to merge in (per site: input scalings first, then application order), after
-        checking that each merge is exact given the edits still present when it runs."""
-
-        def kind(node: TreeNode, name: str) -> str:
-            return REGISTRY[dict(node.edits)[name]].kind(node.edit_options.get(name, {}))
-
-        first_seen: dict[int, int] = {}
-        for i, (node, _, _) in enumerate(chosen):
-            first_seen.setdefault(id(node), i)
-        ordered = sorted(
-            chosen,
-            key=lambda c: (
-                first_seen[id(c[0])],
-                kind(c[0], c[1]) != INPUT_SCALE,
-                [e for e, _ in c[0].edits].index(c[1]),
-            ),
-        )
-        present = {id(node): [e for e, _ in node.edits] for node, _, _ in ordered}
-        for node, name, method_name in ordered:
-            edits = present[id(node)]
-            earlier = [(e, kind(node, e)) for e in edits[: edits.index(name)]]
-            others = [(e, kind(node, e)) for e in edits if e != name]
-            blockers = merge_blockers(kind(node, name), earlier, others)
-            blockers += [
-                e
-                for e in edits
-                if e != name  # its norm reads the weight we'd change
-                and REGISTRY[dict(node.edits)[e]].reads_base_weight
-            ]
-            if blockers:
-                other = blockers[0]
-                raise PlanError(
-                    f"cannot merge '{name}' ({method_name}) into {node.path} while '{other}' "
-                    f"({kind(node, other)}) stays on it: the result would differ from the "
-                    "unmerged model",
-                    span=st.span,
-                    hint=f"merge '{other}' in the same statement, or remove it first",
-                )
-            edits.remove(name)
+        """The order to merge in, site by site, each merge exact given the edits still present
+        when it runs (see surgery.merge_rules)."""
+        by_site: dict[int, list[tuple[TreeNode, str, str]]] = {}
+        ordered = []
+        for item in chosen:
+            if REGISTRY[item[2]].level == "model":  # baked where it is, no site involved
+                ordered.append(item)
+            else:
+                by_site.setdefault(id(item[0]), []).append(item)
+        for items in by_site.values():
+            node, methods = items[0][0], dict(items[0][0].edits)
+            order = plan_site_merges(node, [name for _, name, _ in items], st.span)
+            ordered += [(node, name, methods[name]) for name in order]
         return ordered
 
     def _check_not_shared(self, st: ast.Merge, node: TreeNode, edit: str) -> None:

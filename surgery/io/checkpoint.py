@@ -44,6 +44,7 @@ from surgery.io.shards import (
     read_shard,
     write_tensor,
 )
+from surgery.merge_rules import check_finite_adapter, check_finite_result
 from surgery.methods import REGISTRY
 
 # Other weight formats next to the safetensors would hold the *unmerged* weights: never copied.
@@ -119,6 +120,7 @@ def merge_checkpoint(
     trained = read_shard(adapter_dir / BASE_FILE) if (adapter_dir / BASE_FILE).is_file() else None
     inputs = _Inputs(checkpoint, adapter, trained, _check_adapter(skeleton, adapter), arguments)
     jobs = _plan_jobs(skeleton, inputs, adapter_dir)
+    _check_finite_inputs(inputs)
     copied, skipped = _other_files(model_dir, checkpoint)
     by_shard: dict[int, list[_Job]] = {}
     for job in jobs:
@@ -261,6 +263,15 @@ def _check_adapter(skeleton: nn.Module, adapter: Shard) -> dict[int, str]:
     return prefixes
 
 
+def _check_finite_inputs(inputs: _Inputs) -> None:
+    """NaN or inf in the adapter's tensors (or its trained base tensors) is refused before
+    anything is written, naming the tensor."""
+    for shard in (inputs.adapter, inputs.trained):
+        for key, info in (shard.tensors if shard is not None else {}).items():
+            if info.dtype in FLOATS:
+                check_finite_adapter(shard.read(key), key)
+
+
 def _plan_jobs(skeleton: nn.Module, inputs: _Inputs, adapter_dir: Path) -> list[_Job]:
     """The modules to rewrite: sites in the planner's merge order, with their base tensors
     located, then trained base parameters outside any site."""
@@ -360,11 +371,17 @@ def _write_shard(shard: Shard, temp: Path, jobs: list[_Job], inputs: _Inputs) ->
         if job.site is not None:
             values, merged = _merge_site(job, values, inputs)
             changed |= merged
-        for name, (number, info) in job.tensors.items():
-            if name in changed:  # the others (a bias LoRA leaves alone) keep their bytes
-                file = temp / inputs.checkpoint.shards[number].path.name
-                write_tensor(file, info, values[name].to(FLOATS[info.dtype]))
-                rewritten += 1
+        rounded = {
+            name: values[name].to(FLOATS[info.dtype])
+            for name, (_, info) in job.tensors.items()
+            if name in changed  # the others (a bias LoRA leaves alone) keep their bytes
+        }
+        for name, value in rounded.items():
+            check_finite_result(value, job.tensors[name][1].name)
+        for name, value in rounded.items():
+            number, info = job.tensors[name]
+            write_tensor(temp / inputs.checkpoint.shards[number].path.name, info, value)
+            rewritten += 1
         del values
         _release_freed_memory()
     return rewritten

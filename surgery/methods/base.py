@@ -17,6 +17,7 @@ from torch import nn
 from surgery.errors import PlanError, Span, did_you_mean
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.lang.ast import Argument, Value
+from surgery.merge_rules import is_plain_float
 
 _TYPE_WORDS = {
     int: "an integer",
@@ -25,14 +26,6 @@ _TYPE_WORDS = {
     bool: "true or false",
     list: "a list",
 }
-
-
-# How an edit acts on its site. Merging folds an edit into the wrapped module, beneath the edits
-# applied before it; whether that is exact depends on these kinds (see plan.merge_blockers).
-INPUT_SCALE = "input scaling"  # base(x ⊙ l): folds into W's columns, commutes with everything
-OUTPUT_SCALE = "output scaling"  # base(x) ⊙ l
-ADDITIVE = "additive branch"  # base(x) + g(x), g reading the site's input
-OUTPUT_TRANSFORM = "output transform"  # anything else (a serial adapter, DoRA's reweighting)
 
 
 @dataclass(frozen=True)
@@ -133,11 +126,6 @@ class Method:
     paper: ClassVar[str]
     params: ClassVar[tuple[Param, ...]]
     mergeable: ClassVar[bool]
-    # Methods that must sit directly on the wrapped module (nothing applied before them).
-    first_on_site: ClassVar[bool] = False
-    # Methods whose graph reads the wrapped module's weight (DoRA's norm): while such an edit
-    # stays on a site, merging another edit into that weight would change it.
-    reads_base_weight: ClassVar[bool] = False
     # "module": the edit sits on a site around each target. "model": it acts on the whole input
     # sequence and attaches to the model itself (see surgery.graph.model_edit).
     level: ClassVar[str] = "module"
@@ -149,9 +137,12 @@ class Method:
         """Whether an edit with these EditKey options can be merged (most methods: always)."""
         return self.mergeable
 
-    def kind(self, options: dict[str, Any]) -> str:
-        """How the edit (with these EditKey options) acts on the site; decides merge order."""
-        return OUTPUT_TRANSFORM
+    def can_merge_into(self, tensor: torch.Tensor) -> bool:
+        """Whether `merge` can write `tensor`, a parameter of the wrapped module: plain floating
+        point only (integer or quantized storage needs a method that dequantizes and requantizes).
+        What an edit reads and writes, and so which merges are exact, is not declared here: it is
+        derived from the site graph (see surgery.merge_rules)."""
+        return is_plain_float(tensor)
 
     # ---- arguments
     def bind(self, arguments: tuple[Argument, ...], method_span: Span) -> dict[str, Any]:

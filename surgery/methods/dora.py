@@ -26,7 +26,6 @@ from torch import nn
 from surgery.errors import PlanError
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
-from surgery.methods.base import OUTPUT_TRANSFORM
 from surgery.methods.lora import LoRA, LoRAAdapter
 
 
@@ -73,12 +72,7 @@ class DoRA(LoRA):
     summary = "LoRA direction update with a learned magnitude per output row (weight-decomposed)"
     paper = "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (arXiv:2402.09353)"
     mergeable = True
-    first_on_site = True  # its norm is of the wrapped weight alone
     acts_on_parts = False  # its norm is over whole rows of a Linear's [out, in] weight
-    reads_base_weight = True
-
-    def kind(self, options: dict[str, Any]) -> str:
-        return OUTPUT_TRANSFORM  # it reweights the whole output, not just adds a branch
 
     def parameter_shapes(
         self, module: nn.Module, args: dict[str, Any]

@@ -22,8 +22,6 @@ from surgery.fused import Parts, output_axis, projection_dims, write_rows
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
 from surgery.methods.base import (
-    INPUT_SCALE,
-    OUTPUT_SCALE,
     Method,
     Param,
     Problem,
@@ -102,9 +100,6 @@ class IA3(Method):
             choices=("output", "input"),
         ),
     )
-
-    def kind(self, options: dict[str, Any]) -> str:
-        return INPUT_SCALE if options.get("on") == "input" else OUTPUT_SCALE
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
         if projection_dims(module) is None:

@@ -26,7 +26,6 @@ from surgery.fused import Parts, projection_dims, write_rows
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
 from surgery.methods.base import (
-    ADDITIVE,
     Method,
     Param,
     Problem,
@@ -148,9 +147,6 @@ class LoRA(Method):
             check=positive,
         ),
     )
-
-    def kind(self, options: dict[str, Any]) -> str:
-        return ADDITIVE
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
         dims = projection_dims(module) if self.acts_on_parts else None

@@ -19,7 +19,7 @@ import torch
 from surgery.graph.site import GraphBuilder
 from surgery.methods import register
 from surgery.methods.adapter import Adapter, branch, common_params, size_params
-from surgery.methods.base import ADDITIVE, Param, positive
+from surgery.methods.base import Param, positive
 
 
 @register
@@ -36,9 +36,6 @@ class ParallelAdapter(Adapter):
         Param("scale", float, 4.0, "s: the branch's output scale", check=positive),
         *common_params(),
     )
-
-    def kind(self, options: dict[str, Any]) -> str:
-        return ADDITIVE  # a branch from the site's input added to the output, like LoRA
 
     @staticmethod
     def sizes(found: tuple[int, int, torch.Tensor]) -> tuple[int, int]:

@@ -21,7 +21,6 @@ from torch import nn
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
 from surgery.methods.base import (
-    ADDITIVE,
     Method,
     Param,
     Problem,
@@ -75,9 +74,6 @@ class Sparse(Method):
             check=_fraction,
         ),
     )
-
-    def kind(self, options: dict[str, Any]) -> str:
-        return ADDITIVE
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
         return require_linear(self.name, module)
