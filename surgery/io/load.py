@@ -262,19 +262,38 @@ def load_adapter(model: nn.Module, adapter_dir: Path | str) -> Report:
     """
     saved = read_adapter_dir(adapter_dir)
     _check_versions(saved)
-    check_family(saved, model)
-    program = parse(saved.rules_text, str(saved.path / RULES_FILE))
     with _paused_gc():
-        plan = make_plan(model, program)
-        _check_tensors(saved, plan, model)
+        plan = plan_adapter(saved, model)
         undo = _Undo(model, plan, saved)
         report = execute(model, plan)
     try:
-        _copy_tensors(saved, model)
+        _copy_tensors(saved, check_built(saved, model), model)
     except BaseException:
         undo()
         raise
     return report
+
+
+def plan_adapter(saved: SavedAdapter, model: nn.Module) -> Plan:
+    """The one check of an adapter directory against a model that `load`, `export` and `merge`
+    share, before anything changes: the family it was made for, its rules planned on `model`,
+    and every saved tensor's name, shape and dtype against that plan. Return the plan; run it,
+    then `check_built` compares what the built edits hold (buffers too) with the file."""
+    check_family(saved, model)
+    program = parse(saved.rules_text, str(saved.path / RULES_FILE))
+    plan = make_plan(model, program)
+    _check_tensors(saved, plan, model)
+    return plan
+
+
+def built_adapter(saved: SavedAdapter, model: nn.Module) -> Plan:
+    """`plan_adapter`, run and checked by `check_built` on `model`: a skeleton on the meta
+    device that the caller owns (export and merge read the edits' structure from it)."""
+    with _paused_gc():
+        plan = plan_adapter(saved, model)
+        execute(model, plan)
+    check_built(saved, model)
+    return plan
 
 
 def _check_versions(saved: SavedAdapter) -> None:
@@ -373,9 +392,12 @@ def _check_tensors(saved: SavedAdapter, plan: Plan, model: nn.Module) -> None:
             raise _mismatch(saved, name, tuple(param.shape), shape)
 
 
-def _copy_tensors(saved: SavedAdapter, model: nn.Module) -> None:
+def check_built(saved: SavedAdapter, model: nn.Module) -> dict[str, torch.Tensor]:
+    """After the adapter's plan ran on `model`: every tensor its edits hold (buffers such as a
+    sparse index: only now do we know them) is saved with its shape and a fitting dtype, and
+    every saved tensor belongs to one. Return the edits' live tensors by saved name."""
     live = live_adapter_tensors(model)
-    for name, tensor in live.items():  # buffers: only now do we know them
+    for name, tensor in live.items():
         if saved.shapes.get(name) != tuple(tensor.shape):
             raise _mismatch(saved, name, tuple(tensor.shape), saved.shapes.get(name))
         if tensor.is_floating_point():
@@ -393,6 +415,10 @@ def _copy_tensors(saved: SavedAdapter, model: nn.Module) -> None:
             f"the adapter in {saved.path} holds tensor(s) that no edit of its rules has: {listed}",
             hint="was its adapter.safetensors or rules.surg edited?",
         )
+    return live
+
+
+def _copy_tensors(saved: SavedAdapter, live: dict[str, torch.Tensor], model: nn.Module) -> None:
     values = saved.tensors()
     base = saved.tensors(base=True)
     with torch.no_grad():
