@@ -60,6 +60,17 @@ def check_output(
     parent of them."""
     target = Path(target)
     resolved = target.resolve()
+    if resolved == Path(resolved.anchor):
+        raise OutputError(
+            f"the output {target} is the root directory, which surgery never replaces"
+        )
+    for what, place in _protected():
+        if resolved == place or resolved in place.parents:
+            which = "is" if resolved == place else "contains"
+            raise OutputError(
+                f"the output {target} {which} the {what}, which surgery never replaces",
+                hint="write the output to a new directory",
+            )
     for what, source in (inputs or {}).items():
         if source is None:
             continue
@@ -72,17 +83,6 @@ def check_output(
             raise OutputError(
                 f"the output {target} overlaps the {what} {source}, which must stay unchanged "
                 "(an output may not be, contain, or lie inside an input)",
-                hint="write the output to a new directory",
-            )
-    if resolved == Path(resolved.anchor):
-        raise OutputError(
-            f"the output {target} is the root directory, which surgery never replaces"
-        )
-    for what, place in _protected():
-        if resolved == place or resolved in place.parents:
-            which = "is" if resolved == place else "contains"
-            raise OutputError(
-                f"the output {target} {which} the {what}, which surgery never replaces",
                 hint="write the output to a new directory",
             )
     if not os.path.lexists(target):
