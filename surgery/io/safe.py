@@ -59,7 +59,7 @@ def check_output(
     `inputs` (`None` ones are skipped), and the working directory, the home directory, `/` or a
     parent of them."""
     target = Path(target)
-    resolved = target.resolve()
+    resolved = _resolve(target, "output")
     if resolved == Path(resolved.anchor):
         raise OutputError(
             f"the output {target} is the root directory, which surgery never replaces"
@@ -74,7 +74,7 @@ def check_output(
     for what, source in (inputs or {}).items():
         if source is None:
             continue
-        source_resolved = Path(source).resolve()
+        source_resolved = _resolve(Path(source), what)
         if (
             resolved == source_resolved
             or source_resolved in resolved.parents
@@ -103,6 +103,16 @@ def check_output(
             hint="write the output to a new directory, or move this one away yourself",
         )
     return names
+
+
+def _resolve(path: Path, what: str) -> Path:
+    """The absolute path without links; a link loop (or a path too long to follow) is an error
+    naming it, not a RuntimeError."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as error:
+        reason = "a symbolic link loop" if isinstance(error, RuntimeError) else str(error)
+        raise OutputError(f"cannot use the {what} {path}: {reason}") from None
 
 
 def _protected() -> list[tuple[str, Path]]:
@@ -175,7 +185,7 @@ def atomic_directory(
     """
     target = Path(target)
     check_output(target, kind=kind, force=force, inputs=inputs)
-    parent = target.resolve().parent
+    parent = _resolve(target, "output").parent
     if not parent.is_dir():
         raise OutputError(f"cannot write {target}: {parent} is not a directory")
     temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
