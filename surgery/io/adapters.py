@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import surgery
-from surgery.errors import OutputError
+from surgery.errors import ModelLoadError, OutputError
 from surgery.execute import iter_edits
 from surgery.graph.site import Site
 from surgery.io.safe import Inputs, OutputKind, atomic_directory
@@ -32,6 +32,10 @@ BASE_FILE = "base.safetensors"
 RULES_FILE = "rules.surg"
 PLAN_FILE = "plan.json"
 FORMAT = 1  # bumped when a reader of an older surgery could misread a directory
+class AdapterError(ModelLoadError):
+    """An adapter directory that cannot be read, or does not fit the model it is loaded onto."""
+
+
 ADAPTER_OUTPUT = OutputKind(
     "adapter",
     "an adapter directory",
