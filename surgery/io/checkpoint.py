@@ -45,6 +45,7 @@ from surgery.io.shards import (
     write_tensor,
 )
 from surgery.methods import REGISTRY
+from surgery.plan import Target
 
 # Other weight formats next to the safetensors would hold the *unmerged* weights: never copied.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -237,7 +238,7 @@ def _plan_jobs(skeleton: nn.Module, inputs: _Inputs, adapter_dir: Path) -> list[
     adapter that only unfreezes base parameters, BitFit's biases)."""
     from surgery.api import plan
 
-    targets: tuple = ()
+    targets: tuple[Target, ...] = ()
     if any(True for _ in iter_edits(skeleton)):
         try:
             targets = plan(skeleton, "merge").steps[-1].targets
