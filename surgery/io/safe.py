@@ -126,6 +126,13 @@ def _protected() -> list[tuple[str, Path]]:
 
 def _not_replaceable(target: Path, kind: OutputKind) -> tuple[str | None, list[str]]:
     """(why `target` is not a `kind` output surgery wrote, or None; the files it holds)."""
+    try:
+        return _why_not(target, kind)
+    except OSError as error:  # an unreadable directory: not one to replace
+        return f"it cannot be read ({error.strerror or error})", []
+
+
+def _why_not(target: Path, kind: OutputKind) -> tuple[str | None, list[str]]:
     mode = target.lstat().st_mode
     if stat.S_ISLNK(mode):
         return "it is a symbolic link", []
