@@ -289,3 +289,29 @@ def test_a_symlink_loop_as_the_peft_directory_is_a_clear_error(capsys, tmp_path)
     code, _, err = run(capsys, "import", "--peft", str(loop), "-o", str(tmp_path / "o"))
     assert code == 1 and str(loop) in err and "Traceback" not in err, err
     assert os.path.islink(loop) and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("what", ["adapter plan.json", "PEFT adapter_config.json"])
+def test_an_unreadable_metadata_file_is_a_surgery_error_naming_it(
+    tmp_path, saved, what, monkeypatch
+):
+    from surgery.io.load import read_adapter_dir
+    from surgery.io.peft_format import import_peft
+
+    if what.startswith("adapter"):
+        folder, name = saved["adapter"], "plan.json"
+        call = lambda: read_adapter_dir(folder)  # noqa: E731
+    else:
+        folder = peft_lora_dir(tmp_path / "peft", 4, r=4)
+        name = "adapter_config.json"
+        call = lambda: import_peft(folder, tmp_path / "out")  # noqa: E731
+    real = Path.read_text
+
+    def read_text(self: Path, *args, **kwargs) -> str:
+        if self.name == name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    with pytest.raises(SurgeryError, match=f"{name}.*Permission denied"):
+        call()

@@ -122,7 +122,7 @@ def read_adapter_dir(path: Path | str) -> SavedAdapter:
         document = json.loads((path / PLAN_FILE).read_text(encoding="utf-8"))
         if not isinstance(document, dict):
             raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as error:
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8 (a ValueError), not JSON
         raise AdapterError(f"cannot read {path / PLAN_FILE}: {error}") from None
     written = document.get("format", 1)
     if not isinstance(written, int) or isinstance(written, bool) or written < 1:

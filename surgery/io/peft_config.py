@@ -52,7 +52,7 @@ def read_peft_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as error:
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8 (a ValueError), not JSON
         raise PeftFormatError(f"cannot read {path / CONFIG_FILE}: {error}") from None
     check_peft_config(path / CONFIG_FILE, config)
     if not (path / WEIGHTS_FILE).is_file():
