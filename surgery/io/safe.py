@@ -195,7 +195,10 @@ def atomic_directory(
     parent = _resolve(target, "output").parent
     if not parent.is_dir():
         raise OutputError(f"cannot write {target}: {parent} is not a directory")
-    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
+    try:
+        temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
+    except OSError as error:  # a read-only or full parent directory
+        raise OutputError(f"cannot write {target}: {error.strerror or error}") from None
     try:
         yield temp
         if kind.files is None:
