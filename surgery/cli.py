@@ -171,23 +171,9 @@ def _inputs(args: argparse.Namespace, **named: Path | None) -> dict[str, Path | 
     return found
 
 
-def _refuse_output(
-    args: argparse.Namespace, inputs: dict[str, Path | None], kind: OutputKind
-) -> None:
+def _refuse_output(args: argparse.Namespace, inputs: dict, kind: OutputKind) -> None:
     """Fail before the slow work (loading a model) when the output is in the way."""
     check_output(args.out, kind=kind, force=args.force, inputs=inputs)
-
-
-def _base_line(model: torch.nn.Module, plan: Plan) -> str | None:
-    """`saves 12 base tensors (3,072 params) with the adapter`, when the rules unfreeze base
-    parameters (BitFit); None when they do not."""
-    from surgery.io.adapters import unfrozen_base_parameters
-
-    saved = unfrozen_base_parameters(model, plan)
-    if not saved:
-        return None
-    params = sum(p.numel() for p in saved.values())
-    return f"saves {len(saved)} base tensor(s) ({params:,d} params) with the adapter"
 
 
 def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
@@ -213,6 +199,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from surgery.io.adapters import saved_base_line
+
     program, _ = _read_rules(args)
     model = _model(args)
     plan = rewrite(model, program, dry_run=True)
@@ -221,8 +209,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     out.print(plan_table(plan, full=args.full))
     out.print(plan.totals_line())
-    base = _base_line(model, plan)
-    if base:
+    if base := saved_base_line(model, plan):
         out.print(base)
     return 0
 
@@ -234,7 +221,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             "a model on the meta device has no weights to write; "
             "use `surgery plan --meta` to inspect it, or drop --meta"
         )
-    from surgery.io.adapters import ADAPTER_OUTPUT, write_adapter_dir
+    from surgery.io.adapters import ADAPTER_OUTPUT, saved_base_line, write_adapter_dir
 
     inputs = _inputs(args)
     _refuse_output(args, inputs, ADAPTER_OUTPUT)
@@ -247,8 +234,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         )
     out.print(plan_table(report.plan, full=False))
     out.print(report.totals_line())
-    base = _base_line(model, report.plan)
-    if base:
+    if base := saved_base_line(model, report.plan):
         out.print(base)
     out.print(f"wrote {written} adapter tensor(s) to {args.out}/")
     return 0
@@ -310,8 +296,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    # streams shards; needs no model in memory
-    from surgery.io.checkpoint import CHECKPOINT_OUTPUT, merge_checkpoint
+    from surgery.io.checkpoint import CHECKPOINT_OUTPUT, merge_checkpoint  # streams shards
 
     inputs = _inputs(args, **{"model directory": args.model, "adapter directory": args.adapter})
     _refuse_output(args, inputs, CHECKPOINT_OUTPUT)

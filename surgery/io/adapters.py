@@ -91,6 +91,16 @@ def unfrozen_base_parameters(model: nn.Module, plan: Plan) -> dict[str, nn.Param
     return {first_name[key]: param for key, param in unfrozen.items()}
 
 
+def saved_base_line(model: nn.Module, plan: Plan) -> str | None:
+    """`saves 12 base tensor(s) (3,072 params) with the adapter` when the rules unfreeze base
+    parameters (what `surgery plan` and `apply` print); None when they do not."""
+    saved = unfrozen_base_parameters(model, plan)
+    if not saved:
+        return None
+    params = sum(p.numel() for p in saved.values())
+    return f"saves {len(saved)} base tensor(s) ({params:,d} params) with the adapter"
+
+
 def logical_parameters(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Parameter]]:
     """(logical path, parameter) for every parameter: a site's `base` hop is left out of the
     path, as in rules (`...q_proj.weight`, not `...q_proj.base.weight`)."""
