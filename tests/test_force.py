@@ -221,3 +221,26 @@ def test_exports_and_merges_with_the_marker_still_load(tmp_path, inputs):
     peft_model = PeftModel.from_pretrained(tiny("llama"), inputs["peft"]).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits)
+
+
+def test_the_python_api_refuses_the_same(tmp_path, inputs):
+    """The writers themselves check (the CLI's early check only saves loading a model)."""
+    from surgery.errors import OutputError
+    from surgery.io.checkpoint import merge_checkpoint
+    from surgery.io.peft_format import export_peft, import_peft
+
+    out = unrelated_files(tmp_path / "mine")
+    before = snapshot(tmp_path)
+    model = tiny("llama")
+    report = rewrite(model, QV)
+    writers = (
+        lambda: write_adapter_dir(model, out, rules_text=QV, plan=report.plan, force=True),
+        lambda: export_peft(inputs["adapter"], out, force=True),
+        lambda: import_peft(inputs["peft"], out, force=True),
+        lambda: merge_checkpoint(inputs["model"], inputs["adapter"], out, force=True,
+                                 progress=False),
+    )  # fmt: skip
+    for write in writers:
+        with pytest.raises(OutputError, match="refusing to replace"):
+            write()
+    assert snapshot(tmp_path) == before
