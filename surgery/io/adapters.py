@@ -32,6 +32,8 @@ BASE_FILE = "base.safetensors"
 RULES_FILE = "rules.surg"
 PLAN_FILE = "plan.json"
 FORMAT = 1  # bumped when a reader of an older surgery could misread a directory
+
+
 class AdapterError(ModelLoadError):
     """An adapter directory that cannot be read, or does not fit the model it is loaded onto."""
 

@@ -160,7 +160,6 @@ def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
     return default
 
 
-
 def check_lora_rank(
     file: Path, config: dict[str, Any], path: str, A: torch.Tensor, B: torch.Tensor
 ) -> None:
