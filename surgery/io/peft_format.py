@@ -357,6 +357,7 @@ def _export_ia3(
 
 # ---- import ---------------------------------------------------------------------------------
 
+
 def _module_weights(
     tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...]
 ) -> dict[str, dict[str, torch.Tensor]]:
