@@ -21,7 +21,7 @@ from rich.table import Table
 from surgery import __version__
 from surgery.api import rewrite
 from surgery.errors import ModelLoadError, SurgeryError
-from surgery.io.safe import check_output
+from surgery.io.safe import OutputKind, check_output
 from surgery.lang import ast, parse, parse_file
 from surgery.methods import REGISTRY
 from surgery.plan import Plan, Step, Target, lint
@@ -171,9 +171,9 @@ def _inputs(args: argparse.Namespace, **named: Path | None) -> dict[str, Path | 
     return found
 
 
-def _refuse_output(args: argparse.Namespace, inputs: dict[str, Path | None]) -> None:
+def _refuse_output(args: argparse.Namespace, inputs: dict, kind: OutputKind) -> None:
     """Fail before the slow work (loading a model) when the output is in the way."""
-    check_output(args.out, force=args.force, inputs=inputs)
+    check_output(args.out, kind=kind, force=args.force, inputs=inputs)
 
 
 def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
@@ -199,13 +199,18 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from surgery.io.adapters import saved_base_line
+
     program, _ = _read_rules(args)
-    plan = rewrite(_model(args), program, dry_run=True)
+    model = _model(args)
+    plan = rewrite(model, program, dry_run=True)
     if args.json:
         print(plan.to_json())
         return 0
     out.print(plan_table(plan, full=args.full))
     out.print(plan.totals_line())
+    if base := saved_base_line(model, plan):
+        out.print(base)
     return 0
 
 
@@ -216,11 +221,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
             "a model on the meta device has no weights to write; "
             "use `surgery plan --meta` to inspect it, or drop --meta"
         )
+    from surgery.io.adapters import ADAPTER_OUTPUT, saved_base_line, write_adapter_dir
+
     inputs = _inputs(args)
-    _refuse_output(args, inputs)
+    _refuse_output(args, inputs, ADAPTER_OUTPUT)
     model = _model(args)
     report = rewrite(model, program)
-    from surgery.io import write_adapter_dir
 
     with err.status("writing adapter"):
         written = write_adapter_dir(
@@ -228,17 +234,19 @@ def cmd_apply(args: argparse.Namespace) -> int:
         )
     out.print(plan_table(report.plan, full=False))
     out.print(report.totals_line())
+    if base := saved_base_line(model, report.plan):
+        out.print(base)
     out.print(f"wrote {written} adapter tensor(s) to {args.out}/")
     return 0
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from surgery.io import write_adapter_dir
+    from surgery.io.adapters import ADAPTER_OUTPUT, write_adapter_dir
     from surgery.io.load import load_adapter, read_adapter_dir
 
     inputs = _inputs(args, **{"adapter directory": args.adapter})
     if args.out is not None:
-        _refuse_output(args, inputs)
+        _refuse_output(args, inputs, ADAPTER_OUTPUT)
     saved = read_adapter_dir(args.adapter)  # a bad directory fails before the model loads
     model = _model(args)
     with warnings.catch_warnings(record=True) as caught:
@@ -262,9 +270,9 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from surgery.io.peft_format import export_peft
+    from surgery.io.peft_format import PEFT_OUTPUT, export_peft
 
-    _refuse_output(args, _inputs(args, **{"adapter directory": args.adapter}))
+    _refuse_output(args, _inputs(args, **{"adapter directory": args.adapter}), PEFT_OUTPUT)
     config = export_peft(
         args.adapter, args.out, force=args.force, base_model_name_or_path=args.base_model
     )
@@ -275,9 +283,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from surgery.io.adapters import ADAPTER_OUTPUT
     from surgery.io.peft_format import import_peft
 
-    _refuse_output(args, _inputs(args, **{"PEFT directory": args.peft}))
+    _refuse_output(args, _inputs(args, **{"PEFT directory": args.peft}), ADAPTER_OUTPUT)
     model = _model(args) if args.model is not None else None
     rules = import_peft(args.peft, args.out, model=model, force=args.force)
     out.print(rules, markup=False, highlight=False)
@@ -287,11 +296,10 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from surgery.io.checkpoint import merge_checkpoint  # streams shards; needs no model in memory
+    from surgery.io.checkpoint import CHECKPOINT_OUTPUT, merge_checkpoint  # streams shards
 
-    _refuse_output(
-        args, _inputs(args, **{"model directory": args.model, "adapter directory": args.adapter})
-    )
+    inputs = _inputs(args, **{"model directory": args.model, "adapter directory": args.adapter})
+    _refuse_output(args, inputs, CHECKPOINT_OUTPUT)
     summary = merge_checkpoint(
         args.model, args.adapter, args.out, force=args.force, progress=not args.no_progress
     )

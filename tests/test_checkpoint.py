@@ -267,15 +267,15 @@ def test_adapter_that_does_not_fit_names_the_first_mismatching_tensor(sharded, t
     for file in adapter.iterdir():
         (edited / file.name).write_bytes(file.read_bytes())
     (edited / "rules.surg").write_text(RULES.replace("r=4", "r=8"), encoding="utf-8")
-    with pytest.raises(ModelLoadError, match=r"'model\.layers\.0\.self_attn\.q_proj\.lora\.A'.*"
-                       r"\[4, 64\].*\[8, 64\]"):  # fmt: skip
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora\.A is "
+                       r"\[4, 64\].*needs \[8, 64\]"):  # fmt: skip
         merge_checkpoint(base, edited, tmp_path / "out", progress=False)
 
     (edited / "rules.surg").write_text(RULES, encoding="utf-8")
     with safe_open(str(adapter / "adapter.safetensors"), framework="pt") as f:
         kept = {k: f.get_tensor(k) for k in f.keys() if k != "model.layers.2.mlp.down_proj.ia3.l"}
     save_file(kept, str(edited / "adapter.safetensors"))
-    with pytest.raises(ModelLoadError, match=r"lacks 'model\.layers\.2\.mlp\.down_proj\.ia3\.l'"):
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.2\.mlp\.down_proj\.ia3\.l is absent"):
         merge_checkpoint(base, edited, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -308,8 +308,13 @@ def test_outputs_are_never_overwritten_or_inside_an_input(sharded, tmp_path: Pat
     with pytest.raises(OutputError, match="already exists"):
         merge_checkpoint(base, adapter, out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
-    merge_checkpoint(base, adapter, out, force=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").is_file()
+    with pytest.raises(OutputError, match=r"no surgery-output\.json written by surgery"):
+        merge_checkpoint(base, adapter, out, force=True, progress=False)  # not surgery's
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    out = tmp_path / "merged"
+    merge_checkpoint(base, adapter, out, progress=False)
+    merge_checkpoint(base, adapter, out, force=True, progress=False)  # surgery's: replaced
+    assert (out / "model.safetensors.index.json").is_file()
     before = hashes(base)
     for bad in (base, base / "merged", adapter / "merged", base.parent):
         with pytest.raises(OutputError, match="overlaps"):

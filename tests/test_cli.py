@@ -340,9 +340,9 @@ def test_apply_refuses_existing_out(capsys, tmp_path) -> None:
 
 
 def test_apply_force_replaces(capsys, tmp_path, qv_counts) -> None:
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    (out_dir / "stale.txt").write_text("old")
+    out_dir = tmp_path / "out"  # an adapter an earlier apply wrote: --force may replace it
+    earlier = ["apply", "-e", "apply ia3 to *.q_proj", "-m", "tiny-llama", "-o", str(out_dir)]
+    assert run(capsys, *earlier)[0] == 0
     code, out, err = run(
         capsys, "apply", "-e", QV, "-m", "tiny-llama", "--out", str(out_dir), "--force"
     )
@@ -373,9 +373,8 @@ def test_apply_bad_rule_writes_nothing(capsys, tmp_path) -> None:
 
 
 def test_apply_bad_rule_with_force_keeps_existing_out(capsys, tmp_path) -> None:
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    (out_dir / "keep.txt").write_text("precious")
+    out_dir = tmp_path / "out"  # an earlier apply's adapter, which --force could replace
+    assert run(capsys, "apply", "-e", QV, "-m", "tiny-llama", "-o", str(out_dir))[0] == 0
     before = listing(out_dir)
     code, _, err = run(
         capsys,

@@ -74,6 +74,7 @@ def test_surgery_adapter_loads_in_peft_with_the_same_logits(
     assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
+        "surgery-output.json",  # what `export --force` may replace; PEFT reads the other two
     ]
     assert config["task_type"] == "CAUSAL_LM"
     assert config.get("fan_in_fan_out", False) == (family == "gpt2")

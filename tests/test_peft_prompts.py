@@ -79,7 +79,8 @@ def test_exported_p_tuning_table_is_the_encoders_output(tmp_path: Path) -> None:
     model = tiny("llama").eval()
     report = rewrite(model, SURGERY_RULES["p_tuning_mlp"])
     randomize(model)
-    write_adapter_dir(model, tmp_path / "s", rules_text="", plan=report.plan)
+    rules = SURGERY_RULES["p_tuning_mlp"]  # the rules of the plan: export checks them as load does
+    write_adapter_dir(model, tmp_path / "s", rules_text=rules, plan=report.plan)
     export_peft(tmp_path / "s", tmp_path / "p")
     from safetensors.torch import load_file
 

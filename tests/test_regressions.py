@@ -113,11 +113,12 @@ def test_a_type_filter_cannot_hide_an_unused_option_or_type(rule: str, words: st
 
 def test_forced_replacement_that_fails_keeps_the_previous_output(tmp_path: Path,
                                                                  monkeypatch) -> None:
-    from surgery.io import atomic_directory
+    from surgery.io.peft_format import PEFT_OUTPUT
+    from surgery.io.safe import atomic_directory
 
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "keep.txt").write_text("previous")
+    with atomic_directory(target, kind=PEFT_OUTPUT) as temp:  # an output --force may replace
+        (temp / "keep.txt").write_text("previous")
     real_rename = Path.rename
 
     def rename(self: Path, to: Path) -> Path:
@@ -126,7 +127,7 @@ def test_forced_replacement_that_fails_keeps_the_previous_output(tmp_path: Path,
         return real_rename(self, to)
 
     monkeypatch.setattr(Path, "rename", rename)
-    with pytest.raises(OSError), atomic_directory(target, force=True) as temp:
+    with pytest.raises(OSError), atomic_directory(target, kind=PEFT_OUTPUT, force=True) as temp:
         (temp / "new.txt").write_text("new")
     assert (target / "keep.txt").read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

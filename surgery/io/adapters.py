@@ -4,8 +4,8 @@ An adapter directory holds what is needed to recreate the edited model from a fr
 
     adapter.safetensors   every edit's tensors, `<site path>.<edit>.<name>` (`prompt.embedding`
                           for model-level edits)
-    base.safetensors      base-model parameters that train (`unfreeze **.bias`), by logical path;
-                          only when there are any
+    base.safetensors      base-model parameters the rules unfreeze (`unfreeze **.bias`), by
+                          logical path; only when there are any
     rules.surg            the rules text, replayed by `surgery.load_adapter`
     plan.json             the resolved plan, the model it was made on and the versions used
 """
@@ -21,9 +21,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 import surgery
-from surgery.execute import iter_edits, unique_parameters
+from surgery.errors import ModelLoadError, OutputError
+from surgery.execute import iter_edits
 from surgery.graph.site import Site
-from surgery.io.safe import Inputs, atomic_directory
+from surgery.io.safe import Inputs, OutputKind, atomic_directory
 from surgery.plan import Plan
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -31,6 +32,18 @@ BASE_FILE = "base.safetensors"
 RULES_FILE = "rules.surg"
 PLAN_FILE = "plan.json"
 FORMAT = 1  # bumped when a reader of an older surgery could misread a directory
+
+
+class AdapterError(ModelLoadError):
+    """An adapter directory that cannot be read, or does not fit the model it is loaded onto."""
+
+
+ADAPTER_OUTPUT = OutputKind(
+    "adapter",
+    "an adapter directory",
+    files=frozenset({ADAPTER_FILE, BASE_FILE, RULES_FILE, PLAN_FILE}),
+    metadata=PLAN_FILE,
+)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -51,19 +64,43 @@ def live_adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def trained_base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Base-model parameters that require grad (BitFit biases, an unfrozen norm), by logical
-    path: training changes them, so an adapter without them would not reproduce the model."""
+def unfrozen_base_parameters(model: nn.Module, plan: Plan) -> dict[str, nn.Parameter]:
+    """The base-model parameters the rules leave unfrozen (BitFit's `freeze **; unfreeze
+    **.bias`), by logical path: the ones an adapter directory saves, since training changes them
+    and replaying the rules does not restore them. `apply` freezes the whole base, so an
+    `unfreeze` counts only after the last `apply`; a later `freeze` takes it back; adapter
+    parameters an `unfreeze` selects are saved with their edit. `model` is the model before or
+    after the rules ran (a dry run's plan leaves it unchanged); a tied weight is listed once,
+    under its first name."""
+    named = logical_parameters(model)
+    by_path = dict(named)
+    first_name: dict[int, str] = {}
+    for name, param in named:
+        first_name.setdefault(id(param), name)
     adapter_ids = {id(p) for _, _, edit in iter_edits(model) for p in edit.parameters()}
-    trainable = {
-        id(p) for p in unique_parameters(model) if p.requires_grad and id(p) not in adapter_ids
-    }
-    tensors: dict[str, torch.Tensor] = {}
-    for name, param in logical_parameters(model):
-        if id(param) in trainable:
-            trainable.discard(id(param))  # a tied weight is stored once, under its first name
-            tensors[name] = param.detach().contiguous().cpu()
-    return tensors
+    unfrozen: dict[int, nn.Parameter] = {}
+    for step in plan.steps:
+        if step.action == "apply":
+            unfrozen.clear()
+        for path in step.param_paths if step.action in ("freeze", "unfreeze") else ():
+            param = by_path.get(path)  # None: an edit's parameter on a model not yet rewritten
+            if param is None or id(param) in adapter_ids:
+                continue
+            if step.action == "unfreeze":
+                unfrozen[id(param)] = param
+            else:
+                unfrozen.pop(id(param), None)
+    return {first_name[key]: param for key, param in unfrozen.items()}
+
+
+def saved_base_line(model: nn.Module, plan: Plan) -> str | None:
+    """`saves 12 base tensor(s) (3,072 params) with the adapter` when the rules unfreeze base
+    parameters (what `surgery plan` and `apply` print); None when they do not."""
+    saved = unfrozen_base_parameters(model, plan)
+    if not saved:
+        return None
+    params = sum(p.numel() for p in saved.values())
+    return f"saves {len(saved)} base tensor(s) ({params:,d} params) with the adapter"
 
 
 def logical_parameters(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Parameter]]:
@@ -107,21 +144,42 @@ def write_adapter_dir(
     out: Path,
     *,
     rules_text: str,
-    plan: Plan | None,
+    plan: Plan,
     force: bool = False,
     inputs: Inputs | None = None,
 ) -> int:
     """Write adapter weights, the rules and the plan to `out` atomically; return tensor count.
-    An `out` that is, contains, or lies inside one of `inputs` (what the caller read: the
-    adapter it loaded) is refused, even with `force`."""
+
+    `plan` is the plan of `rules_text` (`report.plan`): it says which base parameters the rules
+    unfreeze, the only ones saved beside the edits. Rules that leave nothing to save (no edit,
+    or every edit merged or removed, and no base parameter unfrozen) are an error: a directory
+    without tensors would not reproduce a trained model. An `out` that is, contains, or lies
+    inside one of `inputs` (what the caller read: the adapter it loaded) is refused, even with
+    `force`; an existing `out` is replaced (with `force`) only when surgery wrote it as an
+    adapter directory."""
+    if not isinstance(plan, Plan):
+        raise TypeError(
+            f"write_adapter_dir: `plan` must be the Plan of the rules (report.plan), "
+            f"not {type(plan).__name__}"
+        )
     tensors = adapter_state_dict(model)
-    base = trained_base_state_dict(model)
+    base = {
+        name: param.detach().contiguous().cpu()
+        for name, param in unfrozen_base_parameters(model, plan).items()
+    }
+    if not tensors and not base:
+        raise OutputError(
+            f"nothing to write to {out}: the rules leave no edit on the model and unfreeze no "
+            "base parameter, so the adapter would hold no trained tensor",
+            hint="apply a method (`apply lora(r=8) to ...`), or `unfreeze` the base parameters "
+            "to train (`freeze **` then `unfreeze **.bias`)",
+        )
     return write_adapter_files(
         out,
         tensors=tensors,
         base=base,
         rules_text=rules_text,
-        plan=plan.to_dict() if plan is not None else None,
+        plan=plan.to_dict(),
         model=model_info(model),
         force=force,
         inputs=inputs,
@@ -143,7 +201,7 @@ def write_adapter_files(
     """The files of an adapter directory, written all at once or not at all (never over one
     of `inputs`)."""
     recorded = versions()
-    with atomic_directory(Path(out), force=force, inputs=inputs) as temp:
+    with atomic_directory(Path(out), kind=ADAPTER_OUTPUT, force=force, inputs=inputs) as temp:
         metadata = {"format": "pt", **recorded}
         save_file(tensors, str(temp / ADAPTER_FILE), metadata=metadata)
         if base:

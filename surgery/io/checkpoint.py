@@ -31,9 +31,9 @@ from torch import nn
 from surgery.errors import ModelLoadError, PlanError
 from surgery.execute import iter_edits, logical_module
 from surgery.graph.site import Site
-from surgery.io.adapters import ADAPTER_FILE, BASE_FILE, RULES_FILE
-from surgery.io.load import SavedAdapter, check_family, check_float, read_adapter_dir
-from surgery.io.safe import atomic_directory, check_output
+from surgery.io.adapters import ADAPTER_FILE, BASE_FILE
+from surgery.io.load import SavedAdapter, built_adapter, check_float, read_adapter_dir
+from surgery.io.safe import MARKER_FILE, OutputKind, atomic_directory, check_output
 from surgery.io.shards import (
     FLOATS,
     INDEX_FILE,
@@ -46,9 +46,12 @@ from surgery.io.shards import (
 )
 from surgery.merge_rules import check_finite_adapter, check_finite_result
 from surgery.methods import REGISTRY
+from surgery.plan import Target
 
 # Other weight formats next to the safetensors would hold the *unmerged* weights: never copied.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+# what `--force` may replace: a checkpoint surgery merged (its marker lists the files written)
+CHECKPOINT_OUTPUT = OutputKind("checkpoint", "a merged checkpoint")
 
 
 @dataclass(frozen=True)
@@ -113,12 +116,11 @@ def merge_checkpoint(
     checkpoint = open_checkpoint(model_dir)
     skeleton = _skeleton(model_dir)
     saved = read_adapter_dir(adapter_dir)  # the files are there, in a format this version reads
-    check_family(saved, skeleton)
     arguments = _apply_rules(skeleton, saved)
     _check_mergeable(skeleton, adapter_dir)
     adapter = read_shard(adapter_dir / ADAPTER_FILE)
     trained = read_shard(adapter_dir / BASE_FILE) if (adapter_dir / BASE_FILE).is_file() else None
-    inputs = _Inputs(checkpoint, adapter, trained, _check_adapter(skeleton, adapter), arguments)
+    inputs = _Inputs(checkpoint, adapter, trained, _prefixes(skeleton), arguments)
     jobs = _plan_jobs(skeleton, inputs, adapter_dir)
     _check_finite_inputs(inputs)
     copied, skipped = _other_files(model_dir, checkpoint)
@@ -127,7 +129,9 @@ def merge_checkpoint(
         by_shard.setdefault(job.last_shard, []).append(job)
     rewritten = 0
     with (
-        atomic_directory(out, force=force, inputs=_inputs(model_dir, adapter_dir)) as temp,
+        atomic_directory(
+            out, kind=CHECKPOINT_OUTPUT, force=force, inputs=_inputs(model_dir, adapter_dir)
+        ) as temp,
         _progress_bar(progress, checkpoint) as done,
     ):
         for number, shard in enumerate(checkpoint.shards):
@@ -161,7 +165,7 @@ def _check_locations(model_dir: Path, adapter_dir: Path, out: Path, force: bool)
     for name, folder in (("model", model_dir), ("adapter", adapter_dir)):
         if not folder.is_dir():
             raise ModelLoadError(f"the {name} directory {folder} does not exist")
-    check_output(out, force=force, inputs=_inputs(model_dir, adapter_dir))
+    check_output(out, kind=CHECKPOINT_OUTPUT, force=force, inputs=_inputs(model_dir, adapter_dir))
 
 
 def _inputs(model_dir: Path, adapter_dir: Path) -> dict[str, Path]:
@@ -183,16 +187,15 @@ def _skeleton(model_dir: Path) -> nn.Module:
 
 
 def _apply_rules(skeleton: nn.Module, saved: SavedAdapter) -> dict[tuple[str, str], dict]:
-    """Recreate the adapter's sites on the skeleton by running its own rules; return each
-    applied edit's method arguments (with its parts), to rebuild what the file does not hold."""
-    from surgery.api import rewrite
+    """Recreate the adapter's sites on the skeleton by running its own rules, checked as `load`
+    checks them (the family, every tensor's name, shape and dtype); return each applied edit's
+    method arguments (with its parts), to rebuild what the file does not hold."""
     from surgery.fused import with_parts
-    from surgery.lang import parse
 
-    report = rewrite(skeleton, parse(saved.rules_text, str(saved.path / RULES_FILE)))
+    plan = built_adapter(saved, skeleton)
     return {
         (target.path, target.edit): with_parts(dict(step.arguments), target.selected_parts())
-        for step in report.plan.steps
+        for step in plan.steps
         if step.action == "apply"
         for target in step.targets
     }
@@ -223,44 +226,12 @@ def _check_mergeable(skeleton: nn.Module, adapter_dir: Path) -> None:
             )
 
 
-def _check_adapter(skeleton: nn.Module, adapter: Shard) -> dict[int, str]:
-    """Compare the adapter file with the tensors the rules create on this model; return each edit
-    module's key prefix in the file (keyed by the module's id)."""
-    expected: dict[str, tuple[int, ...]] = {}
-    floating: set[str] = set()
-    prefixes: dict[int, str] = {}
-    for path, edit, module in iter_edits(skeleton):
-        prefix = f"{path}.{edit}" if path else edit
-        prefixes[id(module)] = prefix
-        for name, tensor in module.state_dict().items():
-            expected[f"{prefix}.{name}"] = tuple(tensor.shape)
-            if tensor.is_floating_point():
-                floating.add(f"{prefix}.{name}")
-    hint = "was the adapter made for another model, or its rules.surg edited?"
-    for key, shape in expected.items():
-        info = adapter.tensors.get(key)
-        if info is None:
-            raise ModelLoadError(
-                f"{adapter.path} lacks '{key}', which its rules create on this model "
-                f"(shape {list(shape)})",
-                hint=hint,
-            )
-        if info.shape != shape:
-            raise ModelLoadError(
-                f"'{key}' in {adapter.path} has shape {list(info.shape)}, but the rules on this "
-                f"model give it {list(shape)}",
-                hint=hint,
-            )
-        if key in floating:
-            check_float(adapter.path, key, info.dtype)
-    extra = sorted(set(adapter.tensors) - set(expected))
-    if extra:
-        raise ModelLoadError(
-            f"{adapter.path} holds '{extra[0]}', which its rules do not create on this model"
-            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""),
-            hint=hint,
-        )
-    return prefixes
+def _prefixes(skeleton: nn.Module) -> dict[int, str]:
+    """Each edit module's key prefix in the adapter file, keyed by the module's id."""
+    return {
+        id(module): f"{path}.{edit}" if path else edit
+        for path, edit, module in iter_edits(skeleton)
+    }
 
 
 def _check_finite_inputs(inputs: _Inputs) -> None:
@@ -274,17 +245,25 @@ def _check_finite_inputs(inputs: _Inputs) -> None:
 
 def _plan_jobs(skeleton: nn.Module, inputs: _Inputs, adapter_dir: Path) -> list[_Job]:
     """The modules to rewrite: sites in the planner's merge order, with their base tensors
-    located, then trained base parameters outside any site."""
+    located, then trained base parameters outside any site (all there is to write for an
+    adapter that only unfreezes base parameters, BitFit's biases)."""
     from surgery.api import plan
 
-    try:
-        merge = plan(skeleton, "merge").steps[-1]
-    except PlanError as error:  # its span points at our own one-word program: drop it
+    targets: tuple[Target, ...] = ()
+    if any(True for _ in iter_edits(skeleton)):
+        try:
+            targets = plan(skeleton, "merge").steps[-1].targets
+        except PlanError as error:  # its span points at our own one-word program: drop it
+            raise PlanError(
+                f"cannot merge the adapter in {adapter_dir}: {error.message}", hint=error.hint
+            ) from None
+    elif inputs.trained is None or not inputs.trained.tensors:
         raise PlanError(
-            f"cannot merge the adapter in {adapter_dir}: {error.message}", hint=error.hint
-        ) from None
+            f"cannot merge the adapter in {adapter_dir}: its rules leave no edit on the model "
+            "and it holds no trained base parameter, so there is nothing to merge"
+        )
     jobs: dict[str, _Job] = {}
-    for target in merge.targets:
+    for target in targets:
         if target.path not in jobs:
             site = logical_module(skeleton, target.path)
             assert isinstance(site, Site), target.path
@@ -344,8 +323,8 @@ def _other_files(model_dir: Path, checkpoint: Checkpoint) -> tuple[list[str], li
     left out: other weight formats (they would hold the unmerged weights) and subdirectories."""
     copied, skipped = [], []
     for entry in sorted(model_dir.iterdir()):
-        if entry.name in checkpoint.weight_files:
-            continue
+        if entry.name in checkpoint.weight_files or entry.name == MARKER_FILE:
+            continue  # the marker of a model directory surgery merged: the output gets its own
         is_weights = entry.name.endswith(WEIGHT_SUFFIXES) or entry.name.endswith(".index.json")
         (copied if entry.is_file() and not is_weights else skipped).append(entry.name)
     return copied, skipped

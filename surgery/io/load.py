@@ -19,7 +19,6 @@ from torch import nn
 
 import surgery
 from surgery.api import _paused_gc
-from surgery.errors import ModelLoadError
 from surgery.execute import Report, execute, logical_module, logical_parameter
 from surgery.graph.site import Site
 from surgery.io.adapters import (
@@ -28,14 +27,12 @@ from surgery.io.adapters import (
     FORMAT,
     PLAN_FILE,
     RULES_FILE,
+    AdapterError,
     live_adapter_tensors,
 )
+from surgery.io.plan_document import check_document, malformed
 from surgery.lang import parse
 from surgery.plan import Plan, make_plan
-
-
-class AdapterError(ModelLoadError):
-    """An adapter directory that cannot be read, or does not fit the model it is loaded onto."""
 
 
 class VersionWarning(UserWarning):
@@ -125,11 +122,11 @@ def read_adapter_dir(path: Path | str) -> SavedAdapter:
         document = json.loads((path / PLAN_FILE).read_text(encoding="utf-8"))
         if not isinstance(document, dict):
             raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as error:
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8 (a ValueError), not JSON
         raise AdapterError(f"cannot read {path / PLAN_FILE}: {error}") from None
     written = document.get("format", 1)
     if not isinstance(written, int) or isinstance(written, bool) or written < 1:
-        raise _malformed(path / PLAN_FILE, "format", "a positive integer", written)
+        raise malformed(path / PLAN_FILE, "format", "a positive integer", written)
     if written > FORMAT:
         raise AdapterError(
             f"{path} has adapter format {written!r}; this surgery reads format {FORMAT} and older",
@@ -156,102 +153,6 @@ def read_adapter_dir(path: Path | str) -> SavedAdapter:
     )
 
 
-# ---- plan.json's structure, checked once where it is read ---------------------------------
-
-_OPTIONAL_STR = (str, type(None))
-
-
-def _malformed(file: Path, field: str, wanted: str, value: Any) -> AdapterError:
-    shown = json.dumps(value) if len(json.dumps(value)) <= 60 else type(value).__name__
-    return AdapterError(
-        f"{file} is malformed: `{field}` must be {wanted}, not {shown}",
-        hint="the file was edited or damaged; save the adapter again",
-    )
-
-
-def _get(file: Path, parent: dict[str, Any], key: str, where: str, types: Any, wanted: str) -> Any:
-    """`parent[key]` checked against `types` (a missing key reads as None)."""
-    value = parent.get(key)
-    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in _tuple(types))
-    if not ok:
-        raise _malformed(file, f"{where}{key}", wanted, value)
-    return value
-
-
-def _tuple(types: Any) -> tuple[type, ...]:
-    return types if isinstance(types, tuple) else (types,)
-
-
-def check_document(file: Path, document: dict[str, Any]) -> None:
-    """plan.json's fields have the types readers rely on: `versions` an object of strings,
-    `model` an object (`class`, `model_type`, `name_or_path` strings, `config` an object),
-    `plan` an object whose `steps` list the actions, methods, arguments and targets. The first
-    field that does not is an error naming it."""
-    versions = _get(file, document, "versions", "", (dict, type(None)), "an object")
-    for key in versions or {}:
-        _get(file, versions, key, "versions.", _OPTIONAL_STR, "a string")
-    model = _get(file, document, "model", "", (dict, type(None)), "an object")
-    for key in ("class", "model_type", "name_or_path"):
-        _get(file, model or {}, key, "model.", _OPTIONAL_STR, "a string")
-    _get(file, model or {}, "config", "model.", (dict, type(None)), "an object")
-    plan = _get(file, document, "plan", "", (dict, type(None)), "an object")
-    if plan is None:
-        return
-    from surgery.methods import REGISTRY
-
-    steps = _get(file, plan, "steps", "plan.", list, "a list")
-    for i, step in enumerate(steps):
-        where = f"plan.steps[{i}]"
-        if not isinstance(step, dict):
-            raise _malformed(file, where, "an object", step)
-        action = _get(file, step, "action", f"{where}.", str, "a string")
-        arguments = _get(file, step, "arguments", f"{where}.", (list, type(None)), "a list")
-        for j, pair in enumerate(arguments or []):
-            if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
-                raise _malformed(file, f"{where}.arguments[{j}]", "a [name, value] pair", pair)
-        targets = _get(file, step, "targets", f"{where}.", (list, type(None)), "a list")
-        for j, target in enumerate(targets or []):
-            at = f"{where}.targets[{j}]"
-            if not isinstance(target, dict):
-                raise _malformed(file, at, "an object", target)
-            for key in ("path", "edit", "method"):
-                _get(file, target, key, f"{at}.", str, "a string")
-            _get(file, target, "module_type", f"{at}.", _OPTIONAL_STR, "a string")
-            method = REGISTRY.get(target["method"])
-            if method is None:
-                raise _malformed(file, f"{at}.method", "a registered method", target["method"])
-            parts = _get(file, target, "parts", f"{at}.", (list, type(None)), "a list")
-            if any(not isinstance(part, str) for part in parts or []):
-                raise _malformed(file, f"{at}.parts", "a list of strings", parts)
-            if parts:
-                _check_layout(file, f"{at}.layout", target.get("layout"))
-            if action == "apply":
-                given = {name for name, _ in arguments or []}
-                missing = [p.name for p in method.params if p.name not in given]
-                if missing:
-                    raise _malformed(
-                        file, f"{where}.arguments", f"the {method.name} arguments", arguments
-                    )
-
-
-def _check_layout(file: Path, where: str, layout: Any) -> None:
-    """A fused projection's row layout: {"name": str, "groups": int, "blocks": [[str, int]]}."""
-    if not isinstance(layout, dict):
-        raise _malformed(file, where, "an object", layout)
-    _get(file, layout, "name", f"{where}.", str, "a string")
-    _get(file, layout, "groups", f"{where}.", int, "an integer")
-    blocks = _get(file, layout, "blocks", f"{where}.", list, "a list")
-    for block in blocks:
-        if not (
-            isinstance(block, list)
-            and len(block) == 2
-            and isinstance(block[0], str)
-            and isinstance(block[1], int)
-            and not isinstance(block[1], bool)
-        ):
-            raise _malformed(file, f"{where}.blocks", "a list of [part, rows] pairs", blocks)
-
-
 def load_adapter(model: nn.Module, adapter_dir: Path | str) -> Report:
     """Re-apply the adapter saved in `adapter_dir` (by `surgery apply --out` or
     `write_adapter_dir`) to `model`, a fresh base model, so that it computes what the saving
@@ -262,19 +163,38 @@ def load_adapter(model: nn.Module, adapter_dir: Path | str) -> Report:
     """
     saved = read_adapter_dir(adapter_dir)
     _check_versions(saved)
-    check_family(saved, model)
-    program = parse(saved.rules_text, str(saved.path / RULES_FILE))
     with _paused_gc():
-        plan = make_plan(model, program)
-        _check_tensors(saved, plan, model)
+        plan = plan_adapter(saved, model)
         undo = _Undo(model, plan, saved)
         report = execute(model, plan)
     try:
-        _copy_tensors(saved, model)
+        _copy_tensors(saved, check_built(saved, model), model)
     except BaseException:
         undo()
         raise
     return report
+
+
+def plan_adapter(saved: SavedAdapter, model: nn.Module) -> Plan:
+    """The one check of an adapter directory against a model that `load`, `export` and `merge`
+    share, before anything changes: the family it was made for, its rules planned on `model`,
+    and every saved tensor's name, shape and dtype against that plan. Return the plan; run it,
+    then `check_built` compares what the built edits hold (buffers too) with the file."""
+    check_family(saved, model)
+    program = parse(saved.rules_text, str(saved.path / RULES_FILE))
+    plan = make_plan(model, program)
+    _check_tensors(saved, plan, model)
+    return plan
+
+
+def built_adapter(saved: SavedAdapter, model: nn.Module) -> Plan:
+    """`plan_adapter`, run and checked by `check_built` on `model`: a skeleton on the meta
+    device that the caller owns (export and merge read the edits' structure from it)."""
+    with _paused_gc():
+        plan = plan_adapter(saved, model)
+        execute(model, plan)
+    check_built(saved, model)
+    return plan
 
 
 def _check_versions(saved: SavedAdapter) -> None:
@@ -373,9 +293,12 @@ def _check_tensors(saved: SavedAdapter, plan: Plan, model: nn.Module) -> None:
             raise _mismatch(saved, name, tuple(param.shape), shape)
 
 
-def _copy_tensors(saved: SavedAdapter, model: nn.Module) -> None:
+def check_built(saved: SavedAdapter, model: nn.Module) -> dict[str, torch.Tensor]:
+    """After the adapter's plan ran on `model`: every tensor its edits hold (buffers such as a
+    sparse index: only now do we know them) is saved with its shape and a fitting dtype, and
+    every saved tensor belongs to one. Return the edits' live tensors by saved name."""
     live = live_adapter_tensors(model)
-    for name, tensor in live.items():  # buffers: only now do we know them
+    for name, tensor in live.items():
         if saved.shapes.get(name) != tuple(tensor.shape):
             raise _mismatch(saved, name, tuple(tensor.shape), saved.shapes.get(name))
         if tensor.is_floating_point():
@@ -393,6 +316,10 @@ def _copy_tensors(saved: SavedAdapter, model: nn.Module) -> None:
             f"the adapter in {saved.path} holds tensor(s) that no edit of its rules has: {listed}",
             hint="was its adapter.safetensors or rules.surg edited?",
         )
+    return live
+
+
+def _copy_tensors(saved: SavedAdapter, live: dict[str, torch.Tensor], model: nn.Module) -> None:
     values = saved.tensors()
     base = saved.tensors(base=True)
     with torch.no_grad():

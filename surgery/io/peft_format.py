@@ -25,15 +25,25 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from surgery.errors import SurgeryError
-from surgery.io.adapters import ADAPTER_FILE, write_adapter_files
+from surgery.io.adapters import ADAPTER_FILE, ADAPTER_OUTPUT, PLAN_FILE, write_adapter_files
 from surgery.io.load import (
     AdapterError,
     SavedAdapter,
+    built_adapter,
     check_float,
     expected_shapes,
     read_adapter_dir,
-    read_safetensors,
+)
+from surgery.io.peft_config import (
+    CONFIG_FILE,
+    IA3_UNSUPPORTED,
+    LORA_UNSUPPORTED,
+    WEIGHTS_FILE,
+    PeftFormatError,
+    check_lora_rank,
+    check_options,
+    pattern_value,
+    read_peft_dir,
 )
 from surgery.io.peft_prompts import (
     IMPORTED_AS,
@@ -41,13 +51,14 @@ from surgery.io.peft_prompts import (
     export_virtual_tokens,
     import_virtual_tokens,
 )
-from surgery.io.safe import atomic_directory, check_output
+from surgery.io.safe import OutputKind, atomic_directory, check_output
 from surgery.lang import parse
 from surgery.plan import make_plan
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# what `export --force` may replace: a PEFT directory surgery exported (its marker lists the
+# files; PeftModel.from_pretrained reads only the config and the weights)
+PEFT_OUTPUT = OutputKind("peft", "a PEFT adapter directory")
 SUPPORTED = ("lora", "ia3", *VIRTUAL_TOKEN_TYPES)
 TASK_TYPES = {
     "ForCausalLM": "CAUSAL_LM",
@@ -58,10 +69,6 @@ TASK_TYPES = {
     "ForTokenClassification": "TOKEN_CLS",
     "ForQuestionAnswering": "QUESTION_ANS",
 }
-
-
-class PeftFormatError(SurgeryError):
-    """An adapter that PEFT's format (or this converter) cannot express exactly."""
 
 
 @dataclass(frozen=True)
@@ -91,14 +98,8 @@ class Edit:
 # ---- export ---------------------------------------------------------------------------------
 
 
-def saved_edits(saved: SavedAdapter) -> list[Edit]:
-    """The edits the saved program leaves on the model, in order, from its plan."""
-    plan = saved.document.get("plan")
-    if not plan:
-        raise PeftFormatError(
-            f"{saved.path} has no resolved plan (it was imported without a model)",
-            hint="load it onto its base model and save it again, then export",
-        )
+def saved_edits(plan: dict[str, Any]) -> list[Edit]:
+    """The edits a plan (`Plan.to_dict()`) leaves on the model, in order."""
     edits: dict[tuple[str, str], Edit] = {}
     for step in plan["steps"]:
         for target in step["targets"]:
@@ -142,7 +143,18 @@ def export_peft(
     model computes."""
     inputs = {"adapter directory": adapter_dir}
     saved = read_adapter_dir(adapter_dir)
-    check_output(out, force=force, inputs=inputs)
+    check_output(out, kind=PEFT_OUTPUT, force=force, inputs=inputs)
+    model = skeleton(saved)
+    if model is None:
+        raise PeftFormatError(
+            f"cannot check the adapter in {saved.path} against its model: its {PLAN_FILE} "
+            "records no model config that transformers can build (an adapter imported without "
+            "--model has none)",
+            hint="import it again with --model, or `surgery load --model M --adapter DIR --out "
+            "NEW` and export NEW",
+        )
+    module_names = [name for name, _ in model.named_modules()]  # before the rules add sites
+    plan = built_adapter(saved, model)  # load's checks: what it refuses, export refuses
     if saved.base_shapes:
         names = ", ".join(list(saved.base_shapes)[:3])
         raise PeftFormatError(
@@ -152,7 +164,7 @@ def export_peft(
         )
     for name, dtype in saved.dtypes.items():  # every tensor of an exportable edit is trained
         check_float(saved.path / ADAPTER_FILE, name, dtype)
-    edits = saved_edits(saved)
+    edits = saved_edits(plan.to_dict())
     if not edits:
         raise PeftFormatError(f"{saved.path} has no edits to export")
     methods = sorted({e.method for e in edits})
@@ -176,13 +188,12 @@ def export_peft(
             "per module"
         )
     tensors = saved.tensors()
-    names = _module_names(saved) if methods[0] in ("lora", "ia3") else None
     if methods[0] in VIRTUAL_TOKEN_TYPES:
         config, weights = export_virtual_tokens(edits[0], tensors, skeleton(saved))
     elif methods == ["lora"]:
-        config, weights = _export_lora(edits, tensors, names)
+        config, weights = _export_lora(edits, tensors, module_names)
     else:
-        config, weights = _export_ia3(edits, tensors, names)
+        config, weights = _export_ia3(edits, tensors, module_names)
     config.update(
         base_model_name_or_path=base_model_name_or_path or saved.model.get("name_or_path"),
         task_type=_task_type(saved.model.get("class", "")),
@@ -190,7 +201,7 @@ def export_peft(
         revision=None,
         modules_to_save=None,
     )
-    with atomic_directory(Path(out), force=force, inputs=inputs) as temp:
+    with atomic_directory(Path(out), kind=PEFT_OUTPUT, force=force, inputs=inputs) as temp:
         save_file(weights, str(temp / WEIGHTS_FILE), metadata={"format": "pt"})
         (temp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
@@ -217,23 +228,16 @@ def skeleton(saved: SavedAdapter) -> nn.Module | None:
         return None
 
 
-def _module_names(saved: SavedAdapter) -> list[str] | None:
-    """Every module path of the model the adapter was made on, to decide whether short names
-    like `q_proj` select exactly the targets (None: use full paths, which are always exact)."""
-    model = skeleton(saved)
-    return None if model is None else [name for name, _ in model.named_modules()]
-
-
-def _short_names(paths: list[str], names: list[str] | None) -> dict[str, str]:
+def _short_names(paths: list[str], names: list[str]) -> dict[str, str]:
     """path -> how PEFT's target lists should name it: the last component when every module
     with that last component is a target (PEFT matches `name == t or name.endswith('.' + t)`),
     else the full path."""
     chosen = set(paths)
     by_leaf: dict[str, set[str]] = defaultdict(set)
-    for name in names or []:
+    for name in names:
         by_leaf[name.rpartition(".")[2]].add(name)
     return {
-        p: (leaf if names is not None and by_leaf[leaf] <= chosen else p)
+        p: (leaf if by_leaf[leaf] <= chosen else p)
         for p in paths
         for leaf in [p.rpartition(".")[2]]
     }
@@ -258,7 +262,7 @@ def _number(value: float) -> int | float:
 
 
 def _export_lora(
-    edits: list[Edit], tensors: dict[str, torch.Tensor], names: list[str] | None
+    edits: list[Edit], tensors: dict[str, torch.Tensor], names: list[str]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     dropouts = sorted({e.args["dropout"] for e in edits})
     if len(dropouts) > 1:
@@ -319,7 +323,7 @@ def _lora_factors(e: Edit, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tens
 
 
 def _export_ia3(
-    edits: list[Edit], tensors: dict[str, torch.Tensor], names: list[str] | None
+    edits: list[Edit], tensors: dict[str, torch.Tensor], names: list[str]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     short = _short_names([e.path for e in edits], names)
     inputs = {e.path for e in edits if e.args["on"] == "input"}
@@ -353,132 +357,6 @@ def _export_ia3(
 
 # ---- import ---------------------------------------------------------------------------------
 
-# LoRA options that change what the adapter computes and that the import does not translate:
-# (field, value that is fine). `fan_in_fan_out` is not among them: it only tells PEFT that a
-# module (GPT-2's Conv1D) stores its weight transposed, and the factors are [r, in], [out, r]
-# either way.
-_LORA_UNSUPPORTED = (
-    ("use_dora", False),
-    ("lora_bias", False),
-    ("modules_to_save", None),
-    ("trainable_token_indices", None),
-    ("layer_replication", None),
-    ("target_parameters", None),
-    ("alora_invocation_tokens", None),
-    ("use_qalora", False),
-    ("use_bdlora", None),
-    ("bias", "none"),
-)
-_IA3_UNSUPPORTED = (("modules_to_save", None),)
-
-
-def read_peft_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """adapter_config.json and the weights of a PEFT adapter directory (safetensors only)."""
-    if not (path / CONFIG_FILE).is_file():
-        raise PeftFormatError(f"{path} is not a PEFT adapter directory (no {CONFIG_FILE})")
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as error:
-        raise PeftFormatError(f"cannot read {path / CONFIG_FILE}: {error}") from None
-    check_peft_config(path / CONFIG_FILE, config)
-    if not (path / WEIGHTS_FILE).is_file():
-        pickled = (path / "adapter_model.bin").is_file()
-        raise PeftFormatError(
-            f"{path} has no {WEIGHTS_FILE}"
-            + (" (only adapter_model.bin, a pickle, which surgery never loads)" if pickled else ""),
-            hint="save it with PEFT's save_pretrained(..., safe_serialization=True)"
-            if pickled
-            else None,
-        )
-    tensors = read_safetensors(path / WEIGHTS_FILE)
-    for name, tensor in tensors.items():  # LoRA factors, IA3 vectors, virtual-token tables
-        if not tensor.is_floating_point():
-            raise PeftFormatError(
-                f"tensor {name} in {path / WEIGHTS_FILE} is stored as {tensor.dtype}; a PEFT "
-                "adapter's tensors are floating point"
-            )
-    return config, tensors
-
-
-def _real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _positive(value: Any) -> bool:
-    return _real(value) and value > 0 and math.isfinite(value)
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _regex(value: str) -> bool:
-    try:
-        re.compile(rf"(.*\.)?({value})$")
-    except re.error:
-        return False
-    return True
-
-
-def _modules(value: Any) -> bool:
-    """PEFT's target lists: a regex string, or a list of names."""
-    if isinstance(value, str):
-        return _regex(value)
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _pattern(check: Any) -> Any:
-    return lambda value: (
-        isinstance(value, dict)
-        and all(isinstance(k, str) and _regex(k) and check(v) for k, v in value.items())
-    )
-
-
-# field -> (test of a present, non-null value, what it must be); `lora_alpha` may not be null
-_PEFT_FIELDS: dict[str, tuple[Any, str]] = {
-    "r": (_count, "a positive integer"),
-    "lora_alpha": (_positive, "a positive number"),
-    "lora_dropout": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
-    "alpha_pattern": (_pattern(_positive), "an object of module regexes to positive numbers"),
-    "rank_pattern": (_pattern(_count), "an object of module regexes to positive integers"),
-    "target_modules": (_modules, "a regex or a list of module names"),
-    "feedforward_modules": (_modules, "a regex or a list of module names"),
-    "num_virtual_tokens": (_count, "a positive integer"),
-    "num_transformer_submodules": (_count, "a positive integer"),
-}
-
-
-def check_peft_config(file: Path, config: dict[str, Any]) -> None:
-    """The fields the import reads have the types PEFT gives them; the first that does not is
-    an error naming the file and the field."""
-    checks = {"peft_type": (lambda v: isinstance(v, str), "a string"), **_PEFT_FIELDS}
-    for name, (check, wanted) in checks.items():
-        value = config.get(name)
-        required = name == "peft_type" or (name == "lora_alpha" and name in config)
-        if (value is None and not required) or (value is not None and check(value)):
-            continue
-        shown = json.dumps(value)
-        raise PeftFormatError(
-            f"{file} is malformed: `{name}` must be {wanted}, not "
-            + (shown if len(shown) <= 60 else type(value).__name__),
-            hint="check the adapter's adapter_config.json",
-        )
-
-
-def _check_options(config: dict[str, Any], table: tuple[tuple[str, Any], ...], kind: str) -> None:
-    for name, fine in table:
-        value = config.get(name, fine)
-        if value != fine and not (fine is None and value in ([], {})):
-            what = "DoRA (use_dora=true)" if name == "use_dora" else f"{name}={value!r}"
-            raise PeftFormatError(
-                f"cannot import this PEFT {kind} adapter: {what} is not supported",
-                hint="supported: plain LoRA (any rank/alpha patterns, rsLoRA) and IA3 "
-                "on Linear layers",
-            )
-
 
 def _module_weights(
     tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...]
@@ -499,14 +377,6 @@ def _module_weights(
 
 def _natural(path: str) -> list[Any]:
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]
-
-
-def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """PEFT's rule: the first pattern key `k` with `re.match(rf"(.*\\.)?({k})$", path)`."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
 
 
 def _matches(targets: Any, path: str) -> bool:
@@ -559,9 +429,9 @@ def _statement(method: str, args: str, paths: list[str]) -> str:
 
 
 def _lora_program(
-    config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    config: dict[str, Any], tensors: dict[str, torch.Tensor], file: Path
 ) -> tuple[list[str], dict[str, torch.Tensor]]:
-    _check_options(config, _LORA_UNSUPPORTED, "LoRA")
+    check_options(config, LORA_UNSUPPORTED, "LoRA")
     modules = _module_weights(tensors, ("lora_A.weight", "lora_B.weight"))
     dropout = float(config.get("lora_dropout") or 0.0)
     rslora = bool(config.get("use_rslora"))
@@ -576,7 +446,8 @@ def _lora_program(
                 f"{path}: lora_A {list(A.shape)} and lora_B {list(B.shape)} are not [r, in] and "
                 "[out, r]"
             )
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
+        check_lora_rank(file, config, path, A, B)
+        alpha = pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
         groups[(A.shape[0], float(alpha))].append(path)
         weights[f"{path}.lora.A"], weights[f"{path}.lora.B"] = A, B
     statements = []
@@ -590,7 +461,7 @@ def _lora_program(
 def _ia3_program(
     config: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> tuple[list[str], dict[str, torch.Tensor]]:
-    _check_options(config, _IA3_UNSUPPORTED, "IA3")
+    check_options(config, IA3_UNSUPPORTED, "IA3")
     modules = _module_weights(tensors, ("ia3_l",))
     sides: dict[str, list[str]] = defaultdict(list)
     weights: dict[str, torch.Tensor] = {}
@@ -621,10 +492,10 @@ def import_peft(
     tensor's shape checked against it now; without, `load_adapter` checks them later."""
     peft_dir = Path(peft_dir)
     config, tensors = read_peft_dir(peft_dir)
-    check_output(out, force=force, inputs={"PEFT directory": peft_dir})
+    check_output(out, kind=ADAPTER_OUTPUT, force=force, inputs={"PEFT directory": peft_dir})
     kind = config.get("peft_type")
     if kind == "LORA":
-        statements, weights = _lora_program(config, tensors)
+        statements, weights = _lora_program(config, tensors, peft_dir / CONFIG_FILE)
     elif kind == "IA3":
         statements, weights = _ia3_program(config, tensors)
     elif kind in IMPORTED_AS:

@@ -168,15 +168,10 @@ def open_checkpoint(directory: Path) -> Checkpoint:
             if others
             else None,
         )
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        weight_map: dict[str, str] = index["weight_map"]
-        files = sorted(set(weight_map.values()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ModelLoadError(f"cannot read the index {index_path}: {error}") from None
+    index, weight_map = _read_index(index_path)
     shards = []
-    for name in files:
-        if not isinstance(name, str) or Path(name).name != name:
+    for name in sorted(set(weight_map.values())):
+        if Path(name).name != name:
             raise ModelLoadError(f"{index_path} names a shard outside the directory: {name!r}")
         if not (directory / name).is_file():
             raise ModelLoadError(f"{index_path} lists {name}, which is missing from {directory}")
@@ -192,6 +187,42 @@ def open_checkpoint(directory: Path) -> Checkpoint:
         if not any(key in s.tensors for s in shards if s.path.name == name):
             raise ModelLoadError(f"{index_path.name} places '{key}' in {name}, which lacks it")
     return Checkpoint(directory, tuple(shards), index)
+
+
+def _read_index(index_path: Path) -> tuple[dict, dict[str, str]]:
+    """The index and its `weight_map`, checked to be what transformers writes: an object whose
+    `weight_map` maps tensor names to shard file names, and whose `metadata`, if any, is an
+    object. Anything else is an error naming the file."""
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"cannot read the index {index_path}: {error}") from None
+    if not isinstance(index, dict):
+        raise _bad_index(index_path, "it is not a JSON object")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise _bad_index(index_path, f"`weight_map` is {_json_type(weight_map)}, not an object")
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise _bad_index(index_path, f"`weight_map` gives {key!r} {_json_type(name)}")
+    if not isinstance(index.get("metadata", {}), dict):
+        raise _bad_index(index_path, f"`metadata` is {_json_type(index['metadata'])}")
+    return index, weight_map
+
+
+def _bad_index(index_path: Path, why: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{index_path} is malformed: {why}",
+        hint="an index maps each tensor name to its shard file: "
+        '{"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors", ...}}',
+    )
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "a number")
 
 
 def write_tensor(path: Path, info: TensorInfo, tensor: torch.Tensor) -> None:
