@@ -169,18 +169,18 @@ def test_a_module_declared_fused_twice_needs_the_same_layout() -> None:
 
 # ---- 3. `surgery methods` says whether merge folds, bakes or is refused ----------------------
 
-# Where each method attaches on the tiny Llama.
+# Where each method attaches on the tiny Falcon, by family role (`use auto`).
 TARGETS = {
-    "lora": "*.self_attn.q_proj",
-    "dora": "*.self_attn.q_proj",
-    "ia3": "*.self_attn.q_proj",
-    "sparse": "*.self_attn.q_proj",
-    "adapter": "*.self_attn.q_proj",
-    "parallel_adapter": "*.self_attn.q_proj",
-    "prompt": "^model.embed_tokens",
-    "p_tuning": "^model.embed_tokens",
-    "prefix": "^model.layers.*",
-    "p_tuning_v2": "^model.layers.*",
+    "lora": "attn.o",
+    "dora": "attn.o",
+    "ia3": "attn.o",
+    "sparse": "attn.o",
+    "adapter": "attn.o",
+    "parallel_adapter": "attn.o",
+    "prompt": "embed",
+    "p_tuning": "embed",
+    "prefix": "layers.*",
+    "p_tuning_v2": "layers.*",
 }
 
 
@@ -205,10 +205,12 @@ def variants(name: str) -> list[str]:
 def planner_outcome(name: str, arguments: str) -> str | None:
     """What really happens on `merge` after `apply NAME(arguments)`; None when the apply itself
     is refused (e.g. prompt's init=text needs a tokenizer)."""
-    model = tiny("llama")
+    model = tiny("falcon")
     try:
-        rewrite(model, f"apply {name}{arguments} to {TARGETS[name]} as edit")
+        rewrite(model, f"use auto\napply {name}{arguments} to {TARGETS[name]} as edit")
     except PlanError:
+        if not arguments:
+            raise  # the defaults always apply
         return None
     before = snapshot(model)
     try:
