@@ -158,3 +158,36 @@ def test_methods_table_merge_column_agrees_with_the_listing() -> None:
         for clause in listed.split("; ")[1:]:
             outcome, _, argument = clause.partition(" with ")
             assert f"{outcome} with `{argument}`" in documented, name
+
+
+# ---- docs/families.md ------------------------------------------------------------------------
+
+FAMILIES = ROOT / "docs" / "families.md"
+
+
+def test_the_portable_rule_runs_on_every_shipped_family() -> None:
+    from surgery.families import describe_families
+
+    rule = fenced(FAMILIES, "")[0]
+    for family in describe_families():
+        model = load_model(f"tiny-{family.name.replace('_', '-')}", meta=True)
+        assert rewrite(model, rule, dry_run=True).targets, family.name
+
+
+def test_the_module_listing_in_the_worked_example_is_real_output(capsys) -> None:
+    code = next(b for b in fenced(FAMILIES, "python") if "named_modules" in b)
+    (shown,) = fenced(FAMILIES, "text")
+    exec(compile(code, "families.md", "exec"), {})
+    assert capsys.readouterr().out == shown
+
+
+def test_the_error_example_in_the_language_reference_is_real(tmp_path, monkeypatch, capsys) -> None:
+    shown = next(b for b in fenced(ROOT / "docs" / "language.md", "") if ": error: " in b)
+    header = shown.splitlines()[0]
+    name, line = header.split(":")[:2]
+    written = re.search(rf"^{line} \| (.*)$", shown, flags=re.M).group(1)
+    (tmp_path / name).write_text("# a comment\n" * (int(line) - 1) + written + "\n")
+    monkeypatch.chdir(tmp_path)
+    code, real = run_cli(["check", name], capsys, monkeypatch)
+    assert code == 1
+    assert real == shown.rstrip("\n").splitlines()
