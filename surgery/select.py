@@ -337,7 +337,7 @@ class _Search:
                     f"slice [{item}] of {path} ({n} entries) is empty", span=segment.span
                 )
             chosen += [(number, child) for child in picked]
-        _refuse_repeats(node, segment, chosen)
+        _refuse_repeats(segment, chosen)
         return chosen
 
     def parts(self, node: TreeNode, segment: ast.Segment) -> list[tuple[int, TreeNode]]:
@@ -372,9 +372,7 @@ class _Search:
         return chosen
 
 
-def _refuse_repeats(
-    node: TreeNode, segment: ast.Segment, chosen: list[tuple[int, TreeNode]]
-) -> None:
+def _refuse_repeats(segment: ast.Segment, chosen: list[tuple[int, TreeNode]]) -> None:
     """An entry picked by two index items (`layers[1, 1]`, `layers[0:4, 2]`) is an error, as a
     repeated `<q,q>` option is: the list is redundant at best, and may hide a typo."""
     first: dict[int, int] = {}  # id(entry) -> the number of the item that picked it first
