@@ -329,6 +329,10 @@ def _families() -> list[tuple[str, tuple[str, ...], list[str], str]]:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    """Every registered method: its parameters, what `merge` does with it (derived from the
+    method object, see surgery.merge_outcome) and a summary."""
+    from surgery.merge_outcome import merge_outcome
+
     table = Table(title="methods", title_justify="left")
     for column in ("method", "parameters (default)", "merge", "summary"):
         table.add_column(column)
@@ -337,7 +341,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
             f"{p.name}={p.default!r}" if p.default is not None else f"{p.name} (optional: {p.doc})"
             for p in method.params
         )
-        table.add_row(name, params, "yes" if method.mergeable else "no", method.summary)
+        table.add_row(name, params, merge_outcome(method), method.summary)
     out.print(table)
     return 0
 

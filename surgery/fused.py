@@ -2,10 +2,11 @@
 
 Several architectures compute q, k and v (or an MLP's gate and up) with one matrix. The row
 order of the parts differs by family and by config, so it is code, not data: each *layout*
-below reads the model config and the module and returns a `Layout`, a compact description of
-the rows (a number of repeated groups, each a run of blocks). Every layout was checked against
-the split in the transformers 5 forward code it names, and tests/test_fused.py checks it again
-by probing the real modules.
+below reads the model config (never the module's size) and returns a `Layout`, a compact
+description of the rows (a number of repeated groups, each a run of blocks); `compute_layout`
+checks it against the rows the module really has, so no layout stretches to fit a wrong module.
+Every layout was checked against the split in the transformers 5 forward code it names, and
+tests/test_fused.py checks it again by probing the real modules.
 
 `fuse SELECTORS into NAME, NAME, ... using LAYOUT` (docs/fused.md) attaches a layout to the
 matched modules; LoRA and IA3 then act on the rows of the selected parts only.
@@ -119,7 +120,7 @@ def output_axis(module: nn.Module) -> int:
 
 # ---- layouts -------------------------------------------------------------------------------
 
-LayoutFn = Callable[[Any, int], Layout]
+LayoutFn = Callable[[Any], Layout]
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class LayoutSpec:
     name: str
     parts: tuple[str, ...]
     doc: str
-    make: LayoutFn  # (config, out rows of the module) -> Layout
+    make: LayoutFn  # config -> Layout (never the module's size: that is what it is checked on)
 
 
 LAYOUTS: dict[str, LayoutSpec] = {}
@@ -158,7 +159,7 @@ def _need(config: Any, *names: str) -> list[int]:
     ("q", "k", "v"),
     "Falcon query_key_value: multi-query, new_decoder_architecture (grouped) or multi-head",
 )
-def _falcon(config: Any, out: int) -> Layout:
+def _falcon(config: Any) -> Layout:
     # FalconAttention._split_heads (transformers 5): head_dim = hidden_size // num_heads.
     hidden, heads = _need(config, "hidden_size", "num_attention_heads")
     d = hidden // heads
@@ -176,7 +177,7 @@ def _falcon(config: Any, out: int) -> Layout:
 
 
 @layout("gpt_neox_qkv", ("q", "k", "v"), "GPT-NeoX query_key_value: q, k, v per head")
-def _gpt_neox(config: Any, out: int) -> Layout:
+def _gpt_neox(config: Any) -> Layout:
     # GPTNeoXAttention.forward: view(..., -1, 3 * head_size) then chunk(3) per head
     hidden, heads = _need(config, "hidden_size", "num_attention_heads")
     d = hidden // heads
@@ -184,14 +185,14 @@ def _gpt_neox(config: Any, out: int) -> Layout:
 
 
 @layout("gpt2_qkv", ("q", "k", "v"), "GPT-2 c_attn (Conv1D): q, k, v contiguous thirds")
-def _gpt2(config: Any, out: int) -> Layout:
+def _gpt2(config: Any) -> Layout:
     # GPT2Attention.forward: c_attn(x).split(embed_dim, dim=2)
     (hidden,) = _need(config, "hidden_size")
     return Layout("gpt2_qkv", 1, (("q", hidden), ("k", hidden), ("v", hidden)))
 
 
 @layout("phi3_qkv", ("q", "k", "v"), "Phi-3 qkv_proj: q, k, v contiguous (GQA sizes)")
-def _phi3(config: Any, out: int) -> Layout:
+def _phi3(config: Any) -> Layout:
     # Phi3Attention.forward: qkv[..., :q_pos], then num_key_value_heads * head_dim for k and v
     hidden, heads = _need(config, "hidden_size", "num_attention_heads")
     kv = getattr(config, "num_key_value_heads", None) or heads
@@ -200,11 +201,11 @@ def _phi3(config: Any, out: int) -> Layout:
 
 
 @layout("gate_up", ("gate", "up"), "an MLP's gate_up_proj: gate rows, then up rows (Phi-3)")
-def _gate_up(config: Any, out: int) -> Layout:
-    # Phi3MLP.forward: gate, up = gate_up_proj(x).chunk(2, dim=-1)
-    if out % 2:
-        raise ValueError(f"{out} rows do not split into two halves")
-    return Layout("gate_up", 1, (("gate", out // 2), ("up", out // 2)))
+def _gate_up(config: Any) -> Layout:
+    # Phi3MLP: gate_up_proj = Linear(hidden, 2 * intermediate_size);
+    # forward: gate, up = gate_up_proj(x).chunk(2, dim=-1)
+    (intermediate,) = _need(config, "intermediate_size")
+    return Layout("gate_up", 1, (("gate", intermediate), ("up", intermediate)))
 
 
 def layout_spec(name: str, span: Span | None = None) -> LayoutSpec:
@@ -254,13 +255,13 @@ def compute_layout(name: str, config: Any, module: nn.Module, path: str, span: S
             f"layout {name} reads the model's config, and this model has none", span=span
         )
     try:
-        result = spec.make(config, dims[1])
+        result = spec.make(config)
     except ValueError as error:
         raise PlanError(f"layout {name} does not fit {path}: {error}", span=span) from None
     if result.size != dims[1]:
         raise PlanError(
-            f"layout {name} describes {result.size} rows {result.describe()}, but {path} has "
-            f"{dims[1]} outputs",
+            f"layout {name} describes {result.size} rows {result.describe()} (from the model "
+            f"config), but {path} has {dims[1]} output rows",
             span=span,
             hint="is this the right layout for this model (or a cross-attention module)?",
         )

@@ -337,8 +337,8 @@ class _Search:
                     f"slice [{item}] of {path} ({n} entries) is empty", span=segment.span
                 )
             chosen += [(number, child) for child in picked]
+        _refuse_repeats(segment, chosen)
         return chosen
-
 
     def parts(self, node: TreeNode, segment: ast.Segment) -> list[tuple[int, TreeNode]]:
         """The parts `qkv[q, v]` names, of a module declared fused."""
@@ -370,6 +370,26 @@ class _Search:
                 )
             chosen.append((number, part))
         return chosen
+
+
+def _refuse_repeats(segment: ast.Segment, chosen: list[tuple[int, TreeNode]]) -> None:
+    """An entry picked by two index items (`layers[1, 1]`, `layers[0:4, 2]`) is an error, as a
+    repeated `<q,q>` option is: the list is redundant at best, and may hide a typo."""
+    first: dict[int, int] = {}  # id(entry) -> the number of the item that picked it first
+    for number, child in chosen:
+        earlier = first.setdefault(id(child), number)
+        if earlier == number:
+            continue
+        from surgery.io.peft_format import index_ranges  # io imports select: import when needed
+
+        items = segment.index or ()
+        once = index_ranges(sorted({int(c.name) for _, c in chosen}))
+        raise ResolveError(
+            f"index [{items[number]}] of {segment} picks {child.path}, already picked by "
+            f"[{items[earlier]}]",
+            span=segment.item_span(number),
+            hint=f"list each entry once: {segment.text}[{', '.join(once)}]",
+        )
 
 
 @dataclass(frozen=True)

@@ -350,7 +350,7 @@ def test_full_factors_give_the_whole_update() -> None:
     expected = before + 3.0 * (B_full @ A_full)
     rewrite(model, "merge")
     torch.testing.assert_close(model.get_submodule(FUSED["falcon"][1]).weight, expected)
-    k_rows = LAYOUTS["falcon_qkv"].make(model.config, 0).rows("k")
+    k_rows = LAYOUTS["falcon_qkv"].make(model.config).rows("k")
     assert torch.equal(B_full[k_rows], torch.zeros_like(B_full[k_rows]))  # no k adapter
 
 
@@ -457,7 +457,7 @@ def test_falcon_7b_counts_whole_and_q_v_slices() -> None:
         ("fuse attn.qkv into a, b using falcon_qkv", PlanError, "has 3 parts"),
         ("fuse attn.qkv into attn.k, attn.q, x using falcon_qkv", PlanError, "listed where"),
         ("fuse attn.qkv into a, b, c using falcon", PlanError, "unknown fused layout"),
-        ("fuse attn.qkv into a, b using gate_up", PlanError, "already declared fused"),
+        ("fuse attn.qkv into a, b using gate_up", PlanError, "no positive integer `intermed"),
     ],
 )
 def test_mistakes_are_located_errors(rules: str, error: type, words: str) -> None:

@@ -173,12 +173,14 @@ def _render_names(draw: st.DrawFn, group: Group, names: list[str]) -> tuple[str,
 
 @st.composite
 def _index(draw: st.DrawFn, n: int) -> tuple[str, list[int]]:
-    """An index list `[...]` over a module list of length n, and the indices it picks."""
+    """An index list `[...]` over a module list of length n, and the indices it picks (each
+    entry by one item only: an item that picks an entry again is an error)."""
     items: list[str] = []
     picked: list[int] = []
     for _ in range(draw(st.integers(1, 2))):
         if draw(st.booleans()):
             i = draw(st.integers(-n, n - 1))
+            assume(list(range(n))[i] not in picked)
             items.append(str(i))
             picked.append(list(range(n))[i])
             continue
@@ -186,13 +188,13 @@ def _index(draw: st.DrawFn, n: int) -> tuple[str, list[int]]:
         start, stop = draw(bound), draw(bound)
         step = draw(st.sampled_from([None, 1, 2, -1]))
         chosen = list(range(n))[slice(start, stop, step)]
-        assume(chosen)
+        assume(chosen and not set(chosen) & set(picked))
         text = f"{'' if start is None else start}:{'' if stop is None else stop}"
         if step is not None:
             text += f":{step}"
         items.append(text)
         picked += chosen
-    return "[" + ", ".join(items) + "]", list(dict.fromkeys(picked))
+    return "[" + ", ".join(items) + "]", picked
 
 
 @st.composite

@@ -56,6 +56,31 @@ class Segment:
     def __str__(self) -> str:
         return self.text + (f"[{', '.join(map(str, self.index))}]" if self.index else "")
 
+    def item_span(self, number: int) -> Span:
+        """Where index item `number` was written (the `2` of `layers[0:4, 2]`), read back from
+        the source so an error can point at one item; the whole segment when the source does
+        not show this index (an alias reference whose definition carries it)."""
+        text = self.span.text if self.span.line == self.span.end_line else ""
+        if "[" not in text or not self.index:
+            return self.span
+        bounds: list[tuple[int, int]] = []
+        start = end = None
+        for at in range(text.index("[") + 1, len(text)):
+            char = text[at]
+            if char in ",]":
+                if start is not None:
+                    bounds.append((start, end))
+                start = end = None
+                if char == "]":
+                    break
+            elif not char.isspace():
+                start = at if start is None else start
+                end = at + 1
+        if len(bounds) != len(self.index):
+            return self.span
+        first, stop = bounds[number]
+        return self.span.shifted(first, stop - first)
+
 
 @dataclass(frozen=True)
 class Selector:
