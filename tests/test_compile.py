@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from test_load import fill  # non-zero trainables: LoRA's B = 0 would hide the branch
 from torch import fx, nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
@@ -92,16 +93,6 @@ def one_layer_hf(family: str) -> nn.Module:
 
 def sites(model: nn.Module) -> list[Site]:
     return [m for m in model.modules() if isinstance(m, Site)]
-
-
-def fill(model: nn.Module) -> None:
-    """Non-zero values in every trainable tensor (LoRA's B starts at 0, which would hide A's
-    gradient and the branch itself)."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(0.5 + 0.1 * torch.randn(p.shape, generator=generator))
 
 
 Call = Callable[[nn.Module], torch.Tensor]
