@@ -5,6 +5,7 @@ report = rewrite(model, "apply lora(r=8) to *.self_attn.<q,v>_proj")
 """
 
 from surgery.api import load_rules, plan, rewrite
+from surgery.arguments import checked
 from surgery.errors import (
     ExecutionError,
     ModelLoadError,
@@ -17,10 +18,16 @@ from surgery.errors import (
 from surgery.execute import Report
 from surgery.graph.site import Site
 from surgery.io.load import load_adapter
-from surgery.lang import parse, parse_file
+from surgery.lang import parse as _parse
+from surgery.lang import parse_file as _parse_file
 from surgery.methods import REGISTRY as METHODS
 from surgery.plan import Plan
 from surgery.train import param_groups
+
+# The parser's entry points, with their arguments' types checked (as `rewrite`'s are); inside
+# the package, `surgery.lang.parse` is called with text it has already read.
+parse = checked(_parse)
+parse_file = checked(_parse_file)
 
 __version__ = "0.1.0"
 

@@ -10,6 +10,7 @@ from typing import Literal, overload
 
 from torch import nn
 
+from surgery.arguments import checked
 from surgery.execute import Report, execute
 from surgery.lang import ast, parse, parse_file
 from surgery.plan import Plan, make_plan
@@ -17,6 +18,7 @@ from surgery.plan import Plan, make_plan
 Rules = str | Path | ast.Program
 
 
+@checked
 def load_rules(rules: Rules) -> ast.Program:
     """Rules as a parsed program: `.surg` text, a path to a `.surg` file, or a `Program`."""
     if isinstance(rules, ast.Program):
@@ -38,6 +40,7 @@ def rewrite(model: nn.Module, rules: Rules, *, dry_run: Literal[True]) -> Plan: 
 def rewrite(model: nn.Module, rules: Rules, *, dry_run: Literal[False] = ...) -> Report: ...
 
 
+@checked
 def rewrite(model: nn.Module, rules: Rules, *, dry_run: bool = False) -> Report | Plan:
     """Apply `rules` to `model` in place and return a `Report`.
 
@@ -69,6 +72,7 @@ def _paused_gc() -> Iterator[None]:
             gc.enable()
 
 
+@checked
 def plan(model: nn.Module, rules: Rules) -> Plan:
     """The plan `rewrite` would follow; the model is not changed."""
     with _paused_gc():

@@ -15,6 +15,8 @@ from typing import Any
 
 from torch import nn
 
+from surgery.arguments import checked
+
 
 def lr_multipliers(model: nn.Module) -> dict[int, float]:
     """`id(parameter) -> multiplier` for every parameter some module declares a multiplier for."""
@@ -40,6 +42,7 @@ def lr_multipliers(model: nn.Module) -> dict[int, float]:
     return {key: multiplier for key, (multiplier, _) in found.items()}
 
 
+@checked
 def param_groups(
     model: nn.Module, lr: float, weight_decay: float = 0.0, *, decay_vectors: bool = False
 ) -> list[dict[str, Any]]:
@@ -53,9 +56,9 @@ def param_groups(
     `model.named_parameters()`), in model order, groups sorted by multiplier. Frozen parameters
     are left out; with nothing trainable the list is empty.
     """
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+    if not (math.isfinite(lr) and lr >= 0):  # the types are checked by @checked
         raise ValueError(f"lr must be a number >= 0, got {lr!r}")
-    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
     multipliers = lr_multipliers(model)
     groups: dict[tuple[float, bool], dict[str, Any]] = {}

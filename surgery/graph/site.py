@@ -21,6 +21,7 @@ from typing import Any
 
 import torch.fx as fx
 from torch import nn
+from torch.fx.graph import PythonCode
 from torch.fx.graph_module import _forward_from_src
 
 from surgery.graph.compare import same_structure
@@ -132,6 +133,8 @@ class Site(fx.GraphModule):
 
     _surgery_signature: Signature
     _surgery_edits: tuple[EditKey, ...]
+    _surgery_graph: fx.Graph  # shared by every site of this template
+    _surgery_code: PythonCode
 
     @property
     def edits(self) -> tuple[EditKey, ...]:
@@ -146,12 +149,15 @@ class Site(fx.GraphModule):
 
     def __getattr__(self, name: str) -> Any:
         # Code outside the site (HF modules, user code) may read `q_proj.weight` or
-        # `q_proj.in_features`: fall through to the wrapped module.
+        # `q_proj.in_features`: fall through to the wrapped module. Private names (`_lineno_map`,
+        # `_in_spec`, `_initialize_hook`, ...) are questions about the site itself, asked by fx,
+        # dynamo and nn.Module machinery: answering them from the base would describe the wrong
+        # object (dynamo read a Linear's missing `_lineno_map` and failed on every site).
         try:
             return super().__getattr__(name)
         except AttributeError:
             base = self._modules.get("base")
-            if base is None:
+            if base is None or name.startswith("_"):
                 raise
             return getattr(base, name)
 
@@ -230,7 +236,7 @@ def _publish(key: tuple[Signature, tuple[EditKey, ...]], graph: fx.Graph) -> typ
             "_surgery_signature": key[0],
             "_surgery_edits": key[1],
             "_surgery_graph": graph,
-            "_surgery_code": code.src,
+            "_surgery_code": code,
         },
     )
     _TEMPLATES[key] = cls
@@ -245,16 +251,30 @@ def _instantiate(cls: type[Site], base: nn.Module, adapters: dict[str, nn.Module
     for name, adapter in adapters.items():
         adapter.train(base.training)  # a new adapter must not train (dropout) in an eval model
         site._modules[name] = adapter
-    d = site.__dict__
-    d["_graph"] = cls._surgery_graph
-    d["_code"] = cls._surgery_code
-    d["_tracer_cls"] = None
-    d["_tracer_extras"] = {}
-    d["meta"] = {}
-    for hooks in ("_replace_hooks", "_create_node_hooks", "_erase_node_hooks", "_deepcopy_hooks"):
-        d[hooks] = []
-    d["shape_env"] = None
+    site.__dict__.update(_graph_module_state(cls))
     return site
+
+
+def _graph_module_state(cls: type[Site]) -> dict[str, Any]:
+    """The instance attributes `GraphModule.__init__` and `recompile` would set, for a site of
+    template `cls`: sites skip both (the template already holds the graph and its compiled code),
+    yet fx and dynamo read these (dynamo maps generated lines back to nodes via `_lineno_map`).
+    `tests/test_compile.py` checks that this covers every attribute a real GraphModule has."""
+    code = cls._surgery_code
+    return {
+        "_graph": cls._surgery_graph,
+        "_code": code.src,
+        "_lineno_map": code._lineno_map,
+        "_prologue_start": code._prologue_start,
+        "_tracer_cls": None,
+        "_tracer_extras": {},
+        "meta": {},
+        "_replace_hooks": [],
+        "_create_node_hooks": [],
+        "_erase_node_hooks": [],
+        "_deepcopy_hooks": [],
+        "shape_env": None,
+    }
 
 
 def _rebuild_site(

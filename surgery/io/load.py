@@ -161,6 +161,9 @@ def load_adapter(model: nn.Module, adapter_dir: Path | str) -> Report:
     Raises `AdapterError` naming the first mismatching tensor (expected vs found shape) when the
     model's family or shapes differ; the model is then unchanged.
     """
+    from surgery.arguments import check_arguments
+
+    check_arguments(load_adapter, locals())
     saved = read_adapter_dir(adapter_dir)
     _check_versions(saved)
     with _paused_gc():
