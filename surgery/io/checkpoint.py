@@ -31,8 +31,14 @@ from torch import nn
 from surgery.errors import ModelLoadError, PlanError
 from surgery.execute import iter_edits, logical_module
 from surgery.graph.site import Site
-from surgery.io.adapters import ADAPTER_FILE, BASE_FILE, RULES_FILE
-from surgery.io.load import SavedAdapter, check_family, check_float, read_adapter_dir
+from surgery.io.adapters import ADAPTER_FILE, BASE_FILE
+from surgery.io.load import (
+    SavedAdapter,
+    adapter_rules,
+    check_family,
+    check_float,
+    read_adapter_dir,
+)
 from surgery.io.safe import atomic_directory, check_output
 from surgery.io.shards import (
     FLOATS,
@@ -168,13 +174,14 @@ def _inputs(model_dir: Path, adapter_dir: Path) -> dict[str, Path]:
 
 def _skeleton(model_dir: Path) -> nn.Module:
     """The model of `model_dir/config.json` on the meta device: structure and shapes only."""
-    from transformers import AutoConfig
-
+    from surgery.model_files import model_config
     from surgery.models import from_config
 
+    config = model_config(model_dir)  # refuses auto_map, unknown types, absurd sizes
     try:
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
         return from_config(config, meta=True)
+    except ModelLoadError:
+        raise
     except Exception as error:  # anything transformers raises about a config is the user's input
         where = model_dir / "config.json"
         raise ModelLoadError(f"cannot build the model of {where}: {error}") from None
@@ -185,9 +192,8 @@ def _apply_rules(skeleton: nn.Module, saved: SavedAdapter) -> dict[tuple[str, st
     applied edit's method arguments (with its parts), to rebuild what the file does not hold."""
     from surgery.api import rewrite
     from surgery.fused import with_parts
-    from surgery.lang import parse
 
-    report = rewrite(skeleton, parse(saved.rules_text, str(saved.path / RULES_FILE)))
+    report = rewrite(skeleton, adapter_rules(saved))
     return {
         (target.path, target.edit): with_parts(dict(step.arguments), target.selected_parts())
         for step in report.plan.steps

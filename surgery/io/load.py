@@ -19,8 +19,9 @@ from torch import nn
 
 import surgery
 from surgery.api import _paused_gc
-from surgery.errors import ModelLoadError
+from surgery.errors import PICKLE_SUFFIXES, ModelLoadError, pickle_hint
 from surgery.execute import Report, execute, logical_module, logical_parameter
+from surgery.files import read_text
 from surgery.graph.site import Site
 from surgery.io.adapters import (
     ADAPTER_FILE,
@@ -30,7 +31,7 @@ from surgery.io.adapters import (
     RULES_FILE,
     live_adapter_tensors,
 )
-from surgery.lang import parse
+from surgery.lang import ast, parse
 from surgery.plan import Plan, make_plan
 
 
@@ -118,6 +119,10 @@ def read_adapter_dir(path: Path | str) -> SavedAdapter:
             hint = (
                 f"this is a PEFT adapter: convert it with `surgery import --peft {path} --out DIR`"
             )
+        elif pickles := sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES):
+            hint = f"surgery never loads pickles ({', '.join(pickles)}): " + pickle_hint(
+                pickles[0], ADAPTER_FILE
+            )
         raise AdapterError(
             f"{path} is not a surgery adapter directory (no {', '.join(missing)})", hint=hint
         )
@@ -136,12 +141,7 @@ def read_adapter_dir(path: Path | str) -> SavedAdapter:
             hint="upgrade surgery",
         )
     check_document(path / PLAN_FILE, document)
-    try:
-        rules_text = (path / RULES_FILE).read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise AdapterError(
-            f"cannot read {path / RULES_FILE}: it is not UTF-8 text ({error})"
-        ) from None
+    rules_text = read_text(path / RULES_FILE, "rule file", AdapterError, inside=path)
     base = path / BASE_FILE
     header = safetensors_header(path / ADAPTER_FILE)
     base_header = safetensors_header(base) if base.is_file() else {}
@@ -252,6 +252,12 @@ def _check_layout(file: Path, where: str, layout: Any) -> None:
             raise _malformed(file, f"{where}.blocks", "a list of [part, rows] pairs", blocks)
 
 
+def adapter_rules(saved: SavedAdapter) -> ast.Program:
+    """The adapter's rules, parsed as text from elsewhere: confined to the adapter directory,
+    they may include the shipped families and rule files inside it, nothing else."""
+    return parse(saved.rules_text, str(saved.path / RULES_FILE), confined_to=saved.path)
+
+
 def load_adapter(model: nn.Module, adapter_dir: Path | str) -> Report:
     """Re-apply the adapter saved in `adapter_dir` (by `surgery apply --out` or
     `write_adapter_dir`) to `model`, a fresh base model, so that it computes what the saving
@@ -263,7 +269,7 @@ def load_adapter(model: nn.Module, adapter_dir: Path | str) -> Report:
     saved = read_adapter_dir(adapter_dir)
     _check_versions(saved)
     check_family(saved, model)
-    program = parse(saved.rules_text, str(saved.path / RULES_FILE))
+    program = adapter_rules(saved)
     with _paused_gc():
         plan = make_plan(model, program)
         _check_tensors(saved, plan, model)

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, pickle_hint
 from surgery.io.adapters import ADAPTER_FILE, write_adapter_files
 from surgery.io.load import (
     AdapterError,
@@ -207,12 +207,10 @@ def skeleton(saved: SavedAdapter) -> nn.Module | None:
     if not config:
         return None
     try:
-        from transformers import AutoConfig
-
+        from surgery.model_files import config_from_dict
         from surgery.models import from_config
 
-        fields = {k: v for k, v in config.items() if k != "model_type"}
-        return from_config(AutoConfig.for_model(config["model_type"], **fields), meta=True)
+        return from_config(config_from_dict(config, str(saved.path)), meta=True)
     except Exception:  # an unusual model: callers fall back to what needs no model
         return None
 
@@ -388,9 +386,7 @@ def read_peft_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise PeftFormatError(
             f"{path} has no {WEIGHTS_FILE}"
             + (" (only adapter_model.bin, a pickle, which surgery never loads)" if pickled else ""),
-            hint="save it with PEFT's save_pretrained(..., safe_serialization=True)"
-            if pickled
-            else None,
+            hint=pickle_hint("adapter_model.bin", WEIGHTS_FILE) if pickled else None,
         )
     tensors = read_safetensors(path / WEIGHTS_FILE)
     for name, tensor in tensors.items():  # LoRA factors, IA3 vectors, virtual-token tables
