@@ -94,11 +94,16 @@ def check_config(fields: Mapping[str, Any], where: str) -> None:
         )
     model_type = fields.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        shown = f"model_type {model_type!r}" if model_type is not None else "no model_type"
+        problem = (
+            "has no model_type naming" if model_type is None
+            else f"has model_type {model_type!r}, which is not"
+        )
         raise ModelLoadError(
-            f"{where} has {shown}: not an architecture built into transformers "
-            "(surgery never runs a model directory's code)",
-            hint=did_you_mean(str(model_type), CONFIG_MAPPING.keys()) if model_type else None,
+            f"{where} {problem} an architecture built into transformers (surgery never runs "
+            "a model directory's code)",
+            hint=did_you_mean(model_type, CONFIG_MAPPING.keys())
+            if isinstance(model_type, str)
+            else None,
         )
     check_size(fields, where)
 

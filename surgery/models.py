@@ -376,33 +376,26 @@ def load_model(spec: str, *, meta: bool = False, dtype: torch.dtype | None = Non
     path = Path(spec)
     if spec in PRESETS:
         return from_config(preset_config(spec), meta=meta, dtype=dtype)
+    if not path.is_file() and not path.is_dir():
+        raise ModelLoadError(
+            f"no preset, model directory or config file named '{spec}'",
+            hint=did_you_mean(spec, PRESETS) or f"presets: {', '.join(PRESETS)}",
+        )
+    config = config_file(path) if path.is_file() else model_config(path)
+    if path.is_dir() and not meta:
+        require_safetensors(path)
     # Anything can go wrong inside transformers for a config or checkpoint we did not make
     # (invalid sizes, corrupt files): all of it is the user's input.
-    if path.is_file():
-        config = config_file(path)
-        try:
+    try:
+        if path.is_file() or meta:
             return from_config(config, meta=meta, dtype=dtype)
-        except ModelLoadError:
-            raise
-        except Exception as error:
-            raise ModelLoadError(f"cannot build a model from {spec}: {error}") from None
-    if path.is_dir():
-        config = model_config(path)
-        if meta:
-            return from_config(config, meta=True, dtype=dtype)
-        require_safetensors(path)
-        try:
-            with bounded_build(str(path / CONFIG_FILE)):
-                model = model_class(config).from_pretrained(
-                    path, config=config, dtype=dtype, trust_remote_code=False,
-                    use_safetensors=True, local_files_only=True,
-                )
-        except ModelLoadError:
-            raise
-        except Exception as error:
-            raise ModelLoadError(f"cannot load the model in {spec}: {error}") from None
+        with bounded_build(str(path / CONFIG_FILE)):
+            model = model_class(config).from_pretrained(
+                path, config=config, dtype=dtype, trust_remote_code=False,
+                use_safetensors=True, local_files_only=True,
+            )
         return model.eval()
-    raise ModelLoadError(
-        f"no preset, model directory or config file named '{spec}'",
-        hint=did_you_mean(spec, PRESETS) or f"presets: {', '.join(PRESETS)}",
-    )
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        raise ModelLoadError(f"cannot build the model of {spec}: {error}") from None
