@@ -34,7 +34,7 @@ def read_text(
     file, too large, not UTF-8, or (with `inside`) a symlink out of the directory `inside`.
     A leading byte-order mark is kept (the parser drops it).
     """
-    shown = repr(str(path))
+    shown = str(path)
     try:
         resolved = path.resolve()
         if inside is not None and not resolved.is_relative_to(inside.resolve()):

@@ -358,10 +358,10 @@ def from_config(
     with bounded_build(where):
         if meta:
             with torch.device("meta"):
-                model = cls.from_config(config, dtype=dtype)
+                model = cls.from_config(config, dtype=dtype, trust_remote_code=False)
         else:
             torch.manual_seed(seed)
-            model = cls.from_config(config, dtype=dtype)
+            model = cls.from_config(config, dtype=dtype, trust_remote_code=False)
     return model.eval()
 
 
