@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from surgery import __version__
@@ -26,9 +25,13 @@ from surgery.lang import ast, parse, parse_file
 from surgery.methods import REGISTRY
 from surgery.plan import Plan, Step, Target, lint
 
+# Everything printed holds user text (rule text, paths, names from a model or an adapter), so
+# rich interprets none of it: no markup (`[bold]`, `[/]`), no emoji codes (`:thumbs_up:`), no
+# highlighting. What is printed is what was written, and a caret stays under its character.
 # Piped output is not wrapped at 80 columns: plans and errors stay one line per row.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+_LITERAL = {"markup": False, "emoji": False, "highlight": False}
+out = Console(width=None if sys.stdout.isatty() else 200, **_LITERAL)
+err = Console(stderr=True, soft_wrap=True, **_LITERAL)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -485,8 +488,7 @@ def _add_step_rows(table: Table, step: Step, full: bool) -> None:
             key = ("", pattern, target.module_type, _shapes(target), target.edit)
         groups[key].append(target)
     for i, ((role, *_, edit), targets) in enumerate(groups.items()):
-        # `...query_key_value[q, v]` for parts (escaped: rich would read `[q, v]` as markup)
-        paths = [escape(t.where) for t in targets]
+        paths = [t.where for t in targets]  # `...query_key_value[q, v]` for parts
         if full:
             text = paths[0]
         elif role:

@@ -7,20 +7,31 @@ Errors caused by rule text carry a `Span`; `str(error)` then renders the compile
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+
+from rich.cells import cell_len
 
 
 @dataclass(frozen=True)
 class Source:
-    """A piece of rule text and where it came from (a path, or `<string>`)."""
+    """A piece of rule text and where it came from (a path, or `<string>`).
+
+    `confined_to` marks text that is not the user's own, such as the rules stored in an adapter
+    directory: its `use "path"` statements may include only rule files inside that directory.
+    It travels with the text, so every planning of it (load, merge, a Python caller) obeys it.
+    """
 
     name: str
     text: str
+    confined_to: Path | None = None
 
     def line(self, number: int) -> str:
-        lines = self.text.splitlines()
-        return lines[number - 1] if 0 < number <= len(lines) else ""
+        """Line `number` as the parser counts lines: only `\n` ends one (not a form feed)."""
+        lines = self.text.split("\n")
+        return lines[number - 1].removesuffix("\r") if 0 < number <= len(lines) else ""
 
 
 @dataclass(frozen=True)
@@ -55,17 +66,25 @@ class Span:
         return Span(self.source, self.line, col, self.line, col + max(length, 1))
 
     def render(self) -> str:
-        raw = self.source.line(self.line)
-        end = self.end_column if self.end_line == self.line else len(raw) + 1
-        # Tabs are expanded in both lines so the caret sits under the text in any terminal.
-        before = len(raw[: self.column - 1].expandtabs())
-        length = max(len(raw[: end - 1].expandtabs()) - before, 1)
+        line = self.source.line(self.line)
+        end = self.end_column if self.end_line == self.line else len(line) + 1
+        # Tabs are expanded and widths counted in terminal cells (a CJK character or an emoji
+        # takes two), so the caret sits under the text in any terminal.
+        shown = _printable(line.expandtabs())
+        start, stop = len(line[: self.column - 1].expandtabs()), len(line[: end - 1].expandtabs())
+        before = cell_len(shown[:start])
+        length = max(cell_len(shown[start:stop]), 1)
         width = len(str(self.line))
         pad = " " * (width + 1)
-        return (
-            f"{pad}|\n{self.line:>{width}} | {raw.expandtabs()}\n"
-            f"{pad}| {' ' * before}{'^' * length}"
-        )
+        return f"{pad}|\n{self.line:>{width}} | {shown}\n{pad}| {' ' * before}{'^' * length}"
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters other than newlines (an escape sequence, a NUL) shown
+    as U+FFFD: quoted input must not drive the terminal, and one character stays one cell."""
+    return "".join(
+        "\ufffd" if c != "\n" and unicodedata.category(c) == "Cc" else c for c in text
+    )
 
 
 class SurgeryError(Exception):
@@ -81,11 +100,11 @@ class SurgeryError(Exception):
 
     def __str__(self) -> str:
         head = f"{self.span.location}: {self.kind}: {self.message}" if self.span else self.message
-        parts = [head]
+        parts = [_printable(head)]  # it may quote a name or a path from the input
         if self.span is not None:
             parts.append(self.span.render())
         if self.hint:
-            parts.append(f"  hint: {self.hint}")
+            parts.append(f"  hint: {_printable(self.hint)}")
         return "\n".join(parts)
 
 
@@ -113,6 +132,20 @@ class ModelLoadError(SurgeryError):
 
 class OutputError(SurgeryError):
     """An output location that cannot be written safely."""
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def pickle_hint(pickled: str, safetensors: str) -> str:
+    """How to turn the pickle file `pickled` into `safetensors`: surgery never unpickles (a
+    pickle runs code when it loads), so the conversion must happen where that file is trusted."""
+    return (
+        f"convert it to safetensors in an environment you trust, e.g. python -c \"import torch; "
+        "from safetensors.torch import save_file; save_file({k: v.contiguous() for k, v in "
+        f"torch.load('{pickled}', weights_only=True).items()}}, '{safetensors}', "
+        "metadata={'format': 'pt'})\""
+    )
 
 
 def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str | None:

@@ -12,7 +12,6 @@ T5 a seq2seq LM; everything else is a causal LM), for presets, config files and 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,7 +19,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForSeq2SeqLM,
@@ -36,6 +34,14 @@ from transformers import (
 )
 
 from surgery.errors import ModelLoadError, did_you_mean
+from surgery.model_files import (
+    CONFIG_FILE,
+    bounded_build,
+    check_size,
+    config_file,
+    model_config,
+    require_safetensors,
+)
 
 SEED = 0
 
@@ -344,14 +350,18 @@ def from_config(
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """The model `config` describes (class from `model_class`): on the meta device, or randomly
-    initialized (seeded)."""
+    initialized (seeded). Its size is checked first and bounded while it builds
+    (`surgery.model_files`)."""
+    where = f"the {config.model_type} config"
+    check_size(config.to_dict(), where)
     cls = model_class(config)
-    if meta:
-        with torch.device("meta"):
-            model = cls.from_config(config, dtype=dtype)
-    else:
-        torch.manual_seed(seed)
-        model = cls.from_config(config, dtype=dtype)
+    with bounded_build(where):
+        if meta:
+            with torch.device("meta"):
+                model = cls.from_config(config, dtype=dtype, trust_remote_code=False)
+        else:
+            torch.manual_seed(seed)
+            model = cls.from_config(config, dtype=dtype, trust_remote_code=False)
     return model.eval()
 
 
@@ -361,31 +371,31 @@ def tiny(family: str = "llama", *, seed: int = SEED) -> nn.Module:
 
 
 def load_model(spec: str, *, meta: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
-    """A model from a preset name, a local HF model directory, or a config.json file."""
+    """A model from a preset name, a local HF model directory, or a config.json file (both
+    untrusted input: see `surgery.model_files` for what is refused)."""
     path = Path(spec)
     if spec in PRESETS:
         return from_config(preset_config(spec), meta=meta, dtype=dtype)
+    if not path.is_file() and not path.is_dir():
+        raise ModelLoadError(
+            f"no preset, model directory or config file named '{spec}'",
+            hint=did_you_mean(spec, PRESETS) or f"presets: {', '.join(PRESETS)}",
+        )
+    config = config_file(path) if path.is_file() else model_config(path)
+    if path.is_dir() and not meta:
+        require_safetensors(path)
     # Anything can go wrong inside transformers for a config or checkpoint we did not make
-    # (unknown model types, invalid sizes, corrupt files): all of it is the user's input.
-    if path.is_file():
-        try:
-            config = AutoConfig.for_model(**json.loads(path.read_text(encoding="utf-8")))
+    # (invalid sizes, corrupt files): all of it is the user's input.
+    try:
+        if path.is_file() or meta:
             return from_config(config, meta=meta, dtype=dtype)
-        except Exception as error:
-            raise ModelLoadError(f"cannot build a model from {spec}: {error}") from None
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{spec} is not a Hugging Face model directory (no config.json)")
-        try:
-            config = AutoConfig.from_pretrained(path)
-            if meta:
-                return from_config(config, meta=True, dtype=dtype)
-            cls = model_class(config)
-            model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False)
-        except Exception as error:
-            raise ModelLoadError(f"cannot load the model in {spec}: {error}") from None
+        with bounded_build(str(path / CONFIG_FILE)):
+            model = model_class(config).from_pretrained(
+                path, config=config, dtype=dtype, trust_remote_code=False,
+                use_safetensors=True, local_files_only=True,
+            )
         return model.eval()
-    raise ModelLoadError(
-        f"no preset, model directory or config file named '{spec}'",
-        hint=did_you_mean(spec, PRESETS) or f"presets: {', '.join(PRESETS)}",
-    )
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        raise ModelLoadError(f"cannot build the model of {spec}: {error}") from None

@@ -20,6 +20,7 @@ from surgery.errors import PlanError, ResolveError, Span, SurgeryError, did_you_
 from surgery.fused import Layout, Parts, check_part_names, compute_layout, layout_spec, with_parts
 from surgery.graph import model_edit
 from surgery.graph.site import EditKey, is_reserved_edit_name
+from surgery.includes import include_path, parse_included
 from surgery.lang import ast, parse_file
 from surgery.merge_rules import check_merge_storage, node_effects, plan_site_merges, storage_problem
 from surgery.methods import REGISTRY, Method, get_method
@@ -119,56 +120,6 @@ def totals_line(trainable: int, total: int) -> str:
 # ---- includes and lint ---------------------------------------------------------------------
 
 
-def include_path(statement: ast.Use, program: ast.Program, including: tuple[str, ...]) -> Path:
-    """The file a `use` statement includes: a family file, or a path relative to the includer."""
-    if statement.is_path:
-        base = Path(program.source.name).parent if program.source.name != "<string>" else Path()
-        path = (base / statement.target).resolve()
-        if not path.is_file():
-            what = "is a directory, not a rule file" if path.is_dir() else "does not exist"
-            raise ResolveError(
-                f"rule file '{statement.target}' {what} (looked for {path})",
-                span=statement.span,
-            )
-    else:
-        path = family_file(statement.target)
-        if not path.is_file():
-            names = family_names()
-            raise ResolveError(
-                f"unknown model family '{statement.target}'",
-                span=statement.span,
-                hint=did_you_mean(statement.target, names) or f"known families: {', '.join(names)}",
-            )
-    if str(path) in including:
-        chain = " -> ".join(
-            Path(p).name for p in (*including[including.index(str(path)) :], str(path))
-        )
-        what = "includes itself" if chain.count("->") == 1 else f"closes a cycle: {chain}"
-        raise ResolveError(
-            f"'{statement.target}' is already being included: this {what}", span=statement.span
-        )
-    return path
-
-
-def parse_included(statement: ast.Use, path: Path) -> ast.Program:
-    """The program a `use` includes; a file that cannot be read is an error at the `use`, and
-    a file declares at most one family."""
-    try:
-        program = parse_file(path)
-    except SurgeryError as error:
-        if error.span is None:
-            error.span = statement.span
-        raise
-    families = [st for st in program if isinstance(st, ast.Family)]
-    if len(families) > 1:
-        raise ResolveError(
-            f"{path.name} declares {len(families)} families; a rule file declares at most one",
-            span=families[1].span,
-            hint="split it into one file per family",
-        )
-    return program
-
-
 @cache
 def family_index() -> dict[str, tuple[str, ...]]:
     """Family name -> the model types its rule file declares (`family NAME for "t", ...`)."""
@@ -204,7 +155,7 @@ def lint(program: ast.Program) -> list[LintWarning]:
                 if not st.is_path and st.target == "auto":
                     continue  # needs a model to pick the family
                 path = include_path(st, prog, including)
-                visit(parse_included(st, path), (*including, str(path)))
+                visit(parse_included(st, path, prog.source), (*including, str(path)))
             elif isinstance(st, ast.Apply):
                 method = get_method(st.method, st.method_span)
                 method.bind(st.arguments, st.method_span)
@@ -312,7 +263,8 @@ class Planner:
         if not statement.is_path and statement.target == "auto":
             statement = replace(statement, target=self.auto_family(statement.span))
         path = include_path(statement, program, including)
-        self.run(parse_included(statement, path), (*including, str(path)), used_at=statement.span)
+        included = parse_included(statement, path, program.source)
+        self.run(included, (*including, str(path)), used_at=statement.span)
 
     def model_type(self) -> str | None:
         return getattr(getattr(self.model, "config", None), "model_type", None)

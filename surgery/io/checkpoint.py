@@ -174,13 +174,14 @@ def _inputs(model_dir: Path, adapter_dir: Path) -> dict[str, Path]:
 
 def _skeleton(model_dir: Path) -> nn.Module:
     """The model of `model_dir/config.json` on the meta device: structure and shapes only."""
-    from transformers import AutoConfig
-
+    from surgery.model_files import model_config
     from surgery.models import from_config
 
+    config = model_config(model_dir)  # refuses auto_map, unknown types, absurd sizes
     try:
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
         return from_config(config, meta=True)
+    except ModelLoadError:
+        raise
     except Exception as error:  # anything transformers raises about a config is the user's input
         where = model_dir / "config.json"
         raise ModelLoadError(f"cannot build the model of {where}: {error}") from None

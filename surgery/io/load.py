@@ -19,7 +19,9 @@ from torch import nn
 
 import surgery
 from surgery.api import _paused_gc
+from surgery.errors import PICKLE_SUFFIXES, pickle_hint
 from surgery.execute import Report, execute, logical_module, logical_parameter
+from surgery.files import read_text
 from surgery.graph.site import Site
 from surgery.io.adapters import (
     ADAPTER_FILE,
@@ -31,7 +33,7 @@ from surgery.io.adapters import (
     live_adapter_tensors,
 )
 from surgery.io.plan_document import check_document, malformed
-from surgery.lang import parse
+from surgery.lang import ast, parse
 from surgery.plan import Plan, make_plan
 
 
@@ -115,6 +117,10 @@ def read_adapter_dir(path: Path | str) -> SavedAdapter:
             hint = (
                 f"this is a PEFT adapter: convert it with `surgery import --peft {path} --out DIR`"
             )
+        elif pickles := sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES):
+            hint = f"surgery never loads pickles ({', '.join(pickles)}): " + pickle_hint(
+                pickles[0], ADAPTER_FILE
+            )
         raise AdapterError(
             f"{path} is not a surgery adapter directory (no {', '.join(missing)})", hint=hint
         )
@@ -133,12 +139,7 @@ def read_adapter_dir(path: Path | str) -> SavedAdapter:
             hint="upgrade surgery",
         )
     check_document(path / PLAN_FILE, document)
-    try:
-        rules_text = (path / RULES_FILE).read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise AdapterError(
-            f"cannot read {path / RULES_FILE}: it is not UTF-8 text ({error})"
-        ) from None
+    rules_text = read_text(path / RULES_FILE, "rule file", AdapterError, inside=path)
     base = path / BASE_FILE
     header = safetensors_header(path / ADAPTER_FILE)
     base_header = safetensors_header(base) if base.is_file() else {}
@@ -151,6 +152,12 @@ def read_adapter_dir(path: Path | str) -> SavedAdapter:
         {k: dtype for k, (_, dtype) in header.items()},
         {k: dtype for k, (_, dtype) in base_header.items()},
     )
+
+
+def adapter_rules(saved: SavedAdapter) -> ast.Program:
+    """The adapter's rules, parsed as text from elsewhere: confined to the adapter directory,
+    they may include the shipped families and rule files inside it, nothing else."""
+    return parse(saved.rules_text, str(saved.path / RULES_FILE), confined_to=saved.path)
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path | str) -> Report:
@@ -184,8 +191,7 @@ def plan_adapter(saved: SavedAdapter, model: nn.Module) -> Plan:
     and every saved tensor's name, shape and dtype against that plan. Return the plan; run it,
     then `check_built` compares what the built edits hold (buffers too) with the file."""
     check_family(saved, model)
-    program = parse(saved.rules_text, str(saved.path / RULES_FILE))
-    plan = make_plan(model, program)
+    plan = make_plan(model, adapter_rules(saved))
     _check_tensors(saved, plan, model)
     return plan
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, pickle_hint
 from surgery.io.load import read_safetensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -60,9 +60,7 @@ def read_peft_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise PeftFormatError(
             f"{path} has no {WEIGHTS_FILE}"
             + (" (only adapter_model.bin, a pickle, which surgery never loads)" if pickled else ""),
-            hint="save it with PEFT's save_pretrained(..., safe_serialization=True)"
-            if pickled
-            else None,
+            hint=pickle_hint("adapter_model.bin", WEIGHTS_FILE) if pickled else None,
         )
     tensors = read_safetensors(path / WEIGHTS_FILE)
     for name, tensor in tensors.items():  # LoRA factors, IA3 vectors, virtual-token tables

@@ -218,12 +218,10 @@ def skeleton(saved: SavedAdapter) -> nn.Module | None:
     if not config:
         return None
     try:
-        from transformers import AutoConfig
-
+        from surgery.model_files import config_from_dict
         from surgery.models import from_config
 
-        fields = {k: v for k, v in config.items() if k != "model_type"}
-        return from_config(AutoConfig.for_model(config["model_type"], **fields), meta=True)
+        return from_config(config_from_dict(config, str(saved.path)), meta=True)
     except Exception:  # an unusual model: callers fall back to what needs no model
         return None
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from surgery.errors import ModelLoadError
+from surgery.errors import PICKLE_SUFFIXES, ModelLoadError, pickle_hint
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -160,13 +160,11 @@ def open_checkpoint(directory: Path) -> Checkpoint:
         return Checkpoint(directory, (read_shard(directory / SINGLE_FILE),), None)
     index_path = directory / INDEX_FILE
     if not index_path.is_file():
-        others = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        others = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
         found = f" (found {', '.join(others)}: surgery reads only safetensors, never pickle)"
         raise ModelLoadError(
             f"{directory} has no {SINGLE_FILE} or {INDEX_FILE}" + (found if others else ""),
-            hint="save the model with save_pretrained(..., safe_serialization=True)"
-            if others
-            else None,
+            hint=pickle_hint(others[0], SINGLE_FILE) if others else None,
         )
     index, weight_map = _read_index(index_path)
     shards = []

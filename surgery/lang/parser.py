@@ -13,7 +13,8 @@ from pathlib import Path
 import lark
 from lark.lexer import PatternStr, Token
 
-from surgery.errors import Source, Span, SurgeryError, SurgerySyntaxError, did_you_mean
+from surgery.errors import Source, Span, SurgerySyntaxError, did_you_mean
+from surgery.files import read_text
 from surgery.lang import ast
 from surgery.resources import grammar_text
 
@@ -32,6 +33,7 @@ _TERMINAL_WORDS = {
     "$END": "end of input",
 }
 _OPTION = re.compile(r"[A-Za-z0-9_]+")
+BOM = "\ufeff"
 
 
 @cache
@@ -48,9 +50,14 @@ def _lark() -> lark.Lark:
     )
 
 
-def parse(text: str, name: str = "<string>") -> ast.Program:
-    """Parse rule text into a `Program`; raises `SurgerySyntaxError` (and nothing else)."""
-    source = Source(name, text)
+def parse(text: str, name: str = "<string>", *, confined_to: Path | None = None) -> ast.Program:
+    """Parse rule text into a `Program`; raises `SurgerySyntaxError` (and nothing else).
+
+    A leading UTF-8 byte-order mark (some editors write one) is dropped, so columns count from
+    the first real character. `confined_to`: see `Source`.
+    """
+    text = text.removeprefix(BOM)
+    source = Source(name, text, confined_to)
     try:
         tree = _lark().parse(text)
         return ast.Program(tuple(_Builder(source).statements(tree)), source)
@@ -60,13 +67,10 @@ def parse(text: str, name: str = "<string>") -> ast.Program:
         raise SurgerySyntaxError("the rules are nested too deeply to read") from None
 
 
-def parse_file(path: str | Path) -> ast.Program:
+def parse_file(path: str | Path, *, confined_to: Path | None = None) -> ast.Program:
+    """Parse the rule file `path` (a regular file: see `surgery.files`)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise SurgeryError(f"cannot read rule file {str(path)!r}: {error}") from None
-    return parse(text, str(path))
+    return parse(read_text(path, "rule file"), str(path), confined_to=confined_to)
 
 
 # ---- error translation -------------------------------------------------------------------
@@ -120,7 +124,7 @@ def _translate(error: lark.exceptions.UnexpectedInput, source: Source) -> Surger
         token: Token = error.token
         if token.type == "$END":
             found = "end of input"
-            lines = source.text.splitlines() or [""]
+            lines = source.text.rstrip("\n").split("\n")  # as Lark counts lines
             line, column = len(lines), len(lines[-1]) + 1
         else:
             found = f"'{token.value}'"

@@ -91,7 +91,9 @@ def token_ids(model: nn.Module, args: dict[str, Any]) -> list[int]:
 
     source = getattr(model.config, "_name_or_path", "") or ""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, local_files_only=True, trust_remote_code=False
+        )
     except Exception as error:  # no tokenizer next to the model: say what to do instead
         raise PlanError(
             f"init=text needs the model's tokenizer, and none was found at '{source}' "
