@@ -25,6 +25,32 @@ def in_virtual_filesystem(resolved: Path) -> bool:
     return any(resolved.is_relative_to(root) for root in VIRTUAL_ROOTS)
 
 
+def stays_inside(path: Path, directory: Path) -> bool:
+    """Whether `path`, links followed, is a file of `directory` that lies in no kernel filesystem.
+
+    A Hugging Face cache snapshot (`.../snapshots/<revision>/`) holds links to the repository's
+    `blobs/`, so for such a directory those count as inside too."""
+    try:
+        resolved = path.resolve(strict=True)
+        roots = [directory.resolve(strict=True)]
+    except (OSError, RuntimeError, ValueError):  # missing, a loop, a NUL byte
+        return False
+    if roots[0].parent.name == "snapshots":
+        roots.append(roots[0].parent.parent / "blobs")
+    return not in_virtual_filesystem(resolved) and any(
+        resolved.is_relative_to(root) for root in roots
+    )
+
+
+def check_inside(
+    path: Path, directory: Path, what: str, error: type[SurgeryError] = SurgeryError
+) -> None:
+    """Refuse `path` (a file `directory` holds) when it links out of `directory` or into a
+    kernel filesystem: an untrusted directory may name only its own files."""
+    if not stays_inside(path, directory):
+        raise error(f"cannot read {what} {path}: it is a link to a file outside {directory}")
+
+
 def read_text(
     path: Path, what: str, error: type[SurgeryError] = SurgeryError, *, inside: Path | None = None
 ) -> str:

@@ -30,6 +30,7 @@ from torch import nn
 
 from surgery.errors import ModelLoadError, PlanError
 from surgery.execute import iter_edits, logical_module
+from surgery.files import stays_inside
 from surgery.graph.site import Site
 from surgery.io.adapters import ADAPTER_FILE, BASE_FILE
 from surgery.io.load import SavedAdapter, built_adapter, check_float, read_adapter_dir
@@ -321,13 +322,15 @@ def _locate(
 
 def _other_files(model_dir: Path, checkpoint: Checkpoint) -> tuple[list[str], list[str]]:
     """The directory's other files (config, generation config, tokenizer) to copy, and what is
-    left out: other weight formats (they would hold the unmerged weights) and subdirectories."""
+    left out: other weight formats (they would hold the unmerged weights), subdirectories, and
+    links to files outside the directory (an untrusted directory names only its own files)."""
     copied, skipped = [], []
     for entry in sorted(model_dir.iterdir()):
         if entry.name in checkpoint.weight_files or entry.name == MARKER_FILE:
             continue  # the marker of a model directory surgery merged: the output gets its own
         is_weights = entry.name.endswith(WEIGHT_SUFFIXES) or entry.name.endswith(".index.json")
-        (copied if entry.is_file() and not is_weights else skipped).append(entry.name)
+        own_file = entry.is_file() and stays_inside(entry, model_dir)
+        (copied if own_file and not is_weights else skipped).append(entry.name)
     return copied, skipped
 
 

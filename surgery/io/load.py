@@ -21,7 +21,7 @@ import surgery
 from surgery.api import _paused_gc
 from surgery.errors import PICKLE_SUFFIXES, pickle_hint
 from surgery.execute import Report, execute, logical_module, logical_parameter
-from surgery.files import read_text
+from surgery.files import check_inside, read_text
 from surgery.graph.site import Site
 from surgery.io.adapters import (
     ADAPTER_FILE,
@@ -124,11 +124,12 @@ def read_adapter_dir(path: Path | str) -> SavedAdapter:
         raise AdapterError(
             f"{path} is not a surgery adapter directory (no {', '.join(missing)})", hint=hint
         )
+    plan_text = read_text(path / PLAN_FILE, "plan file", AdapterError, inside=path)
     try:
-        document = json.loads((path / PLAN_FILE).read_text(encoding="utf-8"))
+        document = json.loads(plan_text)
         if not isinstance(document, dict):
             raise ValueError("not a JSON object")
-    except (OSError, ValueError) as error:  # unreadable, not UTF-8 (a ValueError), not JSON
+    except ValueError as error:  # not JSON
         raise AdapterError(f"cannot read {path / PLAN_FILE}: {error}") from None
     written = document.get("format", 1)
     if not isinstance(written, int) or isinstance(written, bool) or written < 1:
@@ -141,6 +142,9 @@ def read_adapter_dir(path: Path | str) -> SavedAdapter:
     check_document(path / PLAN_FILE, document)
     rules_text = read_text(path / RULES_FILE, "rule file", AdapterError, inside=path)
     base = path / BASE_FILE
+    for tensors in (path / ADAPTER_FILE, base):
+        if tensors.exists() or tensors.is_symlink():
+            check_inside(tensors, path, "tensor file", AdapterError)
     header = safetensors_header(path / ADAPTER_FILE)
     base_header = safetensors_header(base) if base.is_file() else {}
     return SavedAdapter(

@@ -356,6 +356,11 @@ def _export_ia3(
 # ---- import ---------------------------------------------------------------------------------
 
 
+# A module path as nn.Module names it (`model.layers.0.self_attn.q_proj`). The imported rules
+# quote these paths: anything else (a newline, a quote, `;`) could smuggle in statements.
+_MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+
+
 def _module_weights(
     tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...]
 ) -> dict[str, dict[str, torch.Tensor]]:
@@ -369,7 +374,14 @@ def _module_weights(
                 f"cannot import tensor {key}: not one of {', '.join(suffixes)} under {PREFIX}",
                 hint="only LoRA and IA3 on Linear layers are supported",
             )
-        modules[key[len(PREFIX) : -len(suffix) - 1]][suffix] = tensor
+        path = key[len(PREFIX) : -len(suffix) - 1]
+        if not _MODULE_PATH.fullmatch(path):
+            raise PeftFormatError(
+                f"cannot import tensor {json.dumps(key)}: its module path is not a dotted "
+                "name of identifiers and indices",
+                hint="the adapter file was edited or damaged",
+            )
+        modules[path][suffix] = tensor
     return dict(sorted(modules.items(), key=lambda item: _natural(item[0])))
 
 
@@ -506,8 +518,10 @@ def import_peft(
     if not statements:
         raise PeftFormatError(f"{peft_dir / WEIGHTS_FILE} holds no adapter tensors")
     base = config.get("base_model_name_or_path")
-    header = f"# imported from the PEFT {kind} adapter {peft_dir}"
-    header += f" (base model: {base})\n" if base else "\n"
+    # one comment line: the directory and the config's base name are quoted as JSON strings, so
+    # a newline in either cannot start a statement
+    header = f"# imported from the PEFT {kind} adapter {json.dumps(str(peft_dir))}"
+    header += f" (base model: {json.dumps(str(base))})\n" if base else "\n"
     rules = header + "\n\n".join(statements) + "\n"
     info: dict[str, Any] = {"name_or_path": base}
     plan = None

@@ -38,8 +38,8 @@ def export_virtual_tokens(
     edit: Edit, tensors: dict[str, torch.Tensor], model: nn.Module | None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """PEFT's adapter_config fields and weights for one model-level edit."""
+    from surgery.hf import cache_geometry
     from surgery.methods import REGISTRY
-    from surgery.methods.prefix import cache_geometry
 
     if model is None:
         raise SurgeryError(
