@@ -86,7 +86,8 @@ def run_cli(argv: list[str], capsys, monkeypatch) -> tuple[int, list[str]]:
     import surgery.cli
 
     buffer = io.StringIO()
-    monkeypatch.setattr(surgery.cli, "out", Console(file=buffer, width=1000, highlight=False))
+    wide = Console(file=buffer, width=1000, **surgery.cli._LITERAL)  # as the CLI prints
+    monkeypatch.setattr(surgery.cli, "out", wide)
     code = surgery.cli.main(argv)
     text = buffer.getvalue() + capsys.readouterr().err
     return code, [line.rstrip() for line in text.rstrip("\n").splitlines()]

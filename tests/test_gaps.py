@@ -241,7 +241,7 @@ def test_cli_lists_the_merge_outcome(capsys, monkeypatch) -> None:
     import surgery.cli
 
     buffer = io.StringIO()
-    monkeypatch.setattr(surgery.cli, "out", Console(file=buffer, width=500, highlight=False))
+    monkeypatch.setattr(surgery.cli, "out", Console(file=buffer, width=500, **surgery.cli._LITERAL))
     assert main(["methods"]) == 0
     rows = {
         cells[0]: cells
