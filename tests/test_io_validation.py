@@ -312,6 +312,14 @@ def test_an_unreadable_metadata_file_is_a_surgery_error_naming_it(
             raise PermissionError(13, "Permission denied", str(self))
         return real(self, *args, **kwargs)
 
+    real_open = os.open
+
+    def open_(path, *args, **kwargs):  # surgery.files reads untrusted files through os.open
+        if Path(path).name == name:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
     monkeypatch.setattr(Path, "read_text", read_text)
-    with pytest.raises(SurgeryError, match=f"{name}.*Permission denied"):
+    monkeypatch.setattr(os, "open", open_)
+    with pytest.raises(SurgeryError, match=f"{name}.*(Permission|permission) denied"):
         call()
