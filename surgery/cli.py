@@ -11,6 +11,8 @@ import re
 import sys
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -157,7 +159,25 @@ def _model(args: argparse.Namespace) -> torch.nn.Module:
     from surgery.models import load_model  # transformers is slow to import: only when needed
 
     meta = getattr(args, "meta", False)
-    return load_model(args.model, meta=meta, dtype=DTYPES.get(args.dtype or ""))
+    with _config_warnings():
+        return load_model(args.model, meta=meta, dtype=DTYPES.get(args.dtype or ""))
+
+
+@contextmanager
+def _config_warnings() -> Iterator[None]:
+    """Show what a model config asked for and surgery ignored (auto_map) as a plain line."""
+    from surgery.model_files import IgnoredCodeWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", IgnoredCodeWarning)
+        yield
+    for warning in caught:
+        if issubclass(warning.category, IgnoredCodeWarning):
+            _print_warnings([warning])
+        else:  # not ours to show: pass it on as if never caught
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
 
 
 def _inputs(args: argparse.Namespace, **named: Path | None) -> dict[str, Path | None]:
@@ -179,7 +199,7 @@ def _refuse_output(args: argparse.Namespace, inputs: dict, kind: OutputKind) -> 
     check_output(args.out, kind=kind, force=args.force, inputs=inputs)
 
 
-def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
+def _print_warnings(caught: Iterable[warnings.WarningMessage]) -> None:
     for warning in caught:
         err.print(f"warning: {warning.message}", markup=False)
 
@@ -303,9 +323,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     inputs = _inputs(args, **{"model directory": args.model, "adapter directory": args.adapter})
     _refuse_output(args, inputs, CHECKPOINT_OUTPUT)
-    summary = merge_checkpoint(
-        args.model, args.adapter, args.out, force=args.force, progress=not args.no_progress
-    )
+    with _config_warnings():
+        summary = merge_checkpoint(
+            args.model, args.adapter, args.out, force=args.force, progress=not args.no_progress
+        )
     out.print(str(summary), markup=False)
     return 0
 

@@ -273,9 +273,15 @@ def check_merge_storage(node: TreeNode, edit: str, method: Method, span: Span) -
 # ---- what a merge may read and write -----------------------------------------------------------
 
 
+# The dtypes adapters compute in and merges round into. float8 storage is floating point too,
+# but most operations (initializers, isfinite, matmul) do not run on it: it is quantized storage.
+PLAIN_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def is_plain_float(tensor: torch.Tensor) -> bool:
-    """A plain floating-point tensor (not integer storage, not a quantized tensor subclass)."""
-    return type(tensor) in (torch.Tensor, nn.Parameter) and tensor.is_floating_point()
+    """A plain floating-point tensor (not integer or float8 storage, not a quantized tensor
+    subclass)."""
+    return type(tensor) in (torch.Tensor, nn.Parameter) and tensor.dtype in PLAIN_FLOATS
 
 
 def storage_problem(module: nn.Module) -> str | None:

@@ -1,10 +1,12 @@
 """Model configs and directories that someone else wrote: never run their code, never unpickle
 their weights, never build a model of absurd size.
 
-- A config that asks for its own code (`auto_map`) or names an architecture transformers does not
-  ship is refused before transformers sees it, so nothing can prompt "Do you wish to run the
-  custom code?" (answering y would import the directory's Python files). Every transformers call
-  still passes `trust_remote_code=False`.
+- A config that names an architecture transformers does not ship (or asks for its own code,
+  `auto_map`, for one) is refused before transformers sees it, so nothing can prompt "Do you wish
+  to run the custom code?" (answering y would import the directory's Python files). An `auto_map`
+  beside a built-in `model_type` (as Hub configs of Phi-3 or Falcon have) is ignored with an
+  `IgnoredCodeWarning`: the built-in class is built. Every transformers call passes
+  `trust_remote_code=False`.
 - Weights are read only from safetensors: a pickle (`pytorch_model.bin`, `.pt`, ...) runs code
   when it loads.
 - Building a model costs time per module (about a millisecond on CPU, on the meta device too),
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,17 +86,31 @@ def _json(file: Path) -> dict[str, Any]:
     return fields
 
 
+class IgnoredCodeWarning(UserWarning):
+    """A config names code of its own (auto_map) for an architecture transformers ships."""
+
+
 def check_config(fields: Mapping[str, Any], where: str) -> None:
     """Refuse a config that needs code of its own, names an unknown architecture, or claims
     more layers or experts than any real model, before transformers builds anything from it."""
-    if "auto_map" in fields:
+    model_type = fields.get("model_type")
+    known = isinstance(model_type, str) and model_type in CONFIG_MAPPING
+    if "auto_map" in fields and not known:
         raise ModelLoadError(
             f"{where} asks for the model's own Python code (auto_map), which surgery never runs",
             hint="surgery works with the architectures built into transformers; use a model "
-            "whose config names one of them (model_type) and has no auto_map",
+            "whose config names one of them (model_type)",
         )
-    model_type = fields.get("model_type")
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+    if "auto_map" in fields:
+        # Hub configs of built-in architectures (Phi-3, Falcon) often still carry an auto_map:
+        # transformers builds its own class for them with trust_remote_code=False. Say so.
+        warnings.warn(
+            f"{where} names its own Python code (auto_map); surgery never runs it and builds "
+            f"transformers' built-in {model_type!r} architecture instead",
+            IgnoredCodeWarning,
+            stacklevel=2,
+        )
+    if not known:
         problem = (
             "has no model_type naming" if model_type is None
             else f"has model_type {model_type!r}, which is not"

@@ -18,6 +18,7 @@ import torch
 from surgery.cli import main
 from surgery.errors import ModelLoadError
 from surgery.io.adapters import ADAPTER_FILE
+from surgery.model_files import IgnoredCodeWarning
 from surgery.models import from_config, load_model, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,22 +86,32 @@ def test_a_directory_asking_for_its_own_code_is_refused_at_a_terminal_without_pr
     tmp_path: Path, model_type: str
 ) -> None:
     """Today transformers asks "Do you wish to run the custom code?" for an unknown type and
-    runs configuration_evil.py on "y"; for a known type it silently ignores the auto_map."""
+    runs configuration_evil.py on "y". For a built-in type (Hub configs of Phi-3 and Falcon
+    carry an auto_map) the built-in class is built, the code never runs, and the plan says so."""
     folder = remote_code_dir(tmp_path / "model", model_type)
-    code, output = run_at_terminal(["plan", "-e", QV, "--model", str(folder)], b"y\ny\n")
-    assert code == 1, output
+    meta = ["--meta"] if model_type == "llama" else []  # the directory holds no weights
+    code, output = run_at_terminal(["plan", "-e", QV, "--model", str(folder), *meta], b"y\ny\n")
     assert "Do you wish" not in output and "[y/N]" not in output
     assert "auto_map" in output and "Traceback" not in output
     assert not (folder / "RAN").exists()
+    if model_type == "llama":
+        assert code == 0 and "surgery never runs it" in output, output
+    else:
+        assert code == 1, output
 
 
 def test_remote_code_and_unknown_types_are_model_load_errors(tmp_path: Path) -> None:
-    folder = remote_code_dir(tmp_path / "model", "llama")
+    folder = remote_code_dir(tmp_path / "model", "evil_model")
     for meta in (True, False):
         with pytest.raises(ModelLoadError, match="auto_map"):
             load_model(str(folder), meta=meta)
         with pytest.raises(ModelLoadError, match="auto_map"):
             load_model(str(folder / "config.json"), meta=meta)
+    builtin = remote_code_dir(tmp_path / "builtin", "llama")
+    with pytest.warns(IgnoredCodeWarning, match="built-in 'llama'"):
+        model = load_model(str(builtin / "config.json"), meta=True)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert not (builtin / "RAN").exists()
     (folder / "config.json").write_text('{"model_type": "llamma"}', encoding="utf-8")
     with pytest.raises(ModelLoadError, match="not an architecture built into") as caught:
         load_model(str(folder), meta=True)
@@ -110,6 +121,10 @@ def test_remote_code_and_unknown_types_are_model_load_errors(tmp_path: Path) -> 
 
 def test_merge_refuses_a_model_directory_asking_for_its_own_code(tmp_path: Path, capsys) -> None:
     folder = remote_code_dir(tmp_path / "model", "llama")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    (folder / "config.json").write_text(
+        json.dumps({**config, "model_type": "evil_model"}), encoding="utf-8"
+    )
     tiny("llama").save_pretrained(tmp_path / "weights")
     os.replace(tmp_path / "weights" / "model.safetensors", folder / "model.safetensors")
     adapter = tmp_path / "adapter"

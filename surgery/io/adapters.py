@@ -93,6 +93,26 @@ def unfrozen_base_parameters(model: nn.Module, plan: Plan) -> dict[str, nn.Param
     return {first_name[key]: param for key, param in unfrozen.items()}
 
 
+def _check_nothing_trains_unsaved(model: nn.Module, unfrozen: dict[str, nn.Parameter]) -> None:
+    """Refuse a model whose base parameters train without the rules having unfrozen them (a
+    model that was never frozen: `unfreeze **.bias` alone): training would change them, and the
+    adapter, which saves only what the rules unfreeze, would silently drop those changes."""
+    edits = {id(p) for _, _, edit in iter_edits(model) for p in edit.parameters()}
+    saved = {id(p) for p in unfrozen.values()}
+    unsaved = [
+        name
+        for name, param in logical_parameters(model)
+        if param.requires_grad and id(param) not in edits and id(param) not in saved
+    ]
+    if unsaved:
+        raise OutputError(
+            f"{len(unsaved)} base parameter(s) of the model train ({unsaved[0]}, ...) but the "
+            "rules never froze them, so the adapter would not save what training changes",
+            hint="start the rules with `freeze **` (an `apply` also freezes the base), then "
+            "`unfreeze` what should train",
+        )
+
+
 def saved_base_line(model: nn.Module, plan: Plan) -> str | None:
     """`saves 12 base tensor(s) (3,072 params) with the adapter` when the rules unfreeze base
     parameters (what `surgery plan` and `apply` print); None when they do not."""
@@ -163,10 +183,8 @@ def write_adapter_dir(
             f"not {type(plan).__name__}"
         )
     tensors = adapter_state_dict(model)
-    base = {
-        name: param.detach().contiguous().cpu()
-        for name, param in unfrozen_base_parameters(model, plan).items()
-    }
+    unfrozen = unfrozen_base_parameters(model, plan)
+    base = {name: param.detach().contiguous().cpu() for name, param in unfrozen.items()}
     if not tensors and not base:
         raise OutputError(
             f"nothing to write to {out}: the rules leave no edit on the model and unfreeze no "
@@ -174,6 +192,7 @@ def write_adapter_dir(
             hint="apply a method (`apply lora(r=8) to ...`), or `unfreeze` the base parameters "
             "to train (`freeze **` then `unfreeze **.bias`)",
         )
+    _check_nothing_trains_unsaved(model, unfrozen)
     return write_adapter_files(
         out,
         tensors=tensors,
