@@ -15,6 +15,7 @@ import inspect
 from functools import cache
 from typing import Any
 
+import torch
 from torch import nn
 
 # role -> the names transformers has used for it, newest first
@@ -27,6 +28,7 @@ ROLES: dict[str, tuple[str, ...]] = {
     "inputs_embeds": ("inputs_embeds",),
     "labels": ("labels",),
     "token_type_ids": ("token_type_ids",),
+    "use_cache": ("use_cache",),
 }
 
 
@@ -96,6 +98,7 @@ class Call:
     inputs_embeds = Argument()
     labels = Argument()
     token_type_ids = Argument()
+    use_cache = Argument()
 
     def __init__(self, model: nn.Module, inputs: dict[str, Any]):
         self.model_class = type(model).__name__
@@ -124,11 +127,57 @@ class Call:
         return int(self.cache.get_seq_length()) if self.cache is not None else 0
 
 
-def new_cache(model: nn.Module) -> Any:
-    """An empty cache of the kind the model's generate() would create."""
+# set on a cache an edit creates for a call whose caller wants none back (see new_cache)
+SCRATCH_MARK = "_surgery_scratch_cache"
+
+
+def new_cache(model: nn.Module, *, returned: bool = True) -> Any:
+    """An empty cache of the kind the model's generate() would create.
+
+    `returned=False`: the call that gets it asks for no cache back (`wants_cache`), but an edit
+    needs one to hold its keys and values. Models return a cache they were given whatever
+    `use_cache` says (Llama, Falcon, GPT-NeoX), and generate() would then feed it back along
+    with the whole sequence, counting every token twice; so the cache is marked as scratch and
+    `without_scratch_cache` takes it out of the output, which is then what the base returns.
+    """
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config)
+    if not returned:
+        setattr(cache, SCRATCH_MARK, True)
+    return cache
+
+
+def wants_cache(model: nn.Module, call: Call) -> bool:
+    """Whether the base model would return a cache from this call, decided as transformers
+    decides (`merge_with_config_defaults`): the call's `use_cache`, else the config's; never
+    while training with gradient checkpointing and gradients on."""
+    wanted = call.use_cache
+    if wanted is None:
+        wanted = getattr(getattr(model, "config", None), "use_cache", None)
+    if not wanted:
+        return False
+    if not (model.training and torch.is_grad_enabled()):
+        return True
+    return not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def without_scratch_cache(output: Any) -> Any:
+    """A forward's output less the scratch cache it carries (`new_cache(returned=False)`), as
+    the base model leaves the field out: a `ModelOutput` rebuilt without it (a field that is
+    None is not one of its items), a tuple without the element."""
+    from transformers.utils import ModelOutput
+
+    def scratch(value: Any) -> bool:
+        return getattr(value, SCRATCH_MARK, False) is True
+
+    if isinstance(output, ModelOutput):
+        if not any(scratch(v) for v in output.values()):
+            return output
+        return type(output)(**{k: v for k, v in output.items() if not scratch(v)})
+    if isinstance(output, tuple) and any(scratch(v) for v in output):
+        return tuple(v for v in output if not scratch(v))
+    return output
 
 
 def cache_geometry(config: Any) -> tuple[int, int, int]:

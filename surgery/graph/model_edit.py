@@ -6,9 +6,11 @@ they must change (the attention mask, the labels, the position ids, the cache), 
 to the model itself: the adapter is a child module of the model named after the edit
 (`model.prompt`), and a forward pre-hook on the model rewrites the call's arguments through the
 adapter's `prepare`, which reads and replaces them by role through `surgery.hf.Call` (the
-argument names differ between transformers releases). Both are reversible: removing the edit
-deletes the child and the hook, and the model is exactly what it was. The hook is a plain
-picklable object, so `deepcopy` and `torch.save` keep the edit.
+argument names differ between transformers releases). A forward hook takes out of the output
+a scratch cache the call's caller did not ask for (`surgery.hf.new_cache`), so the output is
+what the base model returns. All are reversible: removing the edit deletes the child and the
+hooks, and the model is exactly what it was. The hooks are plain picklable objects, so
+`deepcopy` and `torch.save` keep the edit.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery.hf import Call, positional_names
+from surgery.hf import Call, positional_names, without_scratch_cache
 
 
 class ModelEditHook:
@@ -37,7 +39,14 @@ class ModelEditHook:
         return (), call.inputs
 
     def __repr__(self) -> str:
-        return f"ModelEditHook({self.edit!r})"
+        return f"{type(self).__name__}({self.edit!r})"
+
+
+class ModelEditOutputHook(ModelEditHook):
+    """The forward hook of one model-level edit: the output less a scratch cache."""
+
+    def __call__(self, model: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        return without_scratch_cache(output)
 
 
 def bind_arguments(
@@ -59,36 +68,66 @@ def edit_names(model: nn.Module) -> list[str]:
 
 
 def install(model: nn.Module, edit: str, adapter: nn.Module) -> Callable[[], None]:
-    """Attach `adapter` as `model.<edit>` with its hook; return the function that undoes it."""
+    """Attach `adapter` as `model.<edit>` with its hooks; return the function that undoes it."""
     model.add_module(edit, adapter)
-    handle = model.register_forward_pre_hook(ModelEditHook(edit), with_kwargs=True)
+    before = model.register_forward_pre_hook(ModelEditHook(edit), with_kwargs=True)
+    after = model.register_forward_hook(ModelEditOutputHook(edit))
 
     def undo() -> None:
-        handle.remove()
+        after.remove()
+        before.remove()
         del model._modules[edit]
 
     return undo
 
 
 def uninstall(model: nn.Module, edit: str) -> Callable[[], None]:
-    """Take edit `edit` (child and hook) off `model`; return the function that puts it back."""
+    """Take edit `edit` (child and hooks) off `model`; return the function that puts it back."""
     adapter = model._modules[edit]
-    hooks = model._forward_pre_hooks
-    key = next(k for k, h in hooks.items() if isinstance(h, ModelEditHook) and h.edit == edit)
-    hook, with_kwargs = hooks[key], key in model._forward_pre_hooks_with_kwargs
-    order = list(hooks)
-    del hooks[key]
-    model._forward_pre_hooks_with_kwargs.pop(key, None)
+    undo_hooks = [
+        detach_hook(model._forward_pre_hooks, model, ModelEditHook, edit),
+        detach_hook(model._forward_hooks, model, ModelEditOutputHook, edit),
+    ]
     del model._modules[edit]
 
     def undo() -> None:
         model._modules[edit] = adapter
+        for put_back in undo_hooks:
+            put_back()
+
+    return undo
+
+
+def detach_hook(
+    hooks: dict[int, Any], model: nn.Module, kind: type, edit: str
+) -> Callable[[], None]:
+    """Take edit `edit`'s hook of type `kind` out of `hooks` (one of `model`'s hook tables) and
+    out of the flag tables that name its key; return the function that puts it back in place.
+    A model edited before the edit had that hook has none to take: nothing to do."""
+    key = next((k for k, h in hooks.items() if type(h) is kind and h.edit == edit), None)
+    if key is None:
+        return lambda: None
+    hook, order = hooks[key], list(hooks)
+    flags = [
+        (table, table[key])
+        for table in (
+            model._forward_pre_hooks_with_kwargs,
+            model._forward_hooks_with_kwargs,
+            model._forward_hooks_always_called,
+        )
+        if key in table
+    ]
+    del hooks[key]
+    for table, _ in flags:
+        del table[key]
+
+    def undo() -> None:
         hooks[key] = hook
         for k in order:  # back to its place among the other hooks
             if k in hooks:
                 hooks.move_to_end(k)
-        if with_kwargs:
-            model._forward_pre_hooks_with_kwargs[key] = True
+        for table, flag in flags:
+            table[key] = flag
 
     return undo
 

@@ -18,7 +18,14 @@ import torch
 from torch import nn
 
 from surgery.graph.model_edit import extend_inputs
-from surgery.hf import Call, cache_argument, cache_geometry, cache_names, new_cache
+from surgery.hf import (
+    Call,
+    cache_argument,
+    cache_geometry,
+    cache_names,
+    new_cache,
+    wants_cache,
+)
 from surgery.methods import register
 from surgery.methods._virtual_tokens import (
     N_PARAM,
@@ -36,8 +43,11 @@ class PrefixAdapter(VirtualTokenAdapter):
         extend_inputs(call, self.n, prepended=0)
 
     def fill(self, model: nn.Module, call: Call) -> Any:
-        """The call's cache (a new one when it has none) holding the prefix."""
-        cache = call.cache if call.cache is not None else new_cache(model)
+        """The call's cache holding the prefix: a new one when it has none, which the output
+        leaves out when the caller asked for no cache (the base model returns none then)."""
+        cache = call.cache
+        if cache is None:
+            cache = new_cache(model, returned=wants_cache(model, call))
         batch = call.sequence.shape[0]
         dtype = model.get_input_embeddings().weight.dtype
         layers, kv_heads, head_dim = (self.options[k] for k in ("layers", "kv_heads", "head_dim"))
