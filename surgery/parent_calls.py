@@ -11,8 +11,16 @@ the parent's class (and of its bases but `nn.Module`) and refuses only when it i
   itself on (`f(self.<child>)`, `m = self.<child>`), and the class never reaches its children
   another way (`getattr(self, ...)`, `self._modules`, `self.children()`, ...).
 
+A parent may also call its child and still bypass it: in eval mode under `no_grad`,
+`nn.TransformerEncoderLayer.forward` hands `self.linear1.weight` (and its other children's
+tensors) to one fused kernel and never calls `linear1`. So `apply` also refuses a target when an
+ancestor reads one of its tensors as a value (`f(self.linear1.weight)`, a tuple of arguments,
+arithmetic) in `forward` or in the methods and properties `forward` reaches through `self`. Reads
+of metadata only (`.dtype`, `.shape`, `.size()`, `isinstance(...)`, `... is None`) do not count,
+nor do reads in other methods (`__init__`, `reset_parameters`): they run outside a call.
+
 Anything else (no source, no such use, a loop over a container) is undecidable and accepted: a
-refusal must never hit a module that is called.
+refusal must never hit a module that is called on every path.
 """
 
 from __future__ import annotations
@@ -36,20 +44,55 @@ _DYNAMIC = (
     "get_submodule",
     "apply",
 )
-_METADATA = ("dtype", "device", "shape", "ndim", "requires_grad")
+_METADATA = ("dtype", "device", "shape", "ndim", "requires_grad", "is_cuda", "is_meta", "layout")
+_METADATA_METHODS = ("size", "dim", "numel", "is_floating_point", "is_complex", "get_device")
+_METADATA_FUNCTIONS = ("isinstance", "type", "hasattr", "len")
+
+
+def skipped_reason(
+    ancestors: list[nn.Module | None], path: list[str], child: nn.Module
+) -> str | None:
+    """Why a site around `child`, at `path` in the model, would not run on every call;
+    `ancestors[i]` is the module at `path[:i]` (None where unknown). None when it may."""
+    parent = ancestors[-1]
+    reason = uncalled_reason(parent, path[-1], child) if parent is not None else None
+    for depth in range(len(path) - 2, -1, -1):  # the ancestors above the parent
+        ancestor = ancestors[depth]
+        if reason is None and ancestor is not None:
+            reason = bypass_reason(ancestor, ".".join(path[depth:]), child)
+    return reason
 
 
 def uncalled_reason(parent: nn.Module, name: str, child: nn.Module) -> str | None:
-    """Why the site around `parent.<name>` (`child`) would never run; None when it may run."""
-    reads = _attribute_reads(type(parent), name)
-    tensors = [attr for attr in reads or () if attr in child._parameters or attr in child._buffers]
+    """Why the site around `parent.<name>` (`child`) would never run, or not on every path;
+    None when it may run."""
+    tensors = _own_tensors(child, _attribute_reads(type(parent), name) or ())
+    if tensors:
+        what = ", ".join(f"self.{name}.{attr}" for attr in tensors)
+        return (
+            f"its parent {type(parent).__name__} never calls it: it only reads its tensors "
+            f"({what}), so an edit around it would never run"
+        )
+    return bypass_reason(parent, name, child)
+
+
+def bypass_reason(ancestor: nn.Module, path: str, child: nn.Module) -> str | None:
+    """Why `ancestor.<path>` (`child`, `path` dotted) would be bypassed: `ancestor`'s forward
+    reads one of its tensors as a value, so a path through there skips the call (a fused fast
+    path); None when no such read is seen."""
+    tensors = _own_tensors(child, _forward_value_reads(type(ancestor), path))
     if not tensors:
         return None
-    what = ", ".join(f"self.{name}.{attr}" for attr in tensors)
+    what = ", ".join(f"{path}.{attr}" for attr in tensors)
     return (
-        f"its parent {type(parent).__name__} never calls it: it only reads its tensors "
-        f"({what}), so an edit around it would never run"
+        f"{type(ancestor).__name__} reads {what} directly (a path, such as a fast path, that "
+        f"skips calling {path}): an edit on {path} would be bypassed there"
     )
+
+
+def _own_tensors(child: nn.Module, attributes: tuple[str, ...]) -> list[str]:
+    """Those of `attributes` that are `child`'s own parameters or buffers, in its order."""
+    return [name for name in [*child._parameters, *child._buffers] if name in attributes]
 
 
 @cache
@@ -82,15 +125,26 @@ def _parsed(cls: type) -> tuple[list[ast.AST], dict[ast.AST, ast.AST]] | None:
     nodes: list[ast.AST] = []
     for value in vars(cls).values():
         for function in _functions(value):
-            try:
-                tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
-            except (OSError, TypeError, SyntaxError):
+            function_nodes = _function_nodes(function)
+            if function_nodes is None:
                 return None
-            nodes += ast.walk(tree)
+            nodes += function_nodes
     if any(_reaches_children(node) for node in nodes):
         return None
-    parents = {child: node for node in nodes for child in ast.iter_child_nodes(node)}
-    return nodes, parents
+    return nodes, _parents(nodes)
+
+
+@cache
+def _function_nodes(function: FunctionType) -> tuple[ast.AST, ...] | None:
+    """The syntax nodes of one function; None when its source is unavailable."""
+    try:
+        return tuple(ast.walk(ast.parse(textwrap.dedent(inspect.getsource(function)))))
+    except (OSError, TypeError, SyntaxError):
+        return None
+
+
+def _parents(nodes: list[ast.AST]) -> dict[ast.AST, ast.AST]:
+    return {child: node for node in nodes for child in ast.iter_child_nodes(node)}
 
 
 def _functions(value: object) -> list[FunctionType]:
@@ -149,4 +203,97 @@ def _reaches_children(node: ast.AST) -> bool:
             and isinstance(first, ast.Name)
             and first.id == "self"
         )
+    return False
+
+
+# ---- value reads on the forward path --------------------------------------------------------
+
+
+@cache
+def _forward_value_reads(cls: type, path: str) -> tuple[str, ...]:
+    """The attributes of `self.<path>` that `cls.forward`, and what it reaches through `self`,
+    reads as values (not as metadata), in order; empty when none is seen."""
+    nodes = _forward_nodes(cls)
+    parents = _parents(nodes)
+    parts = path.split(".")
+    read: dict[str, None] = {}  # ordered, without repeats
+    for node in nodes:
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.ctx, ast.Load)
+            and _is_self_path(node.value, parts)
+            and not _only_metadata(node, parents)
+        ):
+            read[node.attr] = None
+    return tuple(read)
+
+
+@cache
+def _forward_nodes(cls: type) -> list[ast.AST]:
+    """The syntax nodes of the functions a call of `cls` runs, as far as the source shows:
+    `forward`, then the methods and properties it names through `self` (resolved along the MRO)
+    or `super()`, transitively. Functions without source are left out."""
+    classes = [klass for klass in cls.__mro__ if klass not in (nn.Module, object)]
+    nodes: list[ast.AST] = []
+    seen: set[FunctionType] = set()
+    pending = [_lookup(classes, 0, "forward")]
+    while pending:
+        index, functions = pending.pop()
+        for function in functions:
+            function_nodes = _function_nodes(function)
+            if function in seen or function_nodes is None:
+                continue
+            seen.add(function)
+            nodes += function_nodes
+            for node in function_nodes:
+                if not isinstance(node, ast.Attribute):
+                    continue
+                if isinstance(node.value, ast.Name) and node.value.id == "self":
+                    pending.append(_lookup(classes, 0, node.attr))
+                elif _is_super_call(node.value):
+                    pending.append(_lookup(classes, index + 1, node.attr))
+    return nodes
+
+
+def _lookup(classes: list[type], start: int, name: str) -> tuple[int, list[FunctionType]]:
+    """Where `name` resolves from `classes[start]` on, and the functions behind it (none when
+    it is not a function or property there, or resolves to `nn.Module`'s own)."""
+    for index in range(start, len(classes)):
+        if name in vars(classes[index]):
+            return index, _functions(vars(classes[index])[name])
+    return len(classes), []
+
+
+def _is_super_call(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
+    )
+
+
+def _is_self_path(node: ast.AST, parts: list[str]) -> bool:
+    """Whether `node` is `self.<parts[0]>.<parts[1]>...`."""
+    for part in reversed(parts):
+        if not (isinstance(node, ast.Attribute) and node.attr == part):
+            return False
+        node = node.value
+    return isinstance(node, ast.Name) and node.id == "self"
+
+
+def _only_metadata(read: ast.Attribute, parents: dict[ast.AST, ast.AST]) -> bool:
+    """Whether the tensor `read` is used only for what it is, not for its values: `.dtype`,
+    `.shape`, `.size()`, `isinstance(read, ...)`, `read is None`."""
+    above = parents.get(read)
+    if isinstance(above, ast.Attribute):
+        if above.attr in _METADATA:
+            return True
+        over = parents.get(above)
+        return above.attr in _METADATA_METHODS and isinstance(over, ast.Call) and over.func is above
+    if isinstance(above, ast.Call):
+        return (
+            isinstance(above.func, ast.Name)
+            and above.func.id in _METADATA_FUNCTIONS
+            and read in above.args
+        )
+    if isinstance(above, ast.Compare):
+        return all(isinstance(op, (ast.Is, ast.IsNot)) for op in above.ops)
     return False

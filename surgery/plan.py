@@ -25,7 +25,7 @@ from surgery.lang import ast, parse_file
 from surgery.merge_rules import check_merge_storage, node_effects, plan_site_merges, storage_problem
 from surgery.methods import REGISTRY, Method, get_method
 from surgery.methods.base import Problem
-from surgery.parent_calls import uncalled_reason
+from surgery.parent_calls import skipped_reason
 from surgery.resources import family_file, family_names
 from surgery.select import (
     Alias,
@@ -478,8 +478,9 @@ class Planner:
         )
 
     def _site_problem(self, node: TreeNode) -> Problem | None:
-        """Why no site can stand for `node`'s module, whatever the method: the site would never
-        run (its parent does not call it), or adapters cannot be built over its storage."""
+        """Why no site can stand for `node`'s module, whatever the method: the site would not
+        run on every call (its parent does not call it, or an ancestor reads its tensors directly),
+        or adapters cannot be built over its storage."""
         assert node.module is not None
         if not node.path:
             return None  # the model itself: refused in `apply`, whatever it holds
@@ -490,15 +491,15 @@ class Planner:
                 "storage are not supported yet)",
                 hint="apply the edits before quantizing the model, or to other modules",
             )
-        parent_path, _, name = node.path.rpartition(".")
-        parent = self._node(parent_path).module
-        reason = uncalled_reason(parent, name, node.module) if parent is not None else None
+        parts = node.path.split(".")
+        ancestors = [self._node(".".join(parts[:depth])).module for depth in range(len(parts))]
+        reason = skipped_reason(ancestors, parts, node.module)
         if reason is None:
             return None
         return Problem(
             reason,
-            hint="select a module that its parent calls (a site acts only when its module is "
-            "called); see docs/language.md",
+            hint="select a module that is always called (a site acts only when its module is "
+            "called, not when its tensors are read); see docs/language.md",
         )
 
     def _check_site_graph(self, st: ast.Apply, node: TreeNode, new: EditKey) -> None:
