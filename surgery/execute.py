@@ -220,8 +220,9 @@ def _merge_into_base(site: Site, path: str, targets: list[Target], tx: Transacti
     tx.undo.append(restore)
     for param in params:
         param.data = param.data.to(torch.float32, copy=True)
+    keys = {e.name: e for e in site.edits}
     for target in targets:
-        REGISTRY[target.method].merge(base, site._modules[target.edit])
+        REGISTRY[target.method].merge(base, site._modules[target.edit], keys[target.edit])
     rounded = [p.data.to(original.dtype) for p, original in zip(params, originals, strict=True)]
     for (name, _), value in zip(named, rounded, strict=True):
         check_finite_result(value, _joined(path, name))

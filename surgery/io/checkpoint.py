@@ -408,7 +408,8 @@ def _merge_site(
             module.load_state_dict(tensors, assign=True)
             try:
                 live = _materialized(module, base, method, inputs.arguments[(job.path, edit)])
-                REGISTRY[method].merge(base, live)
+                key = next(e for e in job.site.edits if e.name == edit)
+                REGISTRY[method].merge(base, live, key)
             finally:
                 module.to(device="meta")
         after = base.state_dict(keep_vars=True)

@@ -184,9 +184,35 @@ class Method:
         """Add this method's nodes to a site graph."""
         raise NotImplementedError
 
-    def merge(self, base: nn.Module, adapter: nn.Module) -> None:
-        """Fold the adapter into `base`'s weights, in place (mergeable methods only)."""
+    def merged(
+        self, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], key: EditKey
+    ) -> dict[str, torch.Tensor]:
+        """The one merge of this method, a pure function (mergeable methods only).
+
+        `weights`: the wrapped module's state_dict in fp32 (`weight`, `bias`, ...); `tensors`:
+        the edit's own state_dict (floating tensors in fp32); `key`: its static options, which
+        must hold everything else the merge needs (a fused edit's parts and layout, a Conv1D's
+        transposed storage). Returns the tensors that change, in fp32, same shapes; never
+        writes its inputs. The in-memory merge and the streaming checkpoint merge both call
+        this, so a method has exactly one definition of what merging means.
+        """
         raise NotImplementedError
+
+    def merge(self, base: nn.Module, adapter: nn.Module, key: EditKey) -> None:
+        """Transitional (until every method defines `merged`): fold the adapter into `base`
+        in place through `merged`."""
+        if any(t.is_meta for t in base.state_dict().values()):
+            return
+        weights = {k: v.detach().float() for k, v in base.state_dict().items()}
+        tensors = {
+            k: v.detach().float() if v.is_floating_point() else v.detach()
+            for k, v in adapter.state_dict().items()
+        }
+        changed = self.merged(weights, tensors, key)
+        state = base.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name, value in changed.items():
+                state[name].copy_(value.to(state[name].dtype))
 
     def parameter_count(self, module: nn.Module, args: dict[str, Any]) -> int:
         total = 0

@@ -128,7 +128,7 @@ class DoRA(LoRA):
         out = b.function(operator.add, base, h)
         b.set_output(b.function(torch.addcmul, out, base, g1))
 
-    def merge(self, base: nn.Module, adapter: nn.Module) -> None:
+    def merge(self, base: nn.Module, adapter: nn.Module, key: EditKey | None = None) -> None:
         weight = base.weight
         if weight.is_meta:
             return

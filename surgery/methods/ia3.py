@@ -165,7 +165,7 @@ class IA3(Method):
         else:
             b.set_output(b.function(operator.mul, b.value, _scale(b, b.value)))
 
-    def merge(self, base: nn.Module, adapter: nn.Module) -> None:
+    def merge(self, base: nn.Module, adapter: nn.Module, key: EditKey | None = None) -> None:
         weight = base.weight
         if weight.is_meta:
             return

@@ -246,7 +246,7 @@ class LoRA(Method):
         h = b.function(F.linear, b.function(F.linear, x, A), B)
         b.set_output(b.function(operator.add, b.value, h))
 
-    def merge(self, base: nn.Module, adapter: nn.Module) -> None:
+    def merge(self, base: nn.Module, adapter: nn.Module, key: EditKey | None = None) -> None:
         if base.weight.is_meta:
             return
         device = base.weight.device

@@ -117,7 +117,7 @@ class Sparse(Method):
             delta = b.method("to", delta, b.function(getattr, x, "dtype"))
         b.set_output(b.function(operator.add, b.value, b.function(F.linear, x, delta)))
 
-    def merge(self, base: nn.Module, adapter: nn.Module) -> None:
+    def merge(self, base: nn.Module, adapter: nn.Module, key: EditKey | None = None) -> None:
         weight = base.weight
         if weight.is_meta:
             return
