@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = commands.add_parser("import", help="read a PEFT adapter into a surgery adapter")
     imp.add_argument("--peft", required=True, type=Path, metavar="DIR")
+    imp.add_argument(
+        "--adapter",
+        metavar="NAME",
+        help="which adapter of a multi-adapter PEFT directory (default: the one at its root)",
+    )
     with_model(imp, required=False)
     with_out(imp, True, "the surgery adapter directory to write")
 
@@ -311,7 +316,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     _refuse_output(args, _inputs(args, **{"PEFT directory": args.peft}), ADAPTER_OUTPUT)
     model = _model(args) if args.model is not None else None
-    rules = import_peft(args.peft, args.out, model=model, force=args.force)
+    rules = import_peft(
+        args.peft, args.out, adapter=args.adapter, model=model, force=args.force
+    )
     out.print(rules, markup=False, highlight=False)
     checked = f"checked against {args.model}" if model is not None else "not checked: no --model"
     out.print(f"wrote a surgery adapter to {args.out}/ ({checked})")

@@ -1,7 +1,7 @@
-"""Reading a PEFT adapter directory for import: its config's fields checked where they are read,
-the options the import cannot translate refused, and the ranks the config states compared with
-its tensors' shapes (PEFT's scale is alpha / r: a config whose `r` or `rank_pattern` disagrees
-with the tensors would import with a wrong scale).
+"""Reading a PEFT adapter directory for import: the adapters it holds (PEFT's multi-adapter
+layout), one adapter's config with its fields' types checked, and its tensors (safetensors only,
+never a file outside the directory). What the fields mean is each method's codec's business
+(surgery/methods/*_peft.py).
 """
 
 from __future__ import annotations
@@ -14,40 +14,25 @@ from typing import Any
 
 import torch
 
-from surgery.errors import SurgeryError, pickle_hint
+from surgery.errors import did_you_mean, pickle_hint
+from surgery.files import check_inside, stays_inside
 from surgery.io.load import read_safetensors
+from surgery.methods.codec import PeftFormatError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-class PeftFormatError(SurgeryError):
-    """An adapter that PEFT's format (or this converter) cannot express exactly."""
-
-
-# LoRA options that change what the adapter computes and that the import does not translate:
-# (field, value that is fine). `fan_in_fan_out` is not among them: it only tells PEFT that a
-# module (GPT-2's Conv1D) stores its weight transposed, and the factors are [r, in], [out, r]
-# either way.
-LORA_UNSUPPORTED = (
-    ("use_dora", False),
-    ("lora_bias", False),
-    ("modules_to_save", None),
-    ("trainable_token_indices", None),
-    ("layer_replication", None),
-    ("target_parameters", None),
-    ("alora_invocation_tokens", None),
-    ("use_qalora", False),
-    ("use_bdlora", None),
-    ("bias", "none"),
-)
-IA3_UNSUPPORTED = (("modules_to_save", None),)
-
-
-def read_peft_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """adapter_config.json and the weights of a PEFT adapter directory (safetensors only)."""
+def read_peft_dir(
+    path: Path, inside: Path | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """adapter_config.json and the weights of a PEFT adapter directory (safetensors only);
+    `inside`: the directory the adapter's files must lie in (the PEFT directory it is part of)."""
     if not (path / CONFIG_FILE).is_file():
         raise PeftFormatError(f"{path} is not a PEFT adapter directory (no {CONFIG_FILE})")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if (path / name).exists() or (path / name).is_symlink():
+            check_inside(path / name, inside or path, "PEFT adapter file", PeftFormatError)
     try:
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
         if not isinstance(config, dict):
@@ -138,44 +123,55 @@ def check_peft_config(file: Path, config: dict[str, Any]) -> None:
         )
 
 
-def check_options(config: dict[str, Any], table: tuple[tuple[str, Any], ...], kind: str) -> None:
-    for name, fine in table:
-        value = config.get(name, fine)
-        if value != fine and not (fine is None and value in ([], {})):
-            what = "DoRA (use_dora=true)" if name == "use_dora" else f"{name}={value!r}"
-            raise PeftFormatError(
-                f"cannot import this PEFT {kind} adapter: {what} is not supported",
-                hint="supported: plain LoRA (any rank/alpha patterns, rsLoRA) and IA3 "
-                "on Linear layers",
-            )
+DEFAULT = "default"  # PEFT's name for the adapter at the directory's root
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
-def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """PEFT's rule: the first pattern key `k` with `re.match(rf"(.*\\.)?({k})$", path)`."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
+def peft_adapters(path: Path) -> dict[str, Path]:
+    """The adapters of a PEFT directory by name, as `PeftModel.save_pretrained` lays them out:
+    "default" at the root, every other adapter in a subdirectory named after it. A
+    subdirectory that links out of `path` is not one of them."""
+    found: dict[str, Path] = {}
+    if (path / CONFIG_FILE).is_file():
+        found[DEFAULT] = path
+    try:
+        children = sorted(path.iterdir())
+    except OSError as error:
+        raise PeftFormatError(f"cannot read the PEFT directory {path}: {error}") from None
+    for child in children:
+        if (
+            child.name != DEFAULT
+            and _NAME.fullmatch(child.name)
+            and child.is_dir()
+            and (child / CONFIG_FILE).is_file()
+            and stays_inside(child / CONFIG_FILE, path)
+        ):
+            found[child.name] = child
+    return found
 
 
-def check_lora_rank(
-    file: Path, config: dict[str, Any], path: str, A: torch.Tensor, B: torch.Tensor
-) -> None:
-    """The rank PEFT gives `path` (`rank_pattern`, else `r`, else PEFT's default 8 when
-    `rank_pattern` is set) is the rank of its saved factors: otherwise the import would scale
-    the update by alpha over the tensors' rank while PEFT's config says another."""
-    stated = config.get("r")
-    patterns = config.get("rank_pattern") or {}
-    if stated is None and not patterns:
-        return  # nothing stated to disagree with: the factors' rank is the adapter's
-    rank = pattern_value(patterns, path, 8 if stated is None else stated)
-    from_pattern = pattern_value(patterns, path, None) is not None
-    if A.shape[0] != rank:
-        where = "its rank_pattern entry" if from_pattern else "`r`"
+def choose_adapter(path: Path, name: str | None) -> tuple[str, Path]:
+    """The adapter `name` of the PEFT directory `path` (None: the root one), as (name, its
+    directory); a name it does not hold is an error listing the ones it does."""
+    if not path.is_dir():
+        raise PeftFormatError(f"no PEFT adapter directory at {path}")
+    adapters = peft_adapters(path)
+    wanted = DEFAULT if name is None else name
+    if wanted in adapters:
+        return wanted, adapters[wanted]
+    child = path / wanted
+    if _NAME.fullmatch(wanted) and (child / CONFIG_FILE).is_file():  # present, but links out
+        check_inside(child / CONFIG_FILE, path, "PEFT adapter file", PeftFormatError)
+    names = ", ".join(adapters) or "none"
+    if not adapters:
+        raise PeftFormatError(f"{path} is not a PEFT adapter directory (no {CONFIG_FILE})")
+    if name is None:
         raise PeftFormatError(
-            f"tensor base_model.model.{path}.lora_A.weight has rank {A.shape[0]} (shape "
-            f"{list(A.shape)}, lora_B {list(B.shape)}), but {file} gives {path} r={rank} "
-            f"({where})",
-            hint="the config and the weights come from different adapters; PEFT would refuse "
-            "to load them too",
+            f"{path} has no adapter at its root (no {CONFIG_FILE}); it holds the adapters "
+            f"{names}",
+            hint="choose one with --adapter NAME (import_peft(..., adapter=NAME))",
         )
+    raise PeftFormatError(
+        f"{path} holds no adapter {json.dumps(name)}; it holds: {names}",
+        hint=did_you_mean(name, adapters) or f"choose one of: {names}",
+    )

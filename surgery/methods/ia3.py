@@ -71,14 +71,23 @@ class FusedIA3Adapter(nn.Module):
         raise KeyError(name)
 
     def full_vector(self) -> torch.Tensor:
-        """The equivalent whole-module vector: ones except in the selected parts' rows."""
-        scale = self.ones.clone()
-        for name in self.names:
-            scale[self.rows(name)] = self.part(name).l.detach()
-        return scale
+        """The equivalent whole-module vector (see `full_vector`)."""
+        vectors = [(self.part(n).l.detach(), self.rows(n)) for n in self.names]
+        return full_vector(vectors, self.ones)
 
     def extra_repr(self) -> str:
         return f"parts={', '.join(self.names)}, out={self.ones.shape[0]}"
+
+
+def full_vector(
+    vectors: list[tuple[torch.Tensor, torch.Tensor]], ones: torch.Tensor
+) -> torch.Tensor:
+    """The parts' (l, rows) of a fused edit as one vector over the module's whole output: `ones`
+    (a vector of ones, the output's size) with each part's l in its rows."""
+    scale = ones.clone()
+    for l, rows in vectors:  # noqa: E741
+        scale[rows] = l.to(scale.dtype)
+    return scale
 
 
 @register

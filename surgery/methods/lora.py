@@ -97,20 +97,28 @@ class FusedLoRAAdapter(nn.Module):
         raise KeyError(name)
 
     def full_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One LoRA pair over the whole module, equal to this edit: A_full [P·r, in] stacks each
-        part's A; B_full [out, P·r] puts each part's B in its rows and its r columns (zeros
-        elsewhere). s · B_full @ A_full is the summed update of all parts; as a PEFT adapter it
-        is rank P·r with lora_alpha = s · P·r (s · sqrt(P·r) with rsLoRA)."""
-        parts = [self.part(n) for n in self.names]
-        A_full = torch.cat([p.A.detach() for p in parts])
-        r = parts[0].A.shape[0]
-        B_full = A_full.new_zeros(self.out_features, r * len(parts))
-        for i, name in enumerate(self.names):
-            B_full[self.rows(name), i * r : (i + 1) * r] = self.part(name).B.detach()
-        return A_full, B_full
+        """One LoRA pair over the whole module, equal to this edit (see `full_factors`)."""
+        factors = [(self.part(n).A.detach(), self.part(n).B.detach()) for n in self.names]
+        rows = [self.rows(n) for n in self.names]
+        return full_factors(factors, rows, self.out_features)
 
     def extra_repr(self) -> str:
         return f"parts={', '.join(self.names)}, out={self.out_features}"
+
+
+def full_factors(
+    factors: list[tuple[torch.Tensor, torch.Tensor]], rows: list[torch.Tensor], out_features: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The parts' (A, B) of a fused edit as one LoRA pair over the whole module: A_full [P·r, in]
+    stacks each part's A; B_full [out, P·r] puts each part's B in its `rows` and its r columns
+    (zeros elsewhere). s · B_full @ A_full is the summed update of all parts; as a PEFT adapter
+    it is rank P·r with lora_alpha = s · P·r (s · sqrt(P·r) with rsLoRA)."""
+    A_full = torch.cat([A for A, _ in factors])
+    r = factors[0][0].shape[0]
+    B_full = A_full.new_zeros(out_features, r * len(factors))
+    for i, ((_, B), part_rows) in enumerate(zip(factors, rows, strict=True)):
+        B_full[part_rows, i * r : (i + 1) * r] = B.to(A_full.dtype)
+    return A_full.contiguous(), B_full
 
 
 def scaling(args: dict[str, Any]) -> float:
