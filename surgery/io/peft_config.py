@@ -7,7 +7,6 @@ never a file outside the directory). What the fields mean is each method's codec
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -57,68 +56,15 @@ def read_peft_dir(
     return config, tensors
 
 
-def _real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _positive(value: Any) -> bool:
-    return _real(value) and value > 0 and math.isfinite(value)
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _regex(value: str) -> bool:
-    try:
-        re.compile(rf"(.*\.)?({value})$")
-    except re.error:
-        return False
-    return True
-
-
-def _modules(value: Any) -> bool:
-    """PEFT's target lists: a regex string, or a list of names."""
-    if isinstance(value, str):
-        return _regex(value)
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _pattern(check: Any) -> Any:
-    return lambda value: (
-        isinstance(value, dict)
-        and all(isinstance(k, str) and _regex(k) and check(v) for k, v in value.items())
-    )
-
-
-# field -> (test of a present, non-null value, what it must be); `lora_alpha` may not be null
-_PEFT_FIELDS: dict[str, tuple[Any, str]] = {
-    "r": (_count, "a positive integer"),
-    "lora_alpha": (_positive, "a positive number"),
-    "lora_dropout": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
-    "alpha_pattern": (_pattern(_positive), "an object of module regexes to positive numbers"),
-    "rank_pattern": (_pattern(_count), "an object of module regexes to positive integers"),
-    "target_modules": (_modules, "a regex or a list of module names"),
-    "feedforward_modules": (_modules, "a regex or a list of module names"),
-    "num_virtual_tokens": (_count, "a positive integer"),
-    "num_transformer_submodules": (_count, "a positive integer"),
-}
-
-
 def check_peft_config(file: Path, config: dict[str, Any]) -> None:
-    """The fields the import reads have the types PEFT gives them; the first that does not is
-    an error naming the file and the field."""
-    checks = {"peft_type": (lambda v: isinstance(v, str), "a string"), **_PEFT_FIELDS}
-    for name, (check, wanted) in checks.items():
-        value = config.get(name)
-        required = name == "peft_type" or (name == "lora_alpha" and name in config)
-        if (value is None and not required) or (value is not None and check(value)):
-            continue
-        shown = json.dumps(value)
+    """`peft_type`, what import dispatches on, is a string (each codec checks the fields it
+    reads: `surgery.methods.codec.check_fields`)."""
+    kind = config.get("peft_type")
+    if not isinstance(kind, str):
+        shown = json.dumps(kind)
         raise PeftFormatError(
-            f"{file} is malformed: `{name}` must be {wanted}, not "
-            + (shown if len(shown) <= 60 else type(value).__name__),
+            f"{file} is malformed: `peft_type` must be a string, not "
+            + (shown if len(shown) <= 60 else type(kind).__name__),
             hint="check the adapter's adapter_config.json",
         )
 

@@ -299,7 +299,10 @@ def import_peft(
             + ", ".join(sorted(BY_PEFT_TYPE)),
         )
     names = module_names(model) if model is not None else []
-    statements, weights = codec.import_(config, tensors, names)
+    try:
+        statements, weights = codec.import_(config, tensors, names)
+    except PeftFormatError as error:  # say which adapter: a PEFT directory may hold several
+        raise PeftFormatError(f"{folder}: {error.message}", hint=error.hint) from None
     if not statements:
         raise PeftFormatError(f"{folder / WEIGHTS_FILE} holds no adapter tensors")
     base = config.get("base_model_name_or_path")

@@ -11,6 +11,7 @@ how PEFT's target lists name modules, and how imported edits are written as `.su
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -229,3 +230,71 @@ def refuse_options(config: dict[str, Any], fine: dict[str, Any], kind: str, supp
                 f"cannot import this PEFT {kind} adapter: {name}={value!r} is not supported",
                 hint=f"supported: {supported}",
             )
+
+
+# ---- the types of the adapter_config fields codecs read -------------------------------------
+
+Field = tuple[Callable[[Any], bool], str]  # (test of a present, non-null value, what it must be)
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _regex(value: str) -> bool:
+    try:
+        re.compile(rf"(.*\.)?({value})$")
+    except re.error:
+        return False
+    return True
+
+
+def _modules(value: Any) -> bool:
+    """PEFT's target lists: a regex string, or a list of names."""
+    if isinstance(value, str):
+        return _regex(value)
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _positive(value: Any) -> bool:
+    return _real(value) and value > 0 and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+COUNT: Field = (_count, "a positive integer")
+POSITIVE: Field = (_positive, "a positive number")
+UNIT: Field = (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)")
+BOOL: Field = (lambda v: isinstance(v, bool), "true or false")
+MODULES: Field = (_modules, "a regex or a list of module names")
+
+
+def pattern_of(field: Field) -> Field:
+    """A PEFT per-module pattern (`rank_pattern`) of values of `field`."""
+    check, wanted = field
+    return (
+        lambda value: isinstance(value, dict)
+        and all(isinstance(k, str) and _regex(k) and check(v) for k, v in value.items()),
+        f"an object of module regexes to {wanted.removeprefix('a ')}s",
+    )
+
+
+def check_fields(
+    config: dict[str, Any], fields: dict[str, Field], not_null: tuple[str, ...] = ()
+) -> None:
+    """The fields a codec reads have the types PEFT gives them (absent or null is fine, except
+    for the `not_null` ones when present); the first that does not is an error naming it."""
+    for name, (check, wanted) in fields.items():
+        value = config.get(name)
+        if value is None and not (name in not_null and name in config):
+            continue
+        if value is not None and check(value):
+            continue
+        shown = json.dumps(value)
+        raise PeftFormatError(
+            f"adapter_config.json is malformed: `{name}` must be {wanted}, not "
+            + (shown if len(shown) <= 60 else type(value).__name__),
+            hint="check the adapter's adapter_config.json",
+        )

@@ -18,7 +18,9 @@ from torch import nn
 
 from surgery.edit import Edit, tensor_key
 from surgery.methods.codec import (
+    MODULES,
     PeftFormatError,
+    check_fields,
     matches,
     module_names,
     module_tensors,
@@ -65,6 +67,7 @@ class IA3Codec:
     def import_(
         self, config: dict[str, Any], tensors: dict[str, torch.Tensor], module_names: list[str]
     ) -> tuple[str, dict[str, torch.Tensor]]:
+        check_fields(config, {"target_modules": MODULES, "feedforward_modules": MODULES})
         refuse_options(config, UNSUPPORTED, "IA3", "IA3 on Linear and Conv1D layers")
         sides: dict[str, list[str]] = defaultdict(list)
         weights: dict[str, torch.Tensor] = {}

@@ -22,10 +22,17 @@ from torch import nn
 
 from surgery.edit import Edit, tensor_key
 from surgery.methods.codec import (
+    BOOL,
+    COUNT,
+    MODULES,
+    POSITIVE,
+    UNIT,
     PeftFormatError,
+    check_fields,
     module_names,
     module_tensors,
     number,
+    pattern_of,
     pattern_value,
     patterns,
     peft_key,
@@ -50,6 +57,16 @@ UNSUPPORTED: dict[str, Any] = {
     "use_qalora": False,
     "use_bdlora": None,
     "bias": "none",
+}
+
+FIELDS = {
+    "r": COUNT,
+    "lora_alpha": POSITIVE,
+    "lora_dropout": UNIT,
+    "use_rslora": BOOL,
+    "alpha_pattern": pattern_of(POSITIVE),
+    "rank_pattern": pattern_of(COUNT),
+    "target_modules": MODULES,
 }
 
 
@@ -110,6 +127,7 @@ class LoRACodec:
     def import_(
         self, config: dict[str, Any], tensors: dict[str, torch.Tensor], module_names: list[str]
     ) -> tuple[str, dict[str, torch.Tensor]]:
+        check_fields(config, FIELDS, not_null=("lora_alpha",))
         refuse_options(config, self.unsupported(), "LoRA", self.supported)
         names = ("lora_A.weight", "lora_B.weight", *self.extra.values())
         modules = module_tensors(tensors, names, "LoRA")

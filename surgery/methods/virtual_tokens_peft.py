@@ -19,7 +19,7 @@ from torch import nn
 from surgery.edit import Edit, tensor_key
 from surgery.hf import cache_geometry
 from surgery.methods import REGISTRY
-from surgery.methods.codec import PeftFormatError, register_codec
+from surgery.methods.codec import COUNT, PeftFormatError, check_fields, register_codec
 
 TABLE = "prompt_embeddings"
 
@@ -71,6 +71,7 @@ class VirtualTokenCodec:
     def import_(
         self, config: dict[str, Any], tensors: dict[str, torch.Tensor], module_names: list[str]
     ) -> tuple[str, dict[str, torch.Tensor]]:
+        check_fields(config, {"num_virtual_tokens": COUNT, "num_transformer_submodules": COUNT})
         kind = config["peft_type"]
         table = tensors.get(TABLE)
         if table is None or table.dim() != 2 or len(tensors) != 1:
