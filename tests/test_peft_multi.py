@@ -15,6 +15,7 @@ from torch import nn
 
 from surgery import load_adapter, rewrite
 from surgery.cli import main
+from surgery.errors import OutputError
 from surgery.io import write_adapter_dir
 from surgery.io.peft_format import PeftFormatError, export_peft, import_peft, peft_adapters
 from surgery.models import tiny
@@ -153,6 +154,8 @@ def test_several_surgery_adapters_export_as_one_multi_adapter_directory(tmp_path
         theirs.set_adapter(name)
         torch.testing.assert_close(logits(theirs), expected[name], rtol=1e-5, atol=1e-5)
 
+    with pytest.raises(OutputError, match="other is not a regular file"):  # as the docs say
+        export_peft(dirs, tmp_path / "p", names=["default", "other"], force=True)
     with pytest.raises(PeftFormatError, match="needs their adapter names"):
         export_peft(dirs, tmp_path / "q")
     with pytest.raises(PeftFormatError, match="cannot name a PEFT adapter"):

@@ -70,7 +70,7 @@ def check_peft_config(file: Path, config: dict[str, Any]) -> None:
 
 
 DEFAULT = "default"  # PEFT's name for the adapter at the directory's root
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def peft_adapters(path: Path) -> dict[str, Path]:
@@ -87,7 +87,7 @@ def peft_adapters(path: Path) -> dict[str, Path]:
     for child in children:
         if (
             child.name != DEFAULT
-            and _NAME.fullmatch(child.name)
+            and ADAPTER_NAME.fullmatch(child.name)
             and child.is_dir()
             and (child / CONFIG_FILE).is_file()
             and stays_inside(child / CONFIG_FILE, path)
@@ -106,7 +106,7 @@ def choose_adapter(path: Path, name: str | None) -> tuple[str, Path]:
     if wanted in adapters:
         return wanted, adapters[wanted]
     child = path / wanted
-    if _NAME.fullmatch(wanted) and (child / CONFIG_FILE).is_file():  # present, but links out
+    if ADAPTER_NAME.fullmatch(wanted) and (child / CONFIG_FILE).is_file():  # present: links out
         check_inside(child / CONFIG_FILE, path, "PEFT adapter file", PeftFormatError)
     names = ", ".join(adapters) or "none"
     if not adapters:

@@ -35,6 +35,7 @@ from surgery.io.load import (
     read_adapter_dir,
 )
 from surgery.io.peft_config import (
+    ADAPTER_NAME,
     CONFIG_FILE,
     DEFAULT,
     WEIGHTS_FILE,
@@ -173,8 +174,6 @@ def export_peft(
 
 def _adapter_names(count: int, names: list[str] | None, several: bool) -> list[str]:
     """The PEFT adapter names of `count` exported adapters: "default" for a single one."""
-    from surgery.io.peft_config import _NAME
-
     if names is None:
         if count == 1:
             return [DEFAULT]
@@ -187,7 +186,7 @@ def _adapter_names(count: int, names: list[str] | None, several: bool) -> list[s
             f"{count} adapter directories need {count} different names, not {names}"
         )
     for name in names:
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
             raise PeftFormatError(
                 f"{json.dumps(name)} cannot name a PEFT adapter: it becomes a subdirectory, so "
                 "it is letters, digits, `_`, `.` and `-`, not starting with `.` or `-`"
