@@ -57,6 +57,10 @@ class LoHaAdapter(nn.Module):
         return f"r={r}, in={self.w1_b.shape[1]}, out={out}, scaling={self.scaling:g}"
 
 
+def factor_shapes(n_in: int, n_out: int, r: int) -> dict[str, tuple[int, ...]]:
+    return {"w1_a": (n_out, r), "w1_b": (r, n_in), "w2_a": (n_out, r), "w2_b": (r, n_in)}
+
+
 def delta_weight(tensors: dict[str, torch.Tensor], scaling: float) -> torch.Tensor:
     """ΔW = s · (w1_a w1_b) ⊙ (w2_a w2_b), [out, in]."""
     t = tensors
@@ -83,9 +87,7 @@ class LoHa(Method):
     def parameter_shapes(
         self, module: nn.Module, args: dict[str, Any]
     ) -> dict[str, tuple[int, ...]]:
-        n_in, n_out = dims(module)
-        r = args["r"]
-        return {"w1_a": (n_out, r), "w1_b": (r, n_in), "w2_a": (n_out, r), "w2_b": (r, n_in)}
+        return factor_shapes(*dims(module), args["r"])
 
     def edit_key(self, name: str, module: nn.Module, args: dict[str, Any]) -> EditKey:
         scaling = args["alpha"] / args["r"]

@@ -200,4 +200,3 @@ class LoKr(Method):
     ) -> dict[str, torch.Tensor]:
         w1, w2 = kron_factors(tensors)
         return add_update(weights, key.option("scaling") * torch.kron(w1, w2), key)
-
