@@ -14,8 +14,12 @@ from typing import Any
 
 import pytest
 import torch
-from peft import get_peft_config, get_peft_model, get_peft_model_state_dict
-from peft import set_peft_model_state_dict
+from peft import (
+    get_peft_config,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from peft.tuners.lokr.layer import factorization as peft_factorization
 from torch import nn
 
@@ -220,3 +224,22 @@ def test_import_refuses_tensors_that_disagree_with_the_config() -> None:
     wrong = {**saved_config(theirs), "decompose_both": False}  # W1 would be full
     with pytest.raises(PeftFormatError, match="config and the weights"):
         CODECS["lokr"].import_(wrong, tensors, [])
+
+
+def test_llama_2_7b_counts_equal_peft_s() -> None:
+    """The counts the docs give, against PEFT on the same meta-device skeleton."""
+    from peft import LoHaConfig, LoKrConfig
+
+    from surgery.models import load_model
+
+    seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for rule, config, count in [
+        ("apply loha to *.self_attn.<q,v>_proj", LoHaConfig(target_modules=["q_proj", "v_proj"]),
+         8_388_608),
+        ("apply lokr to *.self_attn.<q,k,v,o>_proj, *.mlp.<gate,up,down>_proj",
+         LoKrConfig(target_modules=seven), 1_331_200),
+    ]:
+        plan = rewrite(load_model("llama-2-7b", meta=True), rule, dry_run=True)
+        theirs = get_peft_model(load_model("llama-2-7b", meta=True), config)
+        assert (plan.trainable, plan.total) == theirs.get_nb_trainable_parameters()
+        assert plan.trainable == count
