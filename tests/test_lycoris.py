@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import (
     get_peft_config,
     get_peft_model,
@@ -26,6 +28,7 @@ from torch import nn
 from surgery import PlanError, Site, rewrite
 from surgery.edit import Edit
 from surgery.io.peft_config import PeftFormatError
+from surgery.methods import REGISTRY
 from surgery.methods.codec import BY_PEFT_TYPE, CODECS
 from surgery.methods.lokr import factorization
 from surgery.models import tiny
@@ -243,3 +246,82 @@ def test_llama_2_7b_counts_equal_peft_s() -> None:
         theirs = get_peft_model(load_model("llama-2-7b", meta=True), config)
         assert (plan.trainable, plan.total) == theirs.get_nb_trainable_parameters()
         assert plan.trainable == count
+
+
+# ---- properties over random layer sizes and arguments ------------------------------------------
+
+DIMS = st.integers(1, 96)
+
+
+@st.composite
+def lokr_arguments(draw: st.DrawFn) -> dict[str, Any]:
+    return {
+        "r": draw(st.integers(1, 24)),
+        "alpha": float(draw(st.integers(1, 16))),
+        "decompose_both": draw(st.booleans()),
+        "decompose_factor": draw(st.sampled_from([-1, 1, 2, 3, 4, 8, 16])),
+        "init": draw(st.sampled_from(["peft", "lycoris"])),
+    }
+
+
+def peft_shapes(layer: nn.Module, prefix: str) -> dict[str, tuple[int, ...]]:
+    return {
+        name.split(".")[0].removeprefix(prefix): tuple(p.shape)
+        for name, p in layer.named_parameters()
+        if name.startswith(prefix)
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_in=DIMS, n_out=DIMS, args=lokr_arguments())
+def test_lokr_tensors_are_peft_s_for_any_shape(n_in: int, n_out: int, args: dict[str, Any]) -> None:
+    from peft import LoKrConfig
+    from peft.tuners.lokr.layer import Linear as PeftLoKr
+
+    config = LoKrConfig(
+        r=args["r"],
+        decompose_both=args["decompose_both"],
+        decompose_factor=args["decompose_factor"],
+        init_weights="lycoris" if args["init"] == "lycoris" else True,
+    )
+    layer = PeftLoKr(nn.Linear(n_in, n_out), "default", config=config, r=args["r"], alpha=1.0)
+    expected = peft_shapes(layer, "lokr_")
+    assert REGISTRY["lokr"].parameter_shapes(nn.Linear(n_in, n_out), args) == expected
+
+
+class One(nn.Module):
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(n_in, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_in=DIMS, n_out=DIMS, args=lokr_arguments(), loha=st.booleans())
+def test_identity_then_merge_for_any_shape(
+    n_in: int, n_out: int, args: dict[str, Any], loha: bool
+) -> None:
+    torch.manual_seed(0)
+    model = One(n_in, n_out).eval()
+    x = torch.randn(3, n_in, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(x)
+    if loha:
+        rule = f"apply loha(r={args['r']}, alpha={args['alpha']}) to proj"
+    else:
+        rule = "apply lokr(" + ", ".join(
+            f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in args.items()
+        ) + ") to proj"
+    rewrite(model, rule)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    randomize(model)
+    with torch.no_grad():
+        unmerged = model(x)
+    rewrite(model, "merge")
+    assert isinstance(model.proj, nn.Linear)
+    with torch.no_grad():
+        scale = max(float(unmerged.abs().max()), 1.0)
+        torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5 * scale)
