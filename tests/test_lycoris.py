@@ -325,3 +325,11 @@ def test_identity_then_merge_for_any_shape(
     with torch.no_grad():
         scale = max(float(unmerged.abs().max()), 1.0)
         torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("alpha", ["8", -1, float("nan"), True])
+def test_import_refuses_a_malformed_alpha(alpha: Any) -> None:
+    theirs = peft_model(CASES["loha"][0])
+    config = {**saved_config(theirs), "alpha_pattern": {}, "alpha": alpha}
+    with pytest.raises(PeftFormatError, match="alpha"):
+        CODECS["loha"].import_(config, get_peft_model_state_dict(theirs), [])

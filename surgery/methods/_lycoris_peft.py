@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from math import inf
 from typing import Any
 
 import torch
@@ -113,6 +114,8 @@ def import_modules(
         alpha = pattern_value(config.get("alpha_pattern") or {}, path, config.get("alpha", 8))
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise format_error(f"cannot import {path}: its rank {r!r} is not a positive integer")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < inf:
+            raise format_error(f"cannot import {path}: alpha {alpha!r} is not a positive number")
         groups[arguments(path, own, r, float(alpha))].append(path)
         for name, tensor in own.items():
             weights[tensor_key(path, method, name)] = tensor
