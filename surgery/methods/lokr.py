@@ -3,11 +3,12 @@
     y = base(x) + x ΔWᵀ,   ΔW = s · W1 ⊗ W2,   s = alpha / r
 
 with out = a·b and in = c·d split by PEFT's `factorization` (a ≤ b and c ≤ d near the square
-roots, or `decompose_factor` as one side), W1 [a, c] and W2 [b, d]. W2 is the low-rank product
-w2_a w2_b ([b, r] [r, d]) when r < max(b, d) / 2, else a full matrix; W1 likewise with
-`decompose_both` (r < max(a, c) / 2), else full. These are PEFT 0.21's rules, so one config
-gives PEFT's tensors (`lokr_w1`, `lokr_w2_a`, ...) and counts. One factor starts at zero (W1 by
-default, as PEFT's `init_weights=True`; W2 with `init=lycoris`), so insertion changes nothing.
+roots, or a = c = `decompose_factor` where it divides), W1 [a, c] and W2 [b, d]. W2 is the
+low-rank product w2_a w2_b ([b, r] [r, d]) when r < max(b, d) / 2, else a full matrix; W1
+likewise with `decompose_both` (r < max(a, c) / 2), else full. These are PEFT 0.21's rules,
+so one config gives PEFT's tensors (`lokr_w1`, `lokr_w2_a`, ...) and counts. One factor
+starts at zero (W1 by default, as PEFT's `init_weights=True`; W2 with `init=lycoris`), so
+insertion changes nothing.
 
 The branch never builds ΔW: with x split as X [c, d], x ΔWᵀ = vec(W1 X W2ᵀ) (two thin matmuls);
 merge adds s · W1 ⊗ W2. PEFT's rank and module dropouts are not offered.
