@@ -39,6 +39,9 @@ RULES = {
     "adapter": "apply adapter(r=4) to mlp",
     "parallel_adapter": "apply parallel_adapter(r=4) to mlp",
     "sparse": "apply sparse(fraction=0.1) to mlp.down",
+    "loha": "apply loha(r=2, alpha=4) to attn.<q,v>",
+    # factored W1 and W2 on q and v; full W1 and W2 on down
+    "lokr": "apply lokr(r=1, decompose_both=true) to attn.<q,v>\napply lokr(r=4) to mlp.down",
 }
 SITE_METHODS = sorted(name for name, method in METHODS.items() if method.level == "module")
 

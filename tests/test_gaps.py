@@ -177,6 +177,8 @@ TARGETS = {
     "sparse": "attn.o",
     "adapter": "attn.o",
     "parallel_adapter": "attn.o",
+    "loha": "attn.o",
+    "lokr": "attn.o",
     "prompt": "embed",
     "p_tuning": "embed",
     "prefix": "layers.*",

@@ -84,6 +84,8 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
     [
         ("lora", OUTPUT, ADD, True, ()),
         ("parallel_adapter(r=2)", OUTPUT, ADD, True, ()),
+        ("loha", OUTPUT, ADD, True, ()),
+        ("lokr", OUTPUT, ADD, True, ()),
         ("sparse", OUTPUT, ADD, True, ("weight",)),
         ("ia3", OUTPUT, SCALE, False, ()),
         ("ia3(on=input)", INPUT, SCALE, False, ()),
