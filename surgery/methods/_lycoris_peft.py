@@ -13,18 +13,27 @@ from math import inf
 from typing import Any
 
 import torch
+from torch import nn
 
 from surgery.edit import Edit, split_tensor_key, tensor_key
+from surgery.methods.codec import (
+    PeftFormatError,
+    module_names,
+    module_tensors,
+    number,
+    pattern_value,
+    patterns,
+    peft_key,
+    short_names,
+    statement,
+)
 
-PREFIX = "base_model.model."
 # PEFT options that change what a LoHa/LoKr adapter computes (in training) and that surgery's
 # methods do not implement: (field, the value that is fine)
 UNSUPPORTED = (("rank_dropout", 0.0), ("module_dropout", 0.0), ("modules_to_save", None))
 
 
 def format_error(message: str, hint: str | None = None) -> Exception:
-    from surgery.io.peft_config import PeftFormatError
-
     return PeftFormatError(message, hint=hint)
 
 
@@ -33,10 +42,9 @@ def export_edits(
     prefix: str,
     edits: list[Edit],
     tensors: dict[str, torch.Tensor],
-    module_names: list[str],
+    model: nn.Module,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """PEFT's r / alpha / patterns / target_modules and the PEFT-keyed factors of `edits`."""
-    from surgery.io.peft_format import _number, _patterns, _short_names
 
     ranks: dict[str, int] = {}
     alphas: dict[str, int | float] = {}
@@ -50,21 +58,21 @@ def export_edits(
         if e.path in ranks:
             raise format_error(f"{e.path} has two {kind} edits; a PEFT adapter has one per module")
         args = dict(e.arguments)
-        ranks[e.path], alphas[e.path] = args["r"], _number(args["alpha"])
+        ranks[e.path], alphas[e.path] = args["r"], number(args["alpha"])
     weights: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         owner = split_tensor_key(key, edits)
         if owner is not None:
-            weights[f"{PREFIX}{owner[0].path}.{prefix}{owner[1]}"] = tensor.contiguous()
-    short = _short_names(list(ranks), module_names)
+            weights[peft_key(owner[0].path, prefix + owner[1])] = tensor.contiguous()
+    short = short_names(list(ranks), module_names(model))
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config = {
         "peft_type": kind.upper(),
         "r": r,
         "alpha": alpha,
-        "rank_pattern": _patterns(ranks, r, short),
-        "alpha_pattern": _patterns(alphas, alpha, short),
+        "rank_pattern": patterns(ranks, r, short),
+        "alpha_pattern": patterns(alphas, alpha, short),
         "target_modules": sorted(set(short.values())),
         "rank_dropout": 0.0,
         "module_dropout": 0.0,
@@ -94,9 +102,6 @@ def import_modules(
     """The `apply` statements (one per distinct argument list) and the surgery-keyed tensors of
     a PEFT LoHa/LoKr adapter. `arguments(path, found, r, alpha)` checks one module's factors
     against the shapes its arguments give, and returns its argument list `(r=.., ...)`."""
-    from surgery.io.peft_config import pattern_value
-    from surgery.io.peft_format import _module_weights, _statement
-
     kind = config.get("peft_type")
     for name, fine in UNSUPPORTED:
         value = config.get(name, fine)
@@ -105,7 +110,7 @@ def import_modules(
                 f"cannot import this PEFT {kind} adapter: {name}={value!r} is not supported",
                 hint=f"surgery's {method} has no dropouts and no modules_to_save",
             )
-    modules = _module_weights(tensors, tuple(prefix + f for f in factors))
+    modules = module_tensors(tensors, tuple(prefix + f for f in factors), str(kind))
     groups: dict[str, list[str]] = defaultdict(list)
     weights: dict[str, torch.Tensor] = {}
     for path, found in modules.items():
@@ -119,7 +124,7 @@ def import_modules(
         groups[arguments(path, own, r, float(alpha))].append(path)
         for name, tensor in own.items():
             weights[tensor_key(path, method, name)] = tensor
-    statements = [_statement(method, args, paths) for args, paths in groups.items()]
+    statements = [statement(method, args, paths) for args, paths in groups.items()]
     return "\n\n".join(statements) + "\n", weights
 
 

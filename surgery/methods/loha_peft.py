@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from surgery.edit import Edit
 from surgery.methods._lycoris_peft import check_shapes, export_edits, import_modules
@@ -22,9 +23,9 @@ class LoHaCodec:
     peft_type = "LOHA"
 
     def export(
-        self, edits: list[Edit], tensors: dict[str, torch.Tensor], module_names: list[str]
+        self, edits: list[Edit], tensors: dict[str, torch.Tensor], model: nn.Module
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        config, weights = export_edits("LoHa", PREFIX, edits, tensors, module_names)
+        config, weights = export_edits("LoHa", PREFIX, edits, tensors, model)
         config["init_weights"] = True
         return config, weights
 

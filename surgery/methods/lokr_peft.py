@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from surgery.edit import Edit
 from surgery.methods._lycoris_peft import (
@@ -29,9 +30,9 @@ class LoKrCodec:
     peft_type = "LOKR"
 
     def export(
-        self, edits: list[Edit], tensors: dict[str, torch.Tensor], module_names: list[str]
+        self, edits: list[Edit], tensors: dict[str, torch.Tensor], model: nn.Module
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        config, weights = export_edits("LoKr", PREFIX, edits, tensors, module_names)
+        config, weights = export_edits("LoKr", PREFIX, edits, tensors, model)
         lycoris = all(dict(e.arguments)["init"] == "lycoris" for e in edits)
         config.update(
             decompose_both=shared_value(edits, "decompose_both", "LoKr"),
