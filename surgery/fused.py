@@ -113,11 +113,6 @@ def projection_dims(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def output_axis(module: nn.Module) -> int:
-    """The weight axis that indexes output rows: 0 for Linear `[out, in]`, 1 for Conv1D."""
-    return 1 if is_conv1d(module) else 0
-
-
 # ---- layouts -------------------------------------------------------------------------------
 
 LayoutFn = Callable[[Any], Layout]
