@@ -16,7 +16,8 @@ from surgery.errors import ExecutionError, SurgeryError
 from surgery.fused import with_parts
 from surgery.graph import model_edit
 from surgery.graph.site import Site, add_edit, drop_edit, wrap
-from surgery.merge_rules import check_finite_adapter, check_finite_result
+from surgery.merge_rules import check_finite_adapter
+from surgery.merging import merge_edits, rounded
 from surgery.methods import REGISTRY
 from surgery.plan import Plan, Step, Target, totals_line
 
@@ -192,44 +193,34 @@ def _take_out(model: nn.Module, step: Step, tx: Transaction, merge: bool) -> Non
 def _merge_into_base(site: Site, path: str, targets: list[Target], tx: Transaction) -> None:
     """Merge the targets' edits, in order, into the site's module: in fp32, rounded once.
 
-    The module's floating-point parameters become fp32 copies while the methods merge (each
-    method computes in fp32 and writes back in the weight's dtype, which is then fp32), and the
-    result is copied once into the original tensors: several edits merged by one statement round
-    once, as the streaming checkpoint merge does. NaN or inf in an adapter tensor or in a rounded
-    result is refused, naming the tensor, before anything is written.
+    `surgery.merging` computes the changed tensors from fp32 copies (the same computation as the
+    streaming checkpoint merge); only then are they rounded once and copied into the module's
+    own tensors. NaN or inf in an adapter tensor or in a rounded result is refused, naming the
+    tensor, before anything is written. A module on the meta device has no values to merge.
     """
+    edits = []
     for target in targets:
-        for name, tensor in site._modules[target.edit].state_dict().items():
+        tensors = site.edit_module(target.edit).state_dict()
+        for name, tensor in tensors.items():
             check_finite_adapter(tensor, f"{_joined(path, target.edit)}.{name}")
-    base = site._modules["base"]
-    named = [
-        (name, p)
-        for name, p in base.named_parameters(recurse=False)
-        if not p.is_meta and p.is_floating_point()
-    ]
-    params = [p for _, p in named]
-    originals = [p.data for p in params]
-    saved = [data.clone() for data in originals]
+        key = next(k for k in site.edits if k.name == target.edit)
+        edits.append((REGISTRY[target.method], key, tensors))
+    state = site._modules["base"].state_dict(keep_vars=True)
+    if any(t.is_meta for t in state.values()):
+        return
+    changed = merge_edits(state, edits)
+    values = rounded(changed, {name: state[name].dtype for name in changed}, path)
+    saved = {name: state[name].detach().clone() for name in values}
 
     def restore() -> None:
         with torch.no_grad():
-            for param, original, value in zip(params, originals, saved, strict=True):
-                param.data = original
-                original.copy_(value)
+            for name, value in saved.items():
+                state[name].copy_(value)
 
     tx.undo.append(restore)
-    for param in params:
-        param.data = param.data.to(torch.float32, copy=True)
-    keys = {e.name: e for e in site.edits}
-    for target in targets:
-        REGISTRY[target.method].merge(base, site._modules[target.edit], keys[target.edit])
-    rounded = [p.data.to(original.dtype) for p, original in zip(params, originals, strict=True)]
-    for (name, _), value in zip(named, rounded, strict=True):
-        check_finite_result(value, _joined(path, name))
     with torch.no_grad():
-        for param, original, value in zip(params, originals, rounded, strict=True):
-            param.data = original
-            original.copy_(value)  # the one rounding into the parameter's dtype
+        for name, value in values.items():
+            state[name].copy_(value)  # the one rounding was into the tensor's dtype
 
 
 def _joined(path: str, name: str) -> str:

@@ -113,11 +113,6 @@ def projection_dims(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def output_axis(module: nn.Module) -> int:
-    """The weight axis that indexes output rows: 0 for Linear `[out, in]`, 1 for Conv1D."""
-    return 1 if is_conv1d(module) else 0
-
-
 # ---- layouts -------------------------------------------------------------------------------
 
 LayoutFn = Callable[[Any], Layout]
@@ -273,22 +268,28 @@ def with_parts(args: dict[str, Any], parts: Parts | None) -> dict[str, Any]:
     return {**args, "parts": parts} if parts is not None else args
 
 
-def write_rows(
-    module: nn.Module,
+def merge_options(module: nn.Module, parts: Parts | None) -> tuple[tuple[str, Any], ...]:
+    """The EditKey options a row-writing merge needs beyond the edit's tensors: GPT-2's Conv1D
+    stores its weight `[in, out]`, and on parts of a fused module the parts and the layout
+    give the rows. None for a whole Linear, whose key (and shared site graph) stays as it was."""
+    transposed = (("transposed", True),) if is_conv1d(module) else ()
+    selected = (("parts", parts.names), ("layout", parts.layout)) if parts is not None else ()
+    return transposed + selected
+
+
+def with_rows(
+    weight: torch.Tensor,
     rows: torch.Tensor | None,
     update: Callable[[torch.Tensor], torch.Tensor],
-) -> None:
-    """Replace output rows of a Linear/Conv1D weight (all when `rows` is None) by
-    `update(rows in fp32, [n, in])`, rounded once to the weight's dtype. Rows not listed are
-    never written, so they stay bit-identical."""
-    weight = module.weight
-    if weight.is_meta:
-        return
-    with torch.no_grad():
-        by_row = weight.t() if output_axis(module) == 1 else weight  # a view: [out, in]
-        if rows is None:
-            by_row.copy_(update(by_row.float()).to(weight.dtype))
-            return
+    transposed: bool = False,
+) -> torch.Tensor:
+    """A new weight with output rows (all when `rows` is None) replaced by `update(those rows,
+    [n, in])`: the pure row write that merges share. `transposed`: the weight is stored
+    `[in, out]` (GPT-2's Conv1D). Rows not listed are copied, so they stay bit-identical."""
+    by_row = weight.t() if transposed else weight  # a view: [out, in]
+    if rows is None:
+        new = update(by_row)
+    else:
         rows = rows.to(weight.device)
-        new = update(by_row.index_select(0, rows).float()).to(weight.dtype)
-        by_row.index_copy_(0, rows, new)
+        new = by_row.index_copy(0, rows, update(by_row.index_select(0, rows)))
+    return (new.t() if transposed else new).contiguous()

@@ -82,7 +82,15 @@ PAIRS = list(itertools.product(VARIANTS, repeat=2))
 
 
 def mergeable(spec: str) -> bool:
-    return REGISTRY[spec.partition("(")[0]].mergeable
+    """Whether the planner's predicate (`Method.can_merge`) takes an edit of this variant."""
+    name, _, choice = spec.partition("(")
+    method = REGISTRY[name]
+    args = {p.name: p.default for p in method.params}
+    if choice:
+        param, _, value = choice.rstrip(")").partition("=")
+        choices = next(p.choices or () for p in method.params if p.name == param)
+        args[param] = next(c for c in choices if _spelled(c) == value)
+    return method.can_merge(dict(method.edit_key("e", probe().proj, args).options))
 
 
 def perturb(model: nn.Module, seed: int = 1) -> None:

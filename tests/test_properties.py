@@ -937,7 +937,7 @@ def test_parser_is_total_on_grammar_programs(text: str) -> None:
     data=st.data(),
     seed=st.integers(0, 2**16),
     existing=st.booleans(),
-    where=st.sampled_from(["build", "merge"]),
+    where=st.sampled_from(["build", "merged"]),
 )
 def test_failed_execution_restores_the_model(
     arch: Arch, data: st.DataObject, seed: int, existing: bool, where: str
@@ -976,7 +976,7 @@ def test_failed_execution_restores_the_model(
         if where == "build" and calls == fail_at:
             raise RuntimeError("injected failure")
         result = original(self, *args)
-        if where == "merge" and calls == fail_at:  # fail after the weights were changed
+        if where == "merged" and calls == fail_at:  # earlier sites' weights are already written
             raise RuntimeError("injected failure")
         return result
 

@@ -5,10 +5,11 @@ config.json on the meta device (no weights), the adapter's rules are applied to 
 planner's own `merge` step lists the sites in the order the engine merges them. Each output
 shard starts as a byte copy of the input shard; then, for every site whose weights live in it,
 the wrapped module's tensors are read from the checkpoint in fp32, every edit of the site is
-merged by its method's own `merge`, and the result is rounded once into the checkpoint's dtype
-and written over the copied bytes (same dtype and shape, so the same byte range). Memory is one
-module's weights plus one edit's tensors; the output keeps the input's shard names, headers and
-untouched bytes exactly.
+merged by its method's pure `merged` (through `surgery.merging`, as the in-memory merge does),
+reading the edit's tensors from the adapter file; the changed tensors are rounded once into the
+checkpoint's dtype and written over the copied bytes (same dtype and shape, so the same byte
+range). Memory is one module's weights plus its edits' tensors; the output keeps the input's
+shard names, headers and untouched bytes exactly.
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from surgery.edit import tensor_key
 from surgery.errors import ModelLoadError, PlanError
 from surgery.execute import iter_edits, logical_module
 from surgery.files import stays_inside
 from surgery.graph.site import Site
 from surgery.io.adapters import ADAPTER_FILE, BASE_FILE
-from surgery.io.load import SavedAdapter, built_adapter, check_float, read_adapter_dir
+from surgery.io.load import built_adapter, check_float, read_adapter_dir
 from surgery.io.safe import MARKER_FILE, OutputKind, atomic_directory, check_output
 from surgery.io.shards import (
     FLOATS,
@@ -45,7 +46,8 @@ from surgery.io.shards import (
     read_shard,
     write_tensor,
 )
-from surgery.merge_rules import check_finite_adapter, check_finite_result
+from surgery.merge_rules import check_finite_adapter
+from surgery.merging import merge_edits, rounded
 from surgery.methods import REGISTRY
 from surgery.plan import Target
 
@@ -98,8 +100,6 @@ class _Inputs:
     checkpoint: Checkpoint
     adapter: Shard
     trained: Shard | None
-    prefixes: dict[int, str]  # id(edit module) -> its key prefix in the adapter file
-    arguments: dict[tuple[str, str], dict[str, Any]]  # (site path, edit) -> the method's args
 
 
 def merge_checkpoint(
@@ -117,11 +117,11 @@ def merge_checkpoint(
     checkpoint = open_checkpoint(model_dir)
     skeleton = _skeleton(model_dir)
     saved = read_adapter_dir(adapter_dir)  # the files are there, in a format this version reads
-    arguments = _apply_rules(skeleton, saved)
+    built_adapter(saved, skeleton)  # the adapter's sites, checked as `load` checks them
     _check_mergeable(skeleton, adapter_dir)
     adapter = read_shard(adapter_dir / ADAPTER_FILE)
     trained = read_shard(adapter_dir / BASE_FILE) if (adapter_dir / BASE_FILE).is_file() else None
-    inputs = _Inputs(checkpoint, adapter, trained, _prefixes(skeleton), arguments)
+    inputs = _Inputs(checkpoint, adapter, trained)
     jobs = _plan_jobs(skeleton, inputs, adapter_dir)
     _check_finite_inputs(inputs)
     copied, skipped = _other_files(model_dir, checkpoint)
@@ -188,28 +188,10 @@ def _skeleton(model_dir: Path) -> nn.Module:
         raise ModelLoadError(f"cannot build the model of {where}: {error}") from None
 
 
-def _apply_rules(skeleton: nn.Module, saved: SavedAdapter) -> dict[tuple[str, str], dict]:
-    """Recreate the adapter's sites on the skeleton by running its own rules, checked as `load`
-    checks them (the family, every tensor's name, shape and dtype); return each applied edit's
-    method arguments (with its parts), to rebuild what the file does not hold."""
-    from surgery.fused import with_parts
-
-    plan = built_adapter(saved, skeleton)
-    return {
-        (target.path, target.edit): with_parts(dict(step.arguments), target.selected_parts())
-        for step in plan.steps
-        if step.action == "apply"
-        for target in step.targets
-    }
-
-
 def _check_mergeable(skeleton: nn.Module, adapter_dir: Path) -> None:
-    """Every edit must fold into base weights: serial adapters (non-linear) and virtual tokens
-    (no weight of the base model to fold into) cannot."""
-    mergeable = ", ".join(
-        sorted(n for n, m in REGISTRY.items() if m.mergeable and m.level == "module")
-    )
-    hint = f"a merged checkpoint can hold only {mergeable}; serve this adapter unmerged"
+    """Every edit must fold into base weights, by the planner's own predicate
+    (`Method.can_merge`): serial adapters (non-linear) cannot, and virtual tokens have no weight
+    of the base model to fold into (the planner would bake them; a checkpoint has no place)."""
     for path, edit, module in iter_edits(skeleton):
         owner = skeleton.get_submodule(path) if path else None
         if not isinstance(owner, Site):  # a model-level edit (prompt, prefix)
@@ -217,23 +199,22 @@ def _check_mergeable(skeleton: nn.Module, adapter_dir: Path) -> None:
             raise PlanError(
                 f"cannot merge the adapter in {adapter_dir}: its edit '{edit}' ({method}) adds "
                 "virtual tokens, which a checkpoint of the base architecture has no place for",
-                hint=hint,
+                hint=_unmergeable_hint(),
             )
-        method = next(e.method for e in owner.edits if e.name == edit)
-        if not REGISTRY[method].mergeable:
+        key = next(k for k in owner.edits if k.name == edit)
+        if not REGISTRY[key.method].can_merge(dict(key.options)):
             raise PlanError(
-                f"cannot merge the adapter in {adapter_dir}: its edit '{edit}' ({method}) on "
+                f"cannot merge the adapter in {adapter_dir}: its edit '{edit}' ({key.method}) on "
                 f"{path} cannot be folded into the weights",
-                hint=hint,
+                hint=_unmergeable_hint(),
             )
 
 
-def _prefixes(skeleton: nn.Module) -> dict[int, str]:
-    """Each edit module's key prefix in the adapter file, keyed by the module's id."""
-    return {
-        id(module): f"{path}.{edit}" if path else edit
-        for path, edit, module in iter_edits(skeleton)
-    }
+def _unmergeable_hint() -> str:
+    from surgery.merge_outcome import merges  # builds a meta model: only on this error path
+
+    folding = sorted(n for n, m in REGISTRY.items() if m.level == "module" and merges(m))
+    return f"a merged checkpoint can hold only {', '.join(folding)}; serve this adapter unmerged"
 
 
 def _check_finite_inputs(inputs: _Inputs) -> None:
@@ -350,18 +331,11 @@ def _write_shard(shard: Shard, temp: Path, jobs: list[_Job], inputs: _Inputs) ->
                 values[name] = inputs.trained.read(job.trained[name]).float()
             else:
                 values[name] = inputs.checkpoint.shards[number].read(info.name).float()
-        changed = set(job.trained)
+        changed = {name: values[name] for name in job.trained}
         if job.site is not None:
-            values, merged = _merge_site(job, values, inputs)
-            changed |= merged
-        rounded = {
-            name: values[name].to(FLOATS[info.dtype])
-            for name, (_, info) in job.tensors.items()
-            if name in changed  # the others (a bias LoRA leaves alone) keep their bytes
-        }
-        for name, value in rounded.items():
-            check_finite_result(value, job.tensors[name][1].name)
-        for name, value in rounded.items():
+            changed |= _merge_site(job, values, inputs)
+        dtypes = {name: FLOATS[info.dtype] for name, (_, info) in job.tensors.items()}
+        for name, value in rounded(changed, dtypes, job.path).items():
             number, info = job.tensors[name]
             write_tensor(temp / inputs.checkpoint.shards[number].path.name, info, value)
             rewritten += 1
@@ -390,50 +364,19 @@ def _release_freed_memory() -> None:
 
 def _merge_site(
     job: _Job, values: dict[str, torch.Tensor], inputs: _Inputs
-) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """Merge every edit of the site, in the engine's order, into its wrapped module holding
-    `values` (fp32), with the methods' own `merge`; the site is back on meta afterwards.
-    Return the module's tensors and the names of those the merges wrote (a new tensor, or an
-    in-place write, which bumps the tensor's version counter)."""
+) -> dict[str, torch.Tensor]:
+    """The tensors of the site's module (`values`, fp32) that merging its edits, in the engine's
+    order, changes: the same computation as the in-memory merge (`surgery.merging`), fed with
+    each edit's tensors read from the adapter file by their keys. Tensors the merges leave
+    alone (a bias LoRA does not touch) keep their bytes."""
     assert job.site is not None
-    base = job.site._modules["base"]
-    base.load_state_dict(values, assign=True)
-    try:
-        before = {k: (t, t._version) for k, t in base.state_dict(keep_vars=True).items()}
-        for edit, method in job.edits:
-            module = job.site.edit_module(edit)
-            prefix = inputs.prefixes[id(module)]
-            names = module.state_dict().keys()
-            tensors = {n: inputs.adapter.read(f"{prefix}.{n}") for n in names}
-            module.load_state_dict(tensors, assign=True)
-            try:
-                live = _materialized(module, base, method, inputs.arguments[(job.path, edit)])
-                key = next(e for e in job.site.edits if e.name == edit)
-                REGISTRY[method].merge(base, live, key)
-            finally:
-                module.to(device="meta")
-        after = base.state_dict(keep_vars=True)
-        written = {
-            k for k, t in after.items() if t is not before[k][0] or t._version != before[k][1]
-        }
-        return {k: v.detach() for k, v in after.items()}, written
-    finally:
-        base.to(device="meta")
-
-
-def _materialized(
-    module: nn.Module, base: nn.Module, method: str, arguments: dict[str, Any]
-) -> nn.Module:
-    """`module` with its saved tensors loaded, or, when it still has tensors on meta (buffers an
-    adapter file does not hold: a fused edit's row index, IA3's ones), the same edit rebuilt on
-    the CPU by its method for the loaded `base`, with the saved tensors in place of its own."""
-    tensors = [*module.parameters(), *module.buffers()]
-    if not any(t.is_meta for t in tensors):
-        return module
-    with torch.random.fork_rng(devices=[]):  # building initializes; keep the caller's RNG
-        fresh = REGISTRY[method].build(base, arguments)
-    fresh.load_state_dict(module.state_dict(), assign=True)
-    return fresh
+    keys = {key.name: key for key in job.site.edits}
+    edits = []
+    for edit, method in job.edits:
+        names = job.site.edit_module(edit).state_dict().keys()  # on meta: the names only
+        tensors = {n: inputs.adapter.read(tensor_key(job.path, edit, n)) for n in names}
+        edits.append((REGISTRY[method], keys[edit], tensors))
+    return merge_edits(values, edits)
 
 
 @contextmanager

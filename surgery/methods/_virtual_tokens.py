@@ -43,7 +43,6 @@ class VirtualTokenMethod(Method):
     """A model-level method: its adapter is `model.<edit>` and acts through a forward pre-hook."""
 
     level: ClassVar[str] = "model"
-    mergeable = True  # when it has something to bake; see can_merge
 
     def can_merge(self, options: dict[str, Any]) -> bool:
         return bool(options.get("encoder"))

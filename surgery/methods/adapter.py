@@ -136,7 +136,6 @@ class Adapter(Method):
         "Houlsby et al. 2019, Parameter-Efficient Transfer Learning for NLP (arXiv:1902.00751); "
         "Pfeiffer et al. 2020, AdapterFusion (arXiv:2005.00247)"
     )
-    mergeable = False
     params = (*size_params(), *common_params())
 
     def bind(self, arguments: tuple[Argument, ...], method_span: Span) -> dict[str, Any]:

@@ -125,7 +125,6 @@ class Method:
     summary: ClassVar[str]
     paper: ClassVar[str]
     params: ClassVar[tuple[Param, ...]]
-    mergeable: ClassVar[bool]
     # "module": the edit sits on a site around each target. "model": it acts on the whole input
     # sequence and attaches to the model itself (see surgery.graph.model_edit).
     level: ClassVar[str] = "module"
@@ -134,11 +133,14 @@ class Method:
     acts_on_parts: ClassVar[bool] = False
 
     def can_merge(self, options: dict[str, Any]) -> bool:
-        """Whether an edit with these EditKey options can be merged (most methods: always)."""
-        return self.mergeable
+        """Whether `merge` takes an edit with these EditKey options: the one mergeability
+        predicate, asked by the planner and by the streaming checkpoint merge. A site-level
+        method merges when it defines `merged` (derived, never declared beside it); a method
+        whose options can rule a merge out overrides this."""
+        return type(self).merged is not Method.merged
 
     def can_merge_into(self, tensor: torch.Tensor) -> bool:
-        """Whether `merge` can write `tensor`, a parameter of the wrapped module: plain floating
+        """Whether `merged` can write `tensor`, a parameter of the wrapped module: plain floating
         point only (integer or quantized storage needs a method that dequantizes and requantizes).
         What an edit reads and writes, and so which merges are exact, is not declared here: it is
         derived from the site graph (see surgery.merge_rules)."""
@@ -194,25 +196,10 @@ class Method:
         must hold everything else the merge needs (a fused edit's parts and layout, a Conv1D's
         transposed storage). Returns the tensors that change, in fp32, same shapes; never
         writes its inputs. The in-memory merge and the streaming checkpoint merge both call
-        this, so a method has exactly one definition of what merging means.
+        this (through `surgery.merging.merge_edits`), so a method has exactly one definition
+        of what merging means; defining it is what makes a method mergeable (`can_merge`).
         """
         raise NotImplementedError
-
-    def merge(self, base: nn.Module, adapter: nn.Module, key: EditKey) -> None:
-        """Transitional (until every method defines `merged`): fold the adapter into `base`
-        in place through `merged`."""
-        if any(t.is_meta for t in base.state_dict().values()):
-            return
-        weights = {k: v.detach().float() for k, v in base.state_dict().items()}
-        tensors = {
-            k: v.detach().float() if v.is_floating_point() else v.detach()
-            for k, v in adapter.state_dict().items()
-        }
-        changed = self.merged(weights, tensors, key)
-        state = base.state_dict(keep_vars=True)
-        with torch.no_grad():
-            for name, value in changed.items():
-                state[name].copy_(value.to(state[name].dtype))
 
     def parameter_count(self, module: nn.Module, args: dict[str, Any]) -> int:
         total = 0

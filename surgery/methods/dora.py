@@ -45,6 +45,14 @@ def weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float
     return row_norm(direction(weight, A, B, s))
 
 
+def dora_weight(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor, s: float
+) -> torch.Tensor:
+    """W' = m ⊙ V / ||V||_c in the dtype of the adapter tensors (what merge writes)."""
+    V = direction(weight, A, B, s)
+    return (m.detach() / row_norm(V))[:, None] * V
+
+
 class DoRAAdapter(LoRAAdapter):
     """LoRA's A, B (and dropout) plus the magnitude vector m of one DoRA edit."""
 
@@ -60,18 +68,12 @@ class DoRAAdapter(LoRAAdapter):
         super().__init__(A, B, scaling, dropout, lr_ratio)
         self.m = m
 
-    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """W' = m ⊙ V / ||V||_c in the adapter dtype (fp32 over half bases)."""
-        V = direction(weight, self.A, self.B, self.scaling)
-        return (self.m.detach() / row_norm(V))[:, None] * V
-
 
 @register
 class DoRA(LoRA):
     name = "dora"
     summary = "LoRA direction update with a learned magnitude per output row (weight-decomposed)"
     paper = "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (arXiv:2402.09353)"
-    mergeable = True
     acts_on_parts = False  # its norm is over whole rows of a Linear's [out, in] weight
 
     def parameter_shapes(
@@ -128,9 +130,11 @@ class DoRA(LoRA):
         out = b.function(operator.add, base, h)
         b.set_output(b.function(torch.addcmul, out, base, g1))
 
-    def merge(self, base: nn.Module, adapter: nn.Module, key: EditKey | None = None) -> None:
-        weight = base.weight
-        if weight.is_meta:
-            return
-        with torch.no_grad():
-            weight.copy_(adapter.merged_weight(weight).to(weight.dtype))
+    def merged(
+        self, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], key: EditKey
+    ) -> dict[str, torch.Tensor]:
+        """W' = m ⊙ V / ||V||_c (the bias is unchanged)."""
+        weight = dora_weight(
+            weights["weight"], tensors["A"], tensors["B"], tensors["m"], key.option("scaling")
+        )
+        return {"weight": weight}

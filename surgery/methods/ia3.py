@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery.fused import Parts, output_axis, projection_dims, write_rows
+from surgery.fused import Parts, merge_options, projection_dims, with_rows
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
 from surgery.methods.base import (
@@ -98,7 +98,6 @@ class IA3(Method):
         "Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper "
         "than In-Context Learning (arXiv:2205.05638)"
     )
-    mergeable = True
     acts_on_parts = True  # Linear and Conv1D, whole or (output scaling) by part
     params = (
         Param(
@@ -140,9 +139,7 @@ class IA3(Method):
     def edit_key(self, name: str, module: nn.Module, args: dict[str, Any]) -> EditKey:
         cast = needs_cast(module.weight)
         options: tuple[tuple[str, Any], ...] = (("on", args["on"]), ("cast", cast))
-        if args.get("parts") is not None:
-            options += (("parts", args["parts"].names),)
-        return EditKey(name, self.name, options)
+        return EditKey(name, self.name, options + merge_options(module, args.get("parts")))
 
     def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:
         weight = module.weight
@@ -174,36 +171,40 @@ class IA3(Method):
         else:
             b.set_output(b.function(operator.mul, b.value, _scale(b, b.value)))
 
-    def merge(self, base: nn.Module, adapter: nn.Module, key: EditKey | None = None) -> None:
-        weight = base.weight
-        if weight.is_meta:
-            return
-        if isinstance(adapter, FusedIA3Adapter):
-            for name in adapter.names:
-                _scale_rows(base, adapter.rows(name), adapter.part(name).l)
-            return
-        if adapter.on == "input":
-            with torch.no_grad():
-                l = adapter.l.detach().float().to(weight.device)  # noqa: E741
-                shaped = l[:, None] if output_axis(base) == 1 else l[None, :]  # Conv1D: [in, out]
-                weight.copy_((weight.float() * shaped).to(weight.dtype))
-            return
-        _scale_rows(base, None, adapter.l)
+    def merged(
+        self, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], key: EditKey
+    ) -> dict[str, torch.Tensor]:
+        """Output scaling: the weight's rows and the bias by l (on parts, each part's rows by its
+        own vector); input scaling: the weight's columns by l."""
+        transposed, parts = key.option("transposed", False), key.option("parts")
+        if key.option("on") == "input":
+            l = tensors["l"]  # noqa: E741
+            return {"weight": with_rows(weights["weight"], None, lambda w: w * l, transposed)}
+        if parts is None:
+            return _scale_rows(weights, None, tensors["l"], transposed)
+        changed: dict[str, torch.Tensor] = {}
+        for name in parts:
+            rows = key.option("layout").rows(name)
+            changed |= _scale_rows(weights | changed, rows, tensors[f"{name}.l"], transposed)
+        return changed
 
 
-def _scale_rows(base: nn.Module, rows: torch.Tensor | None, l: torch.Tensor) -> None:  # noqa: E741
-    """Multiply output rows (all, or `rows`) of the weight and the bias by `l`, in fp32."""
-    l = l.detach().float().to(base.weight.device)  # noqa: E741
-    write_rows(base, rows, lambda w: w * l[:, None])
-    bias = base.bias
-    if bias is None:
-        return
-    with torch.no_grad():
+def _scale_rows(
+    weights: dict[str, torch.Tensor],
+    rows: torch.Tensor | None,
+    l: torch.Tensor,  # noqa: E741
+    transposed: bool,
+) -> dict[str, torch.Tensor]:
+    """The weight's output rows (all, or `rows`) and the bias's entries multiplied by `l`."""
+    changed = {"weight": with_rows(weights["weight"], rows, lambda w: w * l[:, None], transposed)}
+    bias = weights.get("bias")
+    if bias is not None:
         if rows is None:
-            bias.copy_((bias.float() * l).to(bias.dtype))
+            changed["bias"] = bias * l
         else:
             rows = rows.to(bias.device)
-            bias.index_copy_(0, rows, (bias.index_select(0, rows).float() * l).to(bias.dtype))
+            changed["bias"] = bias.index_copy(0, rows, bias.index_select(0, rows) * l)
+    return changed
 
 
 def _scale(b: GraphBuilder, like: Any) -> Any:

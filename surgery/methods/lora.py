@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.fused import Parts, projection_dims, write_rows
+from surgery.fused import Parts, merge_options, projection_dims, with_rows
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
 from surgery.methods.base import (
@@ -62,7 +62,7 @@ class LoRAAdapter(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """s · B @ A in fp32: the update that merge adds to the base weight."""
-        return self.scaling * (self.B.detach().float() @ self.A.detach().float())
+        return lora_delta(self.A.detach().float(), self.B.detach().float(), self.scaling)
 
     def extra_repr(self) -> str:
         r, n_in = self.A.shape
@@ -121,6 +121,11 @@ def full_factors(
     return A_full.contiguous(), B_full
 
 
+def lora_delta(A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """s · B @ A: the update a LoRA pair adds to an `[out, in]` weight."""
+    return s * (B @ A)
+
+
 def scaling(args: dict[str, Any]) -> float:
     return args["alpha"] / (math.sqrt(args["r"]) if args["rslora"] else args["r"])
 
@@ -130,7 +135,6 @@ class LoRA(Method):
     name = "lora"
     summary = "low-rank update B·A added to a Linear layer's output"
     paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models (arXiv:2106.09685)"
-    mergeable = True
     # Linear and Conv1D, whole or by part (subclasses that need the whole weight set False)
     acts_on_parts = True
     params = (
@@ -205,9 +209,7 @@ class LoRA(Method):
             ("scaling", scaling(args)),
             ("cast", cast),
         )
-        if args.get("parts") is not None:
-            options += (("parts", args["parts"].names),)
-        return EditKey(name, self.name, options)
+        return EditKey(name, self.name, options + merge_options(module, args.get("parts")))
 
     def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:
         weight = module.weight
@@ -254,17 +256,20 @@ class LoRA(Method):
         h = b.function(F.linear, b.function(F.linear, x, A), B)
         b.set_output(b.function(operator.add, b.value, h))
 
-    def merge(self, base: nn.Module, adapter: nn.Module, key: EditKey | None = None) -> None:
-        if base.weight.is_meta:
-            return
-        device = base.weight.device
-        if isinstance(adapter, FusedLoRAAdapter):
-            for name in adapter.names:  # only the part's rows are written
-                delta = adapter.part(name).delta_weight().to(device)
-                write_rows(base, adapter.rows(name), lambda w, d=delta: w + d)
-            return
-        delta = adapter.delta_weight().to(device)
-        write_rows(base, None, lambda w: w + delta)
+    def merged(
+        self, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], key: EditKey
+    ) -> dict[str, torch.Tensor]:
+        """W + s · B A, or on parts each part's s · B A added into its rows only."""
+        s, parts = key.option("scaling"), key.option("parts")
+        weight, transposed = weights["weight"], key.option("transposed", False)
+        if parts is None:
+            delta = lora_delta(tensors["A"], tensors["B"], s)
+            return {"weight": with_rows(weight, None, lambda w: w + delta, transposed)}
+        layout = key.option("layout")
+        for name in parts:
+            delta = lora_delta(tensors[f"{name}.A"], tensors[f"{name}.B"], s)
+            weight = with_rows(weight, layout.rows(name), lambda w, d=delta: w + d, transposed)
+        return {"weight": weight}
 
 
 def _dims(module: nn.Module) -> tuple[int, int]:

@@ -30,7 +30,6 @@ class ParallelAdapter(Adapter):
         "He et al. 2021, Towards a Unified View of Parameter-Efficient Transfer Learning "
         "(arXiv:2110.04366)"
     )
-    mergeable = False
     params = (
         *size_params(),
         Param("scale", float, 4.0, "s: the branch's output scale", check=positive),

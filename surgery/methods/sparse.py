@@ -64,7 +64,6 @@ class Sparse(Method):
         "Liao et al. 2023, Parameter-Efficient Fine-Tuning without Introducing New Latency "
         "(PaFi, arXiv:2305.16742)"
     )
-    mergeable = True
     params = (
         Param(
             "fraction",
@@ -117,10 +116,10 @@ class Sparse(Method):
             delta = b.method("to", delta, b.function(getattr, x, "dtype"))
         b.set_output(b.function(operator.add, b.value, b.function(F.linear, x, delta)))
 
-    def merge(self, base: nn.Module, adapter: nn.Module, key: EditKey | None = None) -> None:
-        weight = base.weight
-        if weight.is_meta:
-            return
-        with torch.no_grad():
-            flat = weight.view(-1)
-            flat[adapter.index.to(weight.device)] = adapter.values.detach().to(weight.dtype)
+    def merged(
+        self, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], key: EditKey
+    ) -> dict[str, torch.Tensor]:
+        """The weight with its chosen entries set to `values`: exact."""
+        weight = weights["weight"]
+        flat = weight.reshape(-1).index_put((tensors["index"],), tensors["values"])
+        return {"weight": flat.view(weight.shape)}
