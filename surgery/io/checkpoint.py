@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery.edit import Edit
 from surgery.errors import ModelLoadError, PlanError
 from surgery.execute import iter_edits, logical_module
 from surgery.files import stays_inside
@@ -47,7 +48,6 @@ from surgery.io.shards import (
 )
 from surgery.merge_rules import check_finite_adapter, check_finite_result
 from surgery.methods import REGISTRY
-from surgery.plan import Target
 
 # Other weight formats next to the safetensors would hold the *unmerged* weights: never copied.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -190,17 +190,11 @@ def _skeleton(model_dir: Path) -> nn.Module:
 
 def _apply_rules(skeleton: nn.Module, saved: SavedAdapter) -> dict[tuple[str, str], dict]:
     """Recreate the adapter's sites on the skeleton by running its own rules, checked as `load`
-    checks them (the family, every tensor's name, shape and dtype); return each applied edit's
-    method arguments (with its parts), to rebuild what the file does not hold."""
-    from surgery.fused import with_parts
-
+    checks them (the family, every tensor's name, shape and dtype); return the method arguments
+    (with its parts) of each edit the rules leave, from its record, to rebuild what the file
+    does not hold."""
     plan = built_adapter(saved, skeleton)
-    return {
-        (target.path, target.edit): with_parts(dict(step.arguments), target.selected_parts())
-        for step in plan.steps
-        if step.action == "apply"
-        for target in step.targets
-    }
+    return {(edit.path, edit.name): edit.args() for edit in plan.edits}
 
 
 def _check_mergeable(skeleton: nn.Module, adapter_dir: Path) -> None:
@@ -251,7 +245,7 @@ def _plan_jobs(skeleton: nn.Module, inputs: _Inputs, adapter_dir: Path) -> list[
     adapter that only unfreezes base parameters, BitFit's biases)."""
     from surgery.api import plan
 
-    targets: tuple[Target, ...] = ()
+    targets: tuple[Edit, ...] = ()
     if any(True for _ in iter_edits(skeleton)):
         try:
             targets = plan(skeleton, "merge").steps[-1].targets
@@ -271,7 +265,7 @@ def _plan_jobs(skeleton: nn.Module, inputs: _Inputs, adapter_dir: Path) -> list[
             assert isinstance(site, Site), target.path
             shapes = {k: tuple(v.shape) for k, v in site._modules["base"].state_dict().items()}
             jobs[target.path] = _Job(target.path, site, _locate(shapes, target.path, inputs))
-        jobs[target.path].edits.append((target.edit, target.method))
+        jobs[target.path].edits.append((target.name, target.method))
     for key, info in (inputs.trained.tensors if inputs.trained else {}).items():
         assert inputs.trained is not None
         check_float(inputs.trained.path, key, info.dtype)

@@ -17,7 +17,6 @@ import json
 import math
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from surgery.edit import Edit
 from surgery.io.adapters import ADAPTER_FILE, ADAPTER_OUTPUT, PLAN_FILE, write_adapter_files
 from surgery.io.load import (
     AdapterError,
@@ -71,64 +71,7 @@ TASK_TYPES = {
 }
 
 
-@dataclass(frozen=True)
-class Edit:
-    """One surviving edit of a saved adapter: where it is, its method and its arguments."""
-
-    path: str
-    name: str
-    method: str
-    args: dict[str, Any]
-    parts: tuple[str, ...] = ()  # an edit on parts of a fused projection (`attn.qkv[q, v]`)
-    layout: dict[str, Any] | None = None  # that projection's row layout (surgery.fused.Layout)
-    module_type: str = ""
-
-    def rows(self, part: str) -> torch.Tensor:
-        """The fused module's output rows that `part` writes."""
-        return self.fused_layout().rows(part)
-
-    def fused_layout(self) -> Any:
-        from surgery.fused import Layout
-
-        assert self.layout is not None
-        blocks = tuple((name, int(n)) for name, n in self.layout["blocks"])
-        return Layout(self.layout["name"], int(self.layout["groups"]), blocks)
-
-
 # ---- export ---------------------------------------------------------------------------------
-
-
-def saved_edits(plan: dict[str, Any]) -> list[Edit]:
-    """The edits a plan (`Plan.to_dict()`) leaves on the model, in order."""
-    edits: dict[tuple[str, str], Edit] = {}
-    for step in plan["steps"]:
-        for target in step["targets"]:
-            key = (target["path"], target["edit"])
-            if step["action"] == "apply":
-                args = {name: value for name, value in step["arguments"]}
-                parts = tuple(target.get("parts") or ())
-                layout = target.get("layout") if parts else None
-                edits[key] = Edit(
-                    target["path"],
-                    target["edit"],
-                    target["method"],
-                    args,
-                    parts,
-                    layout,
-                    target.get("module_type", ""),
-                )
-            elif step["action"] == "merge" and _model_level(target["method"]):
-                pass  # baked: the edit stays, its table saved already through its encoder
-            elif step["action"] in ("merge", "remove"):
-                edits.pop(key, None)
-    return list(edits.values())
-
-
-def _model_level(method: str) -> bool:
-    from surgery.methods import REGISTRY
-
-    known = REGISTRY.get(method)
-    return known is not None and known.level == "model"
 
 
 def export_peft(
@@ -164,7 +107,7 @@ def export_peft(
         )
     for name, dtype in saved.dtypes.items():  # every tensor of an exportable edit is trained
         check_float(saved.path / ADAPTER_FILE, name, dtype)
-    edits = saved_edits(plan.to_dict())
+    edits = list(plan.edits)  # the record of what the adapter leaves on the model
     if not edits:
         raise PeftFormatError(f"{saved.path} has no edits to export")
     methods = sorted({e.method for e in edits})
@@ -262,21 +205,21 @@ def _number(value: float) -> int | float:
 def _export_lora(
     edits: list[Edit], tensors: dict[str, torch.Tensor], names: list[str]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    dropouts = sorted({e.args["dropout"] for e in edits})
+    dropouts = sorted({e.args()["dropout"] for e in edits})
     if len(dropouts) > 1:
         raise PeftFormatError(
             f"PEFT has one lora_dropout per adapter; this adapter uses {dropouts}"
         )
-    rslora = all(e.args["rslora"] for e in edits)
+    rslora = all(e.args()["rslora"] for e in edits)
     ranks: dict[str, int] = {}
     alphas: dict[str, int | float] = {}
     weights: dict[str, torch.Tensor] = {}
     for e in edits:
-        r, alpha = e.args["r"], e.args["alpha"]
+        r, alpha = e.args()["r"], e.args()["alpha"]
         A, B = _lora_factors(e, tensors)
         rank = A.shape[0]  # P·r for an edit on P parts of a fused projection
-        if e.args["rslora"] != rslora or rank != r:  # the same scale in PEFT's convention
-            scale = alpha / (math.sqrt(r) if e.args["rslora"] else r)
+        if e.args()["rslora"] != rslora or rank != r:  # the same scale in PEFT's convention
+            scale = alpha / (math.sqrt(r) if e.args()["rslora"] else r)
             alpha = scale * (math.sqrt(rank) if rslora else rank)
         ranks[e.path], alphas[e.path] = rank, _number(alpha)
         weights[f"{PREFIX}{e.path}.lora_A.weight"] = A
@@ -284,7 +227,7 @@ def _export_lora(
     short = _short_names(list(ranks), names)
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
-    init = "gaussian" if all(e.args["init"] == "gaussian" for e in edits) else True
+    init = "gaussian" if all(e.args()["init"] == "gaussian" for e in edits) else True
     config = {
         "peft_type": "LORA",
         "r": r,
@@ -314,9 +257,9 @@ def _lora_factors(e: Edit, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tens
     As = [tensors[f"{prefix}.{part}.A"] for part in e.parts]
     r = As[0].shape[0]
     A = torch.cat(As)
-    B = A.new_zeros(e.fused_layout().size, r * len(e.parts))
+    B = A.new_zeros(e.layout.size, r * len(e.parts))
     for i, part in enumerate(e.parts):
-        B[e.rows(part), i * r : (i + 1) * r] = tensors[f"{prefix}.{part}.B"].to(A.dtype)
+        B[e.layout.rows(part), i * r : (i + 1) * r] = tensors[f"{prefix}.{part}.B"].to(A.dtype)
     return A.contiguous(), B
 
 
@@ -324,7 +267,7 @@ def _export_ia3(
     edits: list[Edit], tensors: dict[str, torch.Tensor], names: list[str]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     short = _short_names([e.path for e in edits], names)
-    inputs = {e.path for e in edits if e.args["on"] == "input"}
+    inputs = {e.path for e in edits if e.args()["on"] == "input"}
     # a short name is safe only when all of its modules scale the same side
     for e in edits:
         if any(
@@ -336,9 +279,9 @@ def _export_ia3(
     for e in edits:
         if e.parts:  # ones in the other parts' rows: PEFT scales the whole output
             part_l = [tensors[f"{e.path}.{e.name}.{part}.l"] for part in e.parts]
-            l = part_l[0].new_ones(e.fused_layout().size)  # noqa: E741
+            l = part_l[0].new_ones(e.layout.size)  # noqa: E741
             for part, values in zip(e.parts, part_l, strict=True):
-                l[e.rows(part)] = values
+                l[e.layout.rows(part)] = values
         else:
             l = tensors[f"{e.path}.{e.name}.l"]  # noqa: E741
         shaped = l.reshape(1, -1) if e.path in inputs else l.reshape(-1, 1)
@@ -529,7 +472,7 @@ def import_peft(
         from surgery.io.adapters import model_info
 
         plan_value = make_plan(model, parse(rules, "<imported rules>"))
-        expected = expected_shapes(plan_value, model)
+        expected = expected_shapes(plan_value)
         for name, shape in expected.items():
             found = tuple(weights[name].shape)
             if found != shape:

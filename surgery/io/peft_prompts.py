@@ -18,7 +18,7 @@ from torch import nn
 from surgery.errors import SurgeryError
 
 if TYPE_CHECKING:
-    from surgery.io.peft_format import Edit
+    from surgery.edit import Edit
 
 VIRTUAL_TOKEN_TYPES = {
     "prompt": "PROMPT_TUNING",
@@ -48,7 +48,7 @@ def export_virtual_tokens(
             hint="save the adapter again with `surgery apply --out` on the model",
         )
     method = REGISTRY[edit.method]
-    table = baked_table(edit, tensors, method.encoder(model, edit.args))
+    table = baked_table(edit, tensors, method.encoder(model, edit.args()))
     config = model.config
     kind = VIRTUAL_TOKEN_TYPES[edit.method]
     fields: dict[str, Any] = {
@@ -64,13 +64,13 @@ def export_virtual_tokens(
         fields |= {
             "num_attention_heads": kv_heads,  # PEFT views each key as [heads, token_dim / heads]
             "token_dim": kv_heads * head_dim,
-            "prefix_projection": bool(edit.args.get("reparam")),
-            "encoder_hidden_size": edit.args.get("hidden") or fields["token_dim"],
+            "prefix_projection": bool(edit.args().get("reparam")),
+            "encoder_hidden_size": edit.args().get("hidden") or fields["token_dim"],
         }
     elif kind == "P_TUNING":
         fields |= {
-            "encoder_reparameterization_type": edit.args["encoder"].upper(),
-            "encoder_hidden_size": edit.args["hidden"] or fields["token_dim"],
+            "encoder_reparameterization_type": edit.args()["encoder"].upper(),
+            "encoder_hidden_size": edit.args()["hidden"] or fields["token_dim"],
             "encoder_num_layers": 2,
             "encoder_dropout": 0.0,
         }
