@@ -117,8 +117,10 @@ def _step(data: Any, at: str) -> Step:
         _method(method, f"{at}.method")
     edit = _get(step, "edit", at, (str, type(None)), "a string")
     arguments = _arguments(step, at, method if action == "apply" else None)
-    if action == "apply" and (method is None or edit is None):
-        raise _malformed(f"{at}.method", "the method an apply step adds", method)
+    if action == "apply" and method is None:
+        raise _malformed(f"{at}.method", "the method the apply adds", method)
+    if action == "apply" and edit is None:
+        raise _malformed(f"{at}.edit", "the name of the edit the apply adds", edit)
     targets = tuple(
         edit_from_dict(t, f"{at}.targets[{j}]") for j, t in enumerate(_list(step, "targets", at))
     )
