@@ -21,11 +21,12 @@ from rich.table import Table
 
 from surgery import __version__
 from surgery.api import rewrite
+from surgery.edit import Edit
 from surgery.errors import ModelLoadError, SurgeryError
 from surgery.io.safe import OutputKind, check_output
 from surgery.lang import ast, parse, parse_file
 from surgery.methods import REGISTRY
-from surgery.plan import Plan, Step, Target, lint
+from surgery.plan import Plan, Step, lint
 
 # Everything printed holds user text (rule text, paths, names from a model or an adapter), so
 # rich interprets none of it: no markup (`[bold]`, `[/]`), no emoji codes (`:thumbs_up:`), no
@@ -430,7 +431,7 @@ def group_paths(paths: list[str]) -> list[tuple[str, int]]:
     return rows
 
 
-def _shapes(target: Target) -> str:
+def _shapes(target: Edit) -> str:
     return " ".join(f"{name}{list(shape)}" for name, shape in target.shapes)
 
 
@@ -504,19 +505,21 @@ def _add_step_rows(table: Table, step: Step, full: bool) -> None:
                 "",
             )
         return
-    groups: dict[tuple[str, ...], list[Target]] = defaultdict(list)
+    groups: dict[tuple[str, ...], list[Edit]] = defaultdict(list)
+    adds = step.action == "apply"  # merge/remove rows name the edits and modules, no sizes
+    where = {id(t): t.where if adds else t.path for t in step.targets}
     for target in step.targets:
-        role = getattr(target, "role", "")
         if full:
-            key: tuple[str, ...] = ("", target.where, target.edit)
-        elif role:
-            key = (role, "", target.edit)
+            key: tuple[str, ...] = ("", where[id(target)], target.name)
+        elif target.role and adds:
+            key = (target.role, "", target.name)
         else:
-            pattern = re.sub(r"\.\d+(?=\.|$)", ".#", target.where)
-            key = ("", pattern, target.module_type, _shapes(target), target.edit)
+            pattern = re.sub(r"\.\d+(?=\.|$)", ".#", where[id(target)])
+            shapes = _shapes(target) if adds else ""
+            key = ("", pattern, target.module_type, shapes, target.name)
         groups[key].append(target)
     for i, ((role, *_, edit), targets) in enumerate(groups.items()):
-        paths = [t.where for t in targets]  # `...query_key_value[q, v]` for parts
+        paths = [where[id(t)] for t in targets]  # `...query_key_value[q, v]` for parts
         if full:
             text = paths[0]
         elif role:
@@ -525,14 +528,14 @@ def _add_step_rows(table: Table, step: Step, full: bool) -> None:
             ((text, _),) = group_paths(paths)
         text = text or "(the model)"  # a model-level edit (prompt, prefix)
         name = label if step.action == "apply" else f"{label} {edit}"
-        params = sum(t.params for t in targets)
+        params = sum(t.params for t in targets) if adds else 0
         table.add_row(
             step.location if i == 0 else "",
             name if i == 0 else "",
-            role or (getattr(targets[0], "role", "") if full else ""),
+            role or (targets[0].role if full and adds else ""),
             text,
             str(len(targets)),
             _summarize([t.module_type for t in targets]),
-            _summarize([_shapes(t) for t in targets]),
+            _summarize([_shapes(t) for t in targets]) if adds else "",
             f"{params:,d}" if params else "",
         )

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from surgery.edit import Edit
 from surgery.errors import ExecutionError, SurgeryError
-from surgery.fused import with_parts
 from surgery.graph import model_edit
 from surgery.graph.site import Site, add_edit, drop_edit, wrap
 from surgery.merge_rules import check_finite_adapter
 from surgery.merging import merge_edits, rounded
 from surgery.methods import REGISTRY
-from surgery.plan import Plan, Step, Target, totals_line
+from surgery.plan.types import Plan, Step, totals_line
 
 
 def logical_module(model: nn.Module, path: str) -> nn.Module:
@@ -141,26 +141,24 @@ def execute(model: nn.Module, plan: Plan) -> Report:
 
 
 def _apply(model: nn.Module, step: Step, tx: Transaction) -> None:
-    method = REGISTRY[step.method]
-    args = dict(step.arguments)
+    """Add each planned edit: its adapter is built from the record's arguments and its site
+    graph from the record's key (the planner computed both; nothing is derived again here)."""
     adapters: list[nn.Module] = []
-    if method.level == "model":
-        (target,) = step.targets
-        adapter = method.build(model, args)
-        tx.undo.append(model_edit.install(model, target.edit, adapter))
-        adapters.append(adapter)
-    for target in step.targets if method.level != "model" else ():
-        current = logical_module(model, target.path)
-        base = current._modules["base"] if isinstance(current, Site) else current
-        targs = with_parts(args, target.selected_parts())  # an edit on parts of a fused module
-        adapter = method.build(base, targs)
-        key = method.edit_key(target.edit, base, targs)
-        site = (
-            add_edit(current, key, adapter)
-            if isinstance(current, Site)
-            else wrap(base, key, adapter)
-        )
-        tx.replace(target.path, site)
+    for edit in step.targets:
+        method = REGISTRY[edit.method]
+        if method.level == "model":
+            adapter = method.build(model, edit.args())
+            tx.undo.append(model_edit.install(model, edit.name, adapter))
+        else:
+            current = logical_module(model, edit.path)
+            base = current._modules["base"] if isinstance(current, Site) else current
+            adapter = method.build(base, edit.args())
+            site = (
+                add_edit(current, edit.key(), adapter)
+                if isinstance(current, Site)
+                else wrap(base, edit.key(), adapter)
+            )
+            tx.replace(edit.path, site)
         adapters.append(adapter)
     # the base freezes; the new adapters train; earlier adapters keep their flags
     adapter_ids = {id(p) for _, _, edit in iter_edits(model) for p in edit.parameters()}
@@ -173,24 +171,24 @@ def _apply(model: nn.Module, step: Step, tx: Transaction) -> None:
 
 
 def _take_out(model: nn.Module, step: Step, tx: Transaction, merge: bool) -> None:
-    by_site: dict[str, list[Target]] = {}  # the planner lists a site's targets together
+    by_site: dict[str, list[Edit]] = {}  # the planner lists a site's targets together
     for target in step.targets:
         if REGISTRY[target.method].level != "model":
             by_site.setdefault(target.path, []).append(target)
         elif merge:  # bake the encoder into a plain table; the edit stays
-            tx.replace(target.edit, model._modules[target.edit].baked())
+            tx.replace(target.name, model._modules[target.name].baked())
         else:
-            tx.undo.append(model_edit.uninstall(model, target.edit))
+            tx.undo.append(model_edit.uninstall(model, target.name))
     for path, targets in by_site.items():
         site = logical_module(model, path)
         assert isinstance(site, Site), path
         if merge:
             _merge_into_base(site, path, targets, tx)
         for target in targets:
-            tx.replace(path, drop_edit(logical_module(model, path), target.edit))
+            tx.replace(path, drop_edit(logical_module(model, path), target.name))
 
 
-def _merge_into_base(site: Site, path: str, targets: list[Target], tx: Transaction) -> None:
+def _merge_into_base(site: Site, path: str, targets: list[Edit], tx: Transaction) -> None:
     """Merge the targets' edits, in order, into the site's module: in fp32, rounded once.
 
     `surgery.merging` computes the changed tensors from fp32 copies (the same computation as the
@@ -200,10 +198,10 @@ def _merge_into_base(site: Site, path: str, targets: list[Target], tx: Transacti
     """
     edits = []
     for target in targets:
-        tensors = site.edit_module(target.edit).state_dict()
+        tensors = site.edit_module(target.name).state_dict()
         for name, tensor in tensors.items():
-            check_finite_adapter(tensor, f"{_joined(path, target.edit)}.{name}")
-        key = next(k for k in site.edits if k.name == target.edit)
+            check_finite_adapter(tensor, f"{_joined(path, target.name)}.{name}")
+        key = next(k for k in site.edits if k.name == target.name)
         edits.append((REGISTRY[target.method], key, tensors))
     state = site._modules["base"].state_dict(keep_vars=True)
     if any(t.is_meta for t in state.values()):
@@ -239,3 +237,5 @@ _STEP_RUNNERS: dict[str, Callable[[nn.Module, Step, Transaction], None]] = {
     "freeze": lambda m, s, t: _set_trainable(m, s, t, False),
     "unfreeze": lambda m, s, t: _set_trainable(m, s, t, True),
 }
+
+STEP_ACTIONS = tuple(_STEP_RUNNERS)  # the actions a plan's steps may have

@@ -7,6 +7,7 @@ into scope, and a family file with a syntax error fails here as it would in a ru
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 from surgery.fused import layout_spec
@@ -52,6 +53,18 @@ def describe_family(name: str) -> FamilyInfo:
                     f"{module}[{part}]" if len(statement.selectors) == 1 else f"{part} of {module}"
                 )
     return FamilyInfo(name, model_types, path, _summary(program), roles, tuple(fused), parts)
+
+
+@cache
+def family_index() -> dict[str, tuple[str, ...]]:
+    """Family name -> the model types its rule file declares (`family NAME for "t", ...`):
+    what `use auto` picks a family by."""
+    index: dict[str, tuple[str, ...]] = {}
+    for name in family_names():
+        for statement in parse_file(family_file(name)):
+            if isinstance(statement, ast.Family):
+                index[name] = statement.model_types
+    return index
 
 
 def describe_families() -> list[FamilyInfo]:

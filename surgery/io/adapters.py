@@ -31,7 +31,9 @@ ADAPTER_FILE = "adapter.safetensors"
 BASE_FILE = "base.safetensors"
 RULES_FILE = "rules.surg"
 PLAN_FILE = "plan.json"
-FORMAT = 1  # bumped when a reader of an older surgery could misread a directory
+# bumped when a reader of an older surgery could misread a directory; 2: plan.json's plan holds
+# edit records (`Plan.to_dict`)
+FORMAT = 2
 
 
 class AdapterError(ModelLoadError):

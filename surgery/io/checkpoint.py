@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from surgery.edit import tensor_key
+from surgery.edit import Edit, tensor_key
 from surgery.errors import ModelLoadError, PlanError
 from surgery.execute import iter_edits, logical_module
 from surgery.files import stays_inside
@@ -49,7 +49,6 @@ from surgery.io.shards import (
 from surgery.merge_rules import check_finite_adapter
 from surgery.merging import merge_edits, rounded
 from surgery.methods import REGISTRY
-from surgery.plan import Target
 
 # Other weight formats next to the safetensors would hold the *unmerged* weights: never copied.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -232,7 +231,7 @@ def _plan_jobs(skeleton: nn.Module, inputs: _Inputs, adapter_dir: Path) -> list[
     adapter that only unfreezes base parameters, BitFit's biases)."""
     from surgery.api import plan
 
-    targets: tuple[Target, ...] = ()
+    targets: tuple[Edit, ...] = ()
     if any(True for _ in iter_edits(skeleton)):
         try:
             targets = plan(skeleton, "merge").steps[-1].targets
@@ -252,7 +251,7 @@ def _plan_jobs(skeleton: nn.Module, inputs: _Inputs, adapter_dir: Path) -> list[
             assert isinstance(site, Site), target.path
             shapes = {k: tuple(v.shape) for k, v in site._modules["base"].state_dict().items()}
             jobs[target.path] = _Job(target.path, site, _locate(shapes, target.path, inputs))
-        jobs[target.path].edits.append((target.edit, target.method))
+        jobs[target.path].edits.append((target.name, target.method))
     for key, info in (inputs.trained.tensors if inputs.trained else {}).items():
         assert inputs.trained is not None
         check_float(inputs.trained.path, key, info.dtype)

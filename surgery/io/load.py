@@ -19,6 +19,7 @@ from torch import nn
 
 import surgery
 from surgery.api import _paused_gc
+from surgery.edit import tensor_key
 from surgery.errors import PICKLE_SUFFIXES, pickle_hint
 from surgery.execute import Report, execute, logical_module, logical_parameter
 from surgery.files import check_inside, read_text
@@ -52,6 +53,7 @@ class SavedAdapter:
     base_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     dtypes: dict[str, str] = field(default_factory=dict)  # adapter tensor -> safetensors dtype
     base_dtypes: dict[str, str] = field(default_factory=dict)
+    plan: Plan | None = None  # the plan saved with it, validated (None: none, or format 1)
 
     @property
     def model(self) -> dict[str, Any]:
@@ -139,7 +141,7 @@ def read_adapter_dir(path: Path | str) -> SavedAdapter:
             f"{path} has adapter format {written!r}; this surgery reads format {FORMAT} and older",
             hint="upgrade surgery",
         )
-    check_document(path / PLAN_FILE, document)
+    plan = check_document(path / PLAN_FILE, document, written)
     rules_text = read_text(path / RULES_FILE, "rule file", AdapterError, inside=path)
     base = path / BASE_FILE
     for tensors in (path / ADAPTER_FILE, base):
@@ -155,6 +157,7 @@ def read_adapter_dir(path: Path | str) -> SavedAdapter:
         {k: shape for k, (shape, _) in base_header.items()},
         {k: dtype for k, (_, dtype) in header.items()},
         {k: dtype for k, (_, dtype) in base_header.items()},
+        plan,
     )
 
 
@@ -232,30 +235,14 @@ def check_family(saved: SavedAdapter, model: nn.Module) -> None:
         )
 
 
-def expected_shapes(plan: Plan, model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """The adapter parameters `model` has after `plan` runs: `<path>.<edit>.<name>` -> shape
-    (edits that a later `merge` or `remove` takes out again are not among them; a model-level
-    edit that `merge` bakes stays, with its baked table and no encoder)."""
-    from surgery.methods import REGISTRY
-
-    shapes: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}
-    arguments: dict[tuple[str, str], dict[str, Any]] = {}
-    for step in plan.steps:
-        for target in step.targets:
-            key = (target.path, target.edit)
-            method = REGISTRY.get(target.method)
-            if step.action == "apply":
-                shapes[key] = dict(target.shapes)
-                arguments[key] = dict(step.arguments)
-            elif step.action == "merge" and method is not None and method.level == "model":
-                options = dict(method.edit_key(target.edit, model, arguments[key]).options)
-                shapes[key] = dict(method.baked_shapes(options))
-            elif step.action in ("merge", "remove"):
-                shapes.pop(key, None)
+def expected_shapes(plan: Plan) -> dict[str, tuple[int, ...]]:
+    """The adapter parameters a model has after `plan` runs, `<path>.<edit>.<name>` -> shape:
+    those of the edits the plan leaves (`plan.edits`: a baked virtual-token edit stays, with
+    its plain table)."""
     return {
-        f"{path}.{edit}.{name}" if path else f"{edit}.{name}": tuple(shape)
-        for (path, edit), params in shapes.items()
-        for name, shape in params.items()
+        tensor_key(edit.path, edit.name, name): shape
+        for edit in plan.edits
+        for name, shape in edit.shapes
     }
 
 
@@ -285,7 +272,7 @@ def _check_tensors(saved: SavedAdapter, plan: Plan, model: nn.Module) -> None:
     """Every planned adapter parameter is saved with its shape, every saved tensor belongs to
     a planned edit (buffers such as a sparse index are checked after building), and every
     saved base parameter exists with its shape; the first violation is the error."""
-    expected = expected_shapes(plan, model)
+    expected = expected_shapes(plan)
     for name, shape in expected.items():
         if saved.shapes.get(name) != shape:
             raise _mismatch(saved, name, shape, saved.shapes.get(name))

@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 from torch import nn
 
-from surgery import edit as edit_record
-from surgery.fused import Layout
 from surgery.io.adapters import ADAPTER_FILE, ADAPTER_OUTPUT, PLAN_FILE, write_adapter_files
 from surgery.io.load import (
     AdapterError,
@@ -71,76 +68,7 @@ TASK_TYPES = {
 }
 
 
-@dataclass(frozen=True)
-class Edit:
-    """One surviving edit of a saved adapter: where it is, its method and its arguments."""
-
-    path: str
-    name: str
-    method: str
-    args: dict[str, Any]
-    parts: tuple[str, ...] = ()  # an edit on parts of a fused projection (`attn.qkv[q, v]`)
-    layout: dict[str, Any] | None = None  # that projection's row layout (surgery.fused.Layout)
-    module_type: str = ""
-
-
 # ---- export ---------------------------------------------------------------------------------
-
-
-def saved_edits(plan: dict[str, Any]) -> list[Edit]:
-    """The edits a plan (`Plan.to_dict()`) leaves on the model, in order."""
-    edits: dict[tuple[str, str], Edit] = {}
-    for step in plan["steps"]:
-        for target in step["targets"]:
-            key = (target["path"], target["edit"])
-            if step["action"] == "apply":
-                args = {name: value for name, value in step["arguments"]}
-                parts = tuple(target.get("parts") or ())
-                layout = target.get("layout") if parts else None
-                edits[key] = Edit(
-                    target["path"],
-                    target["edit"],
-                    target["method"],
-                    args,
-                    parts,
-                    layout,
-                    target.get("module_type", ""),
-                )
-            elif step["action"] == "merge" and _model_level(target["method"]):
-                pass  # baked: the edit stays, its table saved already through its encoder
-            elif step["action"] in ("merge", "remove"):
-                edits.pop(key, None)
-    return list(edits.values())
-
-
-def _model_level(method: str) -> bool:
-    from surgery.methods import REGISTRY
-
-    known = REGISTRY.get(method)
-    return known is not None and known.level == "model"
-
-
-def edit_records(plan: dict[str, Any]) -> list[edit_record.Edit]:
-    """The edits a saved plan leaves on the model, as `surgery.edit.Edit` records (the one
-    place the plan's saved form is read for export)."""
-    records = []
-    for e in saved_edits(plan):
-        layout = None
-        if e.layout is not None:
-            blocks = tuple((name, int(n)) for name, n in e.layout["blocks"])
-            layout = Layout(e.layout["name"], int(e.layout["groups"]), blocks)
-        records.append(
-            edit_record.Edit(
-                e.path,
-                e.name,
-                e.method,
-                arguments=tuple(sorted(e.args.items())),
-                module_type=e.module_type,
-                parts=e.parts,
-                layout=layout,
-            )
-        )
-    return records
 
 
 def export_peft(
@@ -217,7 +145,7 @@ def _export_one(saved: SavedAdapter, base_model_name_or_path: str | None) -> tup
         )
     for name, dtype in saved.dtypes.items():  # every tensor of an exportable edit is trained
         check_float(saved.path / ADAPTER_FILE, name, dtype)
-    edits = edit_records(plan.to_dict())
+    edits = list(plan.edits)  # the record of what the adapter leaves on the model
     if not edits:
         raise PeftFormatError(f"{saved.path} has no edits to export")
     methods = sorted({e.method for e in edits})

@@ -18,10 +18,6 @@ from surgery.files import read_text
 from surgery.lang import ast
 from surgery.resources import grammar_text
 
-STATEMENT_KEYWORDS = (
-    "use", "family", "let", "fuse", "apply", "merge", "remove", "freeze", "unfreeze"
-)
-
 # Plain words for the grammar's named terminals (anonymous ones are shown as their literal).
 _TERMINAL_WORDS = {
     "NAME": "a name",
@@ -48,6 +44,23 @@ def _lark() -> lark.Lark:
         # the grammar's hash, so later processes (every CLI call) load them instead.
         cache=True,
     )
+
+
+@cache
+def statement_keywords() -> tuple[str, ...]:
+    """The words that start a statement, in the grammar's order, read from the grammar itself:
+    the first token of each `_statement` alternative. A new statement needs no list here."""
+    parser = _lark()
+    literals = {
+        t.name: t.pattern.value for t in parser.terminals if isinstance(t.pattern, PatternStr)
+    }
+    kinds = [r.expansion[0].name for r in parser.rules if r.origin.name == "_statement"]
+    first = {
+        r.origin.name: literals[r.expansion[0].name]
+        for r in parser.rules
+        if r.origin.name in kinds and r.expansion and r.expansion[0].name in literals
+    }
+    return tuple(dict.fromkeys(first[kind] for kind in kinds))
 
 
 def parse(text: str, name: str = "<string>", *, confined_to: Path | None = None) -> ast.Program:
@@ -90,11 +103,11 @@ def _describe_terminal(name: str) -> str:
 
 def _expected_words(expected: set[str]) -> str:
     words = {_describe_terminal(name) for name in expected}
-    keywords = {f"'{k}'" for k in STATEMENT_KEYWORDS}
+    keywords = {f"'{k}'" for k in statement_keywords()}
     parts: list[str] = []
     if keywords <= words:
         words -= keywords
-        parts.append("a statement (" + ", ".join(STATEMENT_KEYWORDS) + ")")
+        parts.append("a statement (" + ", ".join(statement_keywords()) + ")")
     if "a name" in words and "a module name or pattern" in words:
         words.discard("a name")
     parts += sorted(words)
@@ -145,8 +158,8 @@ def _translate(error: lark.exceptions.UnexpectedInput, source: Source) -> Surger
     word = found.strip("'")
     if "TO" in expected:
         hint = "an apply statement reads: apply METHOD(name=value, ...) to SELECTOR, ..."
-    elif {k.upper() for k in STATEMENT_KEYWORDS} <= set(expected) and word.isidentifier():
-        hint = did_you_mean(word.lower(), STATEMENT_KEYWORDS)
+    elif {k.upper() for k in statement_keywords()} <= set(expected) and word.isidentifier():
+        hint = did_you_mean(word.lower(), statement_keywords())
     return SurgerySyntaxError(message, span=span, hint=hint)
 
 

@@ -1,0 +1,229 @@
+"""The planner's `apply` handler: bind the method's arguments, resolve its targets, check each
+one (the method's own checks, the site it would need, the edit's name), and record one `Edit`
+per target with its bound arguments, its `EditKey` options and its exact shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from surgery.edit import Edit
+from surgery.errors import PlanError, Span
+from surgery.fused import Parts, with_parts
+from surgery.graph import model_edit
+from surgery.graph.site import EditKey, is_reserved_edit_name
+from surgery.lang import ast
+from surgery.merge_rules import node_effects, storage_problem
+from surgery.methods import REGISTRY, Method, get_method
+from surgery.methods.base import Problem
+from surgery.parent_calls import skipped_reason
+from surgery.plan.planner import ParamState, Planner, Scope, handles, weight_dtype
+from surgery.select import TreeNode, group_parts
+
+Matched = list[tuple[TreeNode, Span, str]]
+
+
+@handles(ast.Apply)
+def apply(planner: Planner, st: ast.Apply, scope: Scope) -> None:
+    method = get_method(st.method, st.method_span)
+    args = method.bind(st.arguments, st.method_span)
+    edit = st.name or method.name
+    if method.level != "model" and is_reserved_edit_name(edit):
+        raise PlanError(
+            f"'{edit}' cannot name an edit: the site uses that name itself",
+            span=st.span,
+            hint="choose another name with `as NAME`",
+        )
+    matched = planner.resolve(st.selectors, modules_only=True, include_adapters=False)
+    matched, parts = group_parts(matched, method.name, method.acts_on_parts)
+    nodes = [node for node, _, _ in matched]
+    roles = {id(node): role for node, _, role in matched}
+    if method.level == "model":
+        _check_model_target(planner, st, method, args, matched)
+    else:
+        _check_targets(planner, st, method, args, matched, parts)
+    if st.expect is not None and len(nodes) != st.expect:
+        raise PlanError(
+            f"the selectors match {len(nodes)} module(s), but the statement expects {st.expect}",
+            span=st.span,
+            hint="matched: "
+            + ", ".join(n.path for n in nodes[:6])
+            + (", ..." if len(nodes) > 6 else ""),
+        )
+    if method.level == "model":  # the edit sits on the model; the selection said where
+        roles = {id(planner.tree): ", ".join(sorted(set(roles.values()) - {""}))}
+        nodes = [planner.tree]
+    arguments = tuple(sorted(args.items()))
+    records = []
+    for node in nodes:
+        _check_name(st, method, node, edit)
+        selected = parts.get(id(node))
+        module = node.module
+        targs = with_parts(args, selected)
+        shapes = method.parameter_shapes(module, targs)
+        options = method.edit_key(edit, module, targs).options
+        if method.level != "model":
+            _check_site_graph(st, node, EditKey(edit, method.name, options))
+        node.add_virtual_adapter(edit, method.name, shapes, dict(options))
+        record = Edit(
+            node.path,
+            edit,
+            method.name,
+            arguments,
+            options,
+            tuple(shapes.items()),
+            type(module).__name__,
+            weight_dtype(module),
+            roles[id(node)],
+            selected.names if selected else (),
+            selected.layout if selected else None,
+        )
+        planner.edits[(node.path, edit)] = record
+        records.append(record)
+    # trainability: the base freezes, the new adapter parameters train
+    for state in planner.params.values():
+        if not state.adapter:
+            state.trainable = False
+    for record in records:
+        for pnode in planner.node(record.prefix).params():
+            planner.params[pnode.key] = ParamState(pnode.numel, True, True)
+    planner.record(
+        st, "apply", method=method.name, edit=edit, arguments=arguments, targets=tuple(records)
+    )
+
+
+def _check_name(st: ast.Apply, method: Method, node: TreeNode, edit: str) -> None:
+    """The edit can stand at `node` under its name: sites wrap submodules, and the name hides
+    no attribute, other edit or child of the module."""
+    module = node.module
+    assert module is not None
+    if not node.path and method.level != "model":
+        raise PlanError(
+            f"cannot apply {method.name} to the model itself: sites wrap submodules",
+            span=st.span,
+            hint="select the modules inside it, e.g. `** : Linear`",
+        )
+    if (
+        hasattr(module, edit)
+        and edit not in node.children
+        and edit not in model_edit.edit_names(module)  # one a statement removes
+    ):
+        raise PlanError(
+            f"'{edit}' is an attribute of {node.path or 'the model'} "
+            f"({type(module).__name__}); an edit "
+            "of that name would hide it",
+            span=st.span,
+            hint="choose another name with `as NAME`",
+        )
+    if any(name == edit for name, _ in node.edits):
+        how = (
+            "apply it once, or name each application: "
+            f"apply {method.name}(...) to ... as {method.name}2"
+        )
+        raise PlanError(f"{node.path} already has an edit named '{edit}'", span=st.span, hint=how)
+    if edit in node.children:
+        raise PlanError(
+            f"'{edit}' is already the name of a child of {node.path or 'the model'}; "
+            "choose another edit name with `as NAME`",
+            span=st.span,
+        )
+
+
+def _check_targets(
+    planner: Planner,
+    st: ast.Apply,
+    method: Method,
+    args: dict[str, Any],
+    matched: Matched,
+    parts: dict[int, Parts],
+) -> None:
+    problems = []
+    for node, span, _ in matched:
+        problem = method.check_target(node.module, with_parts(args, parts.get(id(node))))
+        problem = problem or _site_problem(planner, node)
+        if problem is not None:
+            problems.append((node, span, problem))
+    if not problems:
+        return
+    node, span, problem = problems[0]
+    if problem.argument is not None:
+        span = next((a.span for a in st.arguments if a.name == problem.argument), span)
+    where = node.path or "the model itself"
+    if id(node) in parts:
+        where += f"[{', '.join(parts[id(node)].names)}]"
+    others = (
+        f" (and {len(problems) - 1} more of the {len(matched)} matched modules)"
+        if len(problems) > 1
+        else ""
+    )
+    raise PlanError(
+        f"cannot apply {method.name} to {where}{others}: {problem.message}",
+        span=span,
+        hint=problem.hint,
+    )
+
+
+def _site_problem(planner: Planner, node: TreeNode) -> Problem | None:
+    """Why no site can stand for `node`'s module, whatever the method: the site would not run
+    on every call (its parent does not call it, or an ancestor reads its tensors directly), or
+    adapters cannot be built over its storage."""
+    assert node.module is not None
+    if not node.path:
+        return None  # the model itself: refused in `apply`, whatever it holds
+    storage = storage_problem(node.module)
+    if storage is not None:
+        return Problem(
+            f"{storage}; edits need plain floating-point weights (integer and quantized "
+            "storage are not supported yet)",
+            hint="apply the edits before quantizing the model, or to other modules",
+        )
+    parts = node.path.split(".")
+    ancestors = [planner.node(".".join(parts[:depth])).module for depth in range(len(parts))]
+    reason = skipped_reason(ancestors, parts, node.module)
+    if reason is None:
+        return None
+    return Problem(
+        reason,
+        hint="select a module that is always called (a site acts only when its module is "
+        "called, not when its tensors are read); see docs/language.md",
+    )
+
+
+def _check_site_graph(st: ast.Apply, node: TreeNode, new: EditKey) -> None:
+    """Build the site graph the apply would give `node` (cached per structure): a method that
+    cannot go there (DoRA after another edit) says so while it adds its nodes."""
+    assert node.module is not None
+    try:
+        node_effects(node, new)
+    except (PlanError, TypeError) as error:
+        message = error.message if isinstance(error, PlanError) else str(error)
+        raise PlanError(
+            f"cannot apply {new.method} to {node.path}: {message}",
+            span=st.span,
+            hint=getattr(error, "hint", None),
+        ) from None
+
+
+def _check_model_target(
+    planner: Planner, st: ast.Apply, method: Method, args: dict[str, Any], matched: Matched
+) -> None:
+    """A model-level method: the model must support it, the selection must be where its
+    virtual tokens go, and a model takes one such edit (each one shifts every position)."""
+    problem = method.check_model(planner.model) or method.check_selection(
+        planner.model, [(n.path, n.module) for n, _, _ in matched], args
+    )
+    if problem is not None:
+        span = st.span
+        if problem.argument is not None:
+            span = next((a.span for a in st.arguments if a.name == problem.argument), span)
+        raise PlanError(
+            f"cannot apply {method.name}: {problem.message}", span=span, hint=problem.hint
+        )
+    present = [(e, m) for e, m in planner.tree.edits if REGISTRY[m].level == "model"]
+    if present:
+        edit, other = present[0]
+        raise PlanError(
+            f"the model already has a virtual-token edit, '{edit}' ({other}); "
+            "a model takes one prompt, P-tuning or prefix edit at a time",
+            span=st.span,
+            hint=f"`remove {edit}` first",
+        )

@@ -1,0 +1,135 @@
+"""The planner's `merge` and `remove` handlers: which edits a statement takes out, whether each
+merge is exact (see surgery.merge_rules) and in which order a site's edits merge, and what is
+left: a merged or removed edit leaves the model; merging a virtual-token edit *bakes* its
+encoder into a plain, frozen table, and the edit stays with that table."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from surgery.edit import Edit
+from surgery.errors import PlanError, did_you_mean
+from surgery.lang import ast
+from surgery.merge_rules import check_merge_storage, plan_site_merges
+from surgery.methods import REGISTRY
+from surgery.plan.planner import ParamState, Planner, Scope, handles
+from surgery.select import TreeNode
+
+Chosen = list[tuple[TreeNode, str, str]]  # (node, edit name, method)
+
+
+@handles(ast.Merge)
+def merge(planner: Planner, st: ast.Merge, scope: Scope) -> None:
+    take_out(planner, st, "merge")
+
+
+@handles(ast.Remove)
+def remove(planner: Planner, st: ast.Remove, scope: Scope) -> None:
+    take_out(planner, st, "remove")
+
+
+def take_out(planner: Planner, st: ast.Merge | ast.Remove, action: str) -> None:
+    chosen = _chosen(planner, st, action)
+    if action == "merge":
+        for node, name, method_name in chosen:
+            _check_mergeable(planner, st, node, name, method_name)
+        chosen = _order_merges(st, chosen)
+    targets = []
+    for node, name, method_name in chosen:
+        for pnode in node.children[name].params():
+            planner.params.pop(pnode.key, None)
+        options = node.edit_options.get(name, {})
+        node.drop_adapter(name)
+        record = planner.edits.pop((node.path, name))
+        method = REGISTRY[method_name]
+        if action == "merge" and method.level == "model":
+            # baking keeps the edit with a plain, frozen table (see _virtual_tokens)
+            baked = options | {"encoder": ""}
+            shapes = method.baked_shapes(options)
+            node.add_virtual_adapter(name, method_name, shapes, baked)
+            for pnode in node.children[name].params():
+                planner.params[pnode.key] = ParamState(pnode.numel, False, True)
+            planner.edits[(node.path, name)] = _baked(record, shapes)
+        targets.append(record)
+    planner.record(st, action, targets=tuple(targets))
+
+
+def _baked(record: Edit, shapes: dict[str, tuple[int, ...]]) -> Edit:
+    """A virtual-token edit once `merge` baked its encoder: the same edit, a plain table."""
+    options = {**dict(record.options), "encoder": ""}
+    return replace(record, options=tuple(options.items()), shapes=tuple(shapes.items()))
+
+
+def _chosen(planner: Planner, st: ast.Merge | ast.Remove, action: str) -> Chosen:
+    """The edits the statement names: every edit, those named so, or those of a method."""
+    edits = [(n, name, method) for n in planner.tree.walk() for name, method in n.edits]
+    if st.target is None:
+        if not edits:
+            raise PlanError(f"nothing to {action}: the model has no edits", span=st.span)
+        return edits
+    chosen = [e for e in edits if e[1] == st.target]
+    if not chosen:
+        chosen = [e for e in edits if e[2] == st.target]
+    if not chosen:
+        known = sorted({e[1] for e in edits} | {e[2] for e in edits})
+        if st.target in REGISTRY:
+            message = f"nothing to {action}: the model has no {st.target} edit"
+        else:
+            message = f"nothing to {action}: no edit or method is named '{st.target}'"
+        raise PlanError(
+            message,
+            span=st.span,
+            hint=did_you_mean(st.target, set(known or REGISTRY) - {st.target})
+            or (f"edits present: {', '.join(known)}" if known else None),
+        )
+    return chosen
+
+
+def _check_mergeable(
+    planner: Planner, st: ast.Merge, node: TreeNode, name: str, method_name: str
+) -> None:
+    method = REGISTRY[method_name]
+    if not method.can_merge(node.edit_options.get(name, {})):
+        where = node.path or "the model"
+        why = ": it has no encoder to bake into its table" if method.level == "model" else ""
+        raise PlanError(
+            f"{method_name} cannot be merged ({where}: edit '{name}'){why}",
+            span=st.span,
+            hint=f"use `remove {name}` to take it out",
+        )
+    _check_not_shared(planner, st, node, name)
+    if method.level != "model":
+        check_merge_storage(node, name, method, st.span)
+
+
+def _order_merges(st: ast.Merge, chosen: Chosen) -> Chosen:
+    """The order to merge in, site by site, each merge exact given the edits still present
+    when it runs (see surgery.merge_rules)."""
+    by_site: dict[int, Chosen] = {}
+    ordered = []
+    for item in chosen:
+        if REGISTRY[item[2]].level == "model":  # baked where it is, no site involved
+            ordered.append(item)
+        else:
+            by_site.setdefault(id(item[0]), []).append(item)
+    for items in by_site.values():
+        node, methods = items[0][0], dict(items[0][0].edits)
+        order = plan_site_merges(node, [name for _, name, _ in items], st.span)
+        ordered += [(node, name, methods[name]) for name in order]
+    return ordered
+
+
+def _check_not_shared(planner: Planner, st: ast.Merge, node: TreeNode, edit: str) -> None:
+    """A merge writes the base's own weights: refuse when another module shares them (tied
+    embeddings), since the merge would silently change that module too."""
+    for pnode in node.children.values():
+        if pnode.kind != "param" or pnode.adapter:
+            continue
+        others = [p for p in planner.param_paths.get(id(pnode.key), []) if p != pnode.path]
+        if others:
+            raise PlanError(
+                f"cannot merge '{edit}' into {node.path}: {pnode.path} is shared with "
+                f"{others[0]} (tied weights), which the merge would change as well",
+                span=st.span,
+                hint=f"`remove {edit}` instead, or untie the weights before surgery",
+            )

@@ -1,0 +1,200 @@
+"""Resolve + validate: a `Program` and a model -> a `Plan`, with nothing mutated.
+
+The planner walks the statements in order over a *simulated* logical tree of the model: an
+`apply` adds virtual adapter nodes (so a later `freeze` can select them), `merge`/`remove`
+take them away, and a table of parameters tracks what will require grad. Every error a rule
+can cause is raised here, before the executor touches the model. Each statement type has one
+handler (surgery.plan.statements, .apply, .merges), registered for its AST class with
+`@handles`; the planner keeps the edit records (`surgery.edit.Edit`) of every edit on the
+model as the statements run, which become `Plan.edits`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from surgery.edit import Edit
+from surgery.errors import ResolveError, Span, did_you_mean
+from surgery.lang import ast
+from surgery.plan.types import Plan, Step
+from surgery.select import Alias, TreeNode, build_tree, expand_aliases, match_selector, model_order
+
+
+@dataclass
+class ParamState:
+    numel: int
+    trainable: bool
+    adapter: bool
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Where a statement was read: its program, the files including it (cycle detection) and
+    the `use` that brought it in (a family's model-type check points there)."""
+
+    program: ast.Program
+    including: tuple[str, ...]
+    used_at: Span | None = None
+
+
+S = TypeVar("S", bound=ast.Statement)
+Handler = Callable[["Planner", Any, Scope], None]
+HANDLERS: dict[type[ast.Statement], Handler] = {}
+
+
+def handles(statement_type: type[S]) -> Callable[[Callable[[Planner, S, Scope], None]], Handler]:
+    """Register the planner's handler of one AST statement type."""
+
+    def register(handler: Callable[[Planner, S, Scope], None]) -> Handler:
+        HANDLERS[statement_type] = handler
+        return handler
+
+    return register
+
+
+class Planner:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.tree = build_tree(model)
+        self.aliases: dict[str, Alias] = {}
+        self.steps: list[Step] = []
+        self.statements: list[ast.Statement] = []
+        self.params: dict[object, ParamState] = {}
+        for node in self.tree.params():
+            if node.key not in self.params:
+                self.params[node.key] = ParamState(node.numel, node.key.requires_grad, node.adapter)
+        self.param_paths: dict[int, list[str]] = {}  # every path of each tensor (tied weights)
+        for node in self.tree.params():
+            self.param_paths.setdefault(id(node.key), []).append(node.path)
+        self.trainable_before, self.total_before = self.totals()
+        # the edits on the model as the statements run: those it has, then the planned ones
+        self.edits: dict[tuple[str, str], Edit] = {
+            (node.path, name): existing_edit(node, name, method)
+            for node in self.tree.walk()
+            for name, method in node.edits
+        }
+
+    def totals(self) -> tuple[int, int]:
+        trainable = sum(s.numel for s in self.params.values() if s.trainable)
+        return trainable, sum(s.numel for s in self.params.values())
+
+    def run(
+        self, program: ast.Program, including: tuple[str, ...] = (), used_at: Span | None = None
+    ) -> None:
+        """Plan every statement of `program` in order, each by its type's handler."""
+        scope = Scope(program, including, used_at)
+        for statement in program:
+            HANDLERS[type(statement)](self, statement, scope)
+
+    def resolve(
+        self, selectors: tuple[ast.Selector, ...], *, modules_only: bool, include_adapters: bool
+    ) -> list[tuple[TreeNode, Span, str]]:
+        """The nodes the selectors match, in model order, each with the selector that matched
+        and the alias it was written with ("" when none)."""
+        order = model_order(self.tree)
+        found: dict[int, tuple[TreeNode, Span, str]] = {}
+        for selector in selectors:
+            for expanded, alias in expand_aliases(selector, self.aliases):
+                try:
+                    match = match_selector(
+                        self.tree,
+                        expanded,
+                        include_adapters=include_adapters,
+                        include_params=not modules_only,
+                        order=order,
+                        alias=alias,
+                        written=selector,
+                    )
+                except ResolveError as error:
+                    raise self._with_alias_hint(error, selector) from None
+                for node in match.nodes:
+                    found.setdefault(id(node), (node, selector.span, alias.name if alias else ""))
+        return sorted(found.values(), key=lambda item: order[id(item[0])])
+
+    def _with_alias_hint(self, error: ResolveError, selector: ast.Selector) -> ResolveError:
+        """Add `did you mean the alias 'mlp.up'?` when the user's text is close to an alias."""
+        written = ".".join(s.text for s in selector.segments)
+        close = did_you_mean(written, set(self.aliases) - {written})
+        if close and written not in self.aliases:
+            note = close.replace("did you mean", "did you mean the alias")
+            error.hint = f"{note}; {error.hint}" if error.hint else note
+        return error
+
+    def record(self, st: ast.Statement, action: str, **fields: Any) -> None:
+        """The step of a statement that acts on the model, with the totals after it."""
+        self.statements.append(st)
+        trainable, total = self.totals()
+        self.steps.append(
+            Step(
+                action,
+                st.span.text.strip(),
+                st.span.location,
+                trainable_after=trainable,
+                total_after=total,
+                **fields,
+            )
+        )
+
+    def node(self, path: str) -> TreeNode:
+        node = self.tree
+        for part in path.split(".") if path else ():
+            node = node.children[part]
+        return node
+
+    def plan(self) -> Plan:
+        trainable, total = self.totals()
+        return Plan(
+            tuple(self.steps),
+            self.trainable_before,
+            self.total_before,
+            trainable,
+            total,
+            tuple(self.edits.values()),
+            tuple(self.statements),
+        )
+
+
+def existing_edit(node: TreeNode, name: str, method: str) -> Edit:
+    """The record of an edit the model had before this plan, from what the model holds: its
+    arguments (and the layout of a fused module's parts) are not known, the plan did not make
+    it."""
+    options = {k: v for k, v in node.edit_options.get(name, {}).items() if k != "method"}
+    adapter = node.children[name]
+    shapes = tuple(
+        (pnode.path[len(adapter.path) + 1 :], tuple(pnode.key.shape))  # type: ignore[attr-defined]
+        for pnode in adapter.params()
+    )
+    return Edit(
+        node.path,
+        name,
+        method,
+        options=tuple(options.items()),
+        shapes=shapes,
+        module_type=node.type_names[0] if node.type_names else "",
+        dtype=weight_dtype(node.module),
+    )
+
+
+def weight_dtype(module: nn.Module | None) -> str:
+    """`float32` for a module with a weight, "" for one without."""
+    weight = getattr(module, "weight", None)
+    return str(weight.dtype).removeprefix("torch.") if isinstance(weight, torch.Tensor) else ""
+
+
+def source_key(program: ast.Program) -> str:
+    """How include-cycle detection names a program: its resolved path when it is a file."""
+    path = Path(program.source.name)
+    return str(path.resolve()) if path.is_file() else program.source.name
+
+
+def make_plan(model: nn.Module, program: ast.Program) -> Plan:
+    """Resolve and validate `program` against `model` without changing it."""
+    planner = Planner(model)
+    planner.run(program, (source_key(program),))
+    return planner.plan()
