@@ -246,7 +246,7 @@ def import_peft(
         from surgery.io.adapters import model_info
 
         plan_value = make_plan(model, parse(rules, "<imported rules>"))
-        expected = expected_shapes(plan_value, model)
+        expected = expected_shapes(plan_value)
         for key, shape in expected.items():
             found = tuple(weights[key].shape)
             if found != shape:
