@@ -39,6 +39,8 @@ RULES = {
     "adapter": "apply adapter(r=4) to mlp",
     "parallel_adapter": "apply parallel_adapter(r=4) to mlp",
     "sparse": "apply sparse(fraction=0.1) to mlp.down",
+    "oft": "apply oft(block_size=8) to attn.<q,v>\n"
+    "apply oft(r=2, share=true, cayley=exact) to mlp.down",
 }
 SITE_METHODS = sorted(name for name, method in METHODS.items() if method.level == "module")
 

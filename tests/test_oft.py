@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import OFTConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
@@ -92,6 +94,18 @@ def test_peft_oft_both_ways_counts_merge_and_remove(base: nn.Module, case: str, 
     assert adapter_tensors(ours).keys() == tensors.keys()
     ours.load_state_dict(tensors, strict=False)
     assert_close(logits(ours), expected)
+    # and they train alike: the same gradients for the same loss
+    for model in (ours, theirs):
+        model.zero_grad()
+        model(IDS).logits.square().mean().backward()
+    grads = {
+        k.removesuffix(".oft.Q"): p.grad for k, p in ours.named_parameters() if p.requires_grad
+    }
+    for key, param in theirs.named_parameters():
+        if param.requires_grad:
+            path = key.removeprefix("base_model.model.").removesuffix(".oft_R.default.weight")
+            torch.testing.assert_close(grads.pop(path), param.grad, rtol=1e-4, atol=1e-7)
+    assert not grads
 
     # surgery -> PEFT: a directory PeftModel.from_pretrained reads
     config, weights = CODEC.export(edits_of(ours), adapter_tensors(ours), names)
@@ -136,6 +150,39 @@ def test_zero_gives_the_identity_exactly_and_a_rotation_otherwise() -> None:
     assert torch.equal(S, -S.transpose(-1, -2)) and torch.equal(S[:, 0, 1:], Q[:, :3])
     R = rotation(Q, 4, 0)  # the exact Cayley transform is orthogonal
     assert_close(R @ R.transpose(-1, -2), torch.eye(4).expand(3, 4, 4))
+
+
+@given(
+    b=st.sampled_from([2, 3, 4, 8]),
+    blocks=st.integers(1, 4),
+    share=st.booleans(),
+    cayley=st.sampled_from(["exact", "terms=2", "terms=3", "terms=4", "terms=7"]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=30, deadline=None)
+def test_identity_merge_and_remove_on_random_linears(
+    b: int, blocks: int, share: bool, cayley: str, bias: bool, seed: int
+) -> None:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(b * blocks, 5, bias=bias))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 2, b * blocks)
+    with torch.no_grad():
+        reference = model(x)
+        args = f"block_size={b}, share={str(share).lower()}, " + (
+            "cayley=exact" if cayley == "exact" else cayley
+        )
+        rewrite(model, f"apply oft({args}) to 0")
+        assert torch.equal(model(x), reference)
+        model[0].oft.Q.normal_(0, 0.3)
+        rotated = model(x)
+        merged = copy.deepcopy(model)
+        rewrite(merged, "merge")
+        assert_close(merged(x), rotated)
+        rewrite(model, "remove")
+    assert isinstance(model[0], nn.Linear)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def refusal(model: nn.Module, rules: str) -> PlanError:

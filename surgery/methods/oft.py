@@ -108,8 +108,10 @@ class OFTAdapter(nn.Module):
 class OFT(Method):
     name = "oft"
     summary = "block-diagonal orthogonal rotation (Cayley) of a Linear layer's input"
-    paper = "Qiu et al. 2023, Controlling Text-to-Image Diffusion by Orthogonal Finetuning " \
+    paper = (
+        "Qiu et al. 2023, Controlling Text-to-Image Diffusion by Orthogonal Finetuning "
         "(arXiv:2306.07280)"
+    )
     mergeable = True
     params = (
         Param("r", int, 0, "number of blocks (PEFT's r); give r or block_size",
