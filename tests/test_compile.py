@@ -40,7 +40,7 @@ RULES = {
     "parallel_adapter": "apply parallel_adapter(r=4) to mlp",
     "sparse": "apply sparse(fraction=0.1) to mlp.down",
     "oft": "apply oft(block_size=8) to attn.<q,v>\n"
-    "apply oft(r=2, share=true, cayley=exact) to mlp.down",
+    "apply oft(r=2, share=true, cayley=exact, coft=true, eps=0.1) to mlp.down",
 }
 SITE_METHODS = sorted(name for name, method in METHODS.items() if method.level == "module")
 

@@ -26,6 +26,7 @@ from surgery.models import tiny
 
 IDS = torch.arange(3, 19).unsqueeze(0)
 CODEC = CODECS["oft"]
+PREFIX = "base_model.model."
 # (PEFT config options, target modules): hidden 64, intermediate 172 in the tiny Llama
 CASES = {
     "block16-neumann": (dict(oft_block_size=16), ["q_proj", "v_proj", "up_proj"]),
@@ -34,6 +35,8 @@ CASES = {
         ["k_proj", "o_proj"],
     ),
     "r2-terms3-down": (dict(r=2, oft_block_size=0, num_cayley_neumann_terms=3), ["down_proj"]),
+    # eps large enough that the N(0, 0.1) blocks are projected but the rotation is no identity
+    "block16-coft": (dict(oft_block_size=16, coft=True, eps=0.5), ["q_proj", "gate_proj"]),
 }
 
 
@@ -80,20 +83,23 @@ def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
 def test_peft_oft_both_ways_counts_merge_and_remove(base: nn.Module, case: str, tmp_path: Path):
     options, targets = CASES[case]
     theirs = peft_model(base, options, targets)
+    # taken before PEFT's first forward, which projects them in place with coft
+    saved = {k: v.clone() for k, v in get_peft_model_state_dict(theirs).items()}
     expected = logits(theirs)
     assert not torch.allclose(expected, logits(base))  # the rotations do something
     names = [n for n, _ in base.named_modules()]
 
     # PEFT -> surgery: the rules text `rewrite` takes, and the tensors
-    rules, tensors = CODEC.import_(
-        saved_config(theirs, tmp_path), get_peft_model_state_dict(theirs), names
-    )
+    rules, tensors = CODEC.import_(saved_config(theirs, tmp_path), saved, names)
     ours = copy.deepcopy(base)
     report = rewrite(ours, rules)
     assert report.trainable == theirs.get_nb_trainable_parameters()[0]
     assert adapter_tensors(ours).keys() == tensors.keys()
     ours.load_state_dict(tensors, strict=False)
     assert_close(logits(ours), expected)
+    projected = get_peft_model_state_dict(theirs)  # the same tensors after a forward (coft)
+    for key, value in adapter_tensors(ours).items():
+        assert_close(value, projected[PREFIX + key.replace(".oft.Q", ".oft_R.weight")])
     # and they train alike: the same gradients for the same loss
     for model in (ours, theirs):
         model.zero_grad()
@@ -133,7 +139,14 @@ def test_peft_oft_both_ways_counts_merge_and_remove(base: nn.Module, case: str, 
 
 @pytest.mark.parametrize(
     "arguments",
-    ["", "block_size=8", "r=4, share=true", "block_size=4, cayley=exact", "block_size=2, terms=2"],
+    [
+        "",
+        "block_size=8",
+        "r=4, share=true",
+        "block_size=4, cayley=exact",
+        "block_size=2, terms=2",
+        "block_size=16, coft=true, eps=6e-05",
+    ],
 )
 def test_insertion_is_bit_identical(base: nn.Module, arguments: str) -> None:
     model = copy.deepcopy(base)
@@ -158,11 +171,12 @@ def test_zero_gives_the_identity_exactly_and_a_rotation_otherwise() -> None:
     share=st.booleans(),
     cayley=st.sampled_from(["exact", "terms=2", "terms=3", "terms=4", "terms=7"]),
     bias=st.booleans(),
+    coft=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 @settings(max_examples=30, deadline=None)
 def test_identity_merge_and_remove_on_random_linears(
-    b: int, blocks: int, share: bool, cayley: str, bias: bool, seed: int
+    b: int, blocks: int, share: bool, cayley: str, bias: bool, coft: bool, seed: int
 ) -> None:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(b * blocks, 5, bias=bias))
@@ -172,7 +186,7 @@ def test_identity_merge_and_remove_on_random_linears(
         reference = model(x)
         args = f"block_size={b}, share={str(share).lower()}, " + (
             "cayley=exact" if cayley == "exact" else cayley
-        )
+        ) + (", coft=true, eps=0.3" if coft else "")
         rewrite(model, f"apply oft({args}) to 0")
         assert torch.equal(model(x), reference)
         model[0].oft.Q.normal_(0, 0.3)
@@ -210,6 +224,7 @@ def test_block_sizes_that_do_not_divide_are_refused_at_the_argument(base: nn.Mod
         ("apply oft(r=4, block_size=16) to *.q_proj", "r (the number of blocks) or block_size"),
         ("apply oft(cayley=exact, terms=3) to *.q_proj", "cayley=exact has none"),
         ("apply oft(block_size=0) to *.q_proj", "needs r or block_size"),
+        ("apply oft(eps=0.1) to *.q_proj", "constrained OFT, which is off"),
         ("apply oft(terms=1) to *.q_proj", "must be at least 2"),
         ("apply oft to model.embed_tokens", "attaches to Linear layers"),
     ],
@@ -221,7 +236,7 @@ def test_conflicting_unused_or_unsupported_arguments_are_refused(
 
 
 @pytest.mark.parametrize(
-    "option", [{"coft": True}, {"module_dropout": 0.1}, {"bias": "all"}]
+    "option", [{"module_dropout": 0.1}, {"bias": "all"}, {"modules_to_save": ["lm_head"]}]
 )
 def test_peft_options_not_implemented_are_refused_on_import(
     base: nn.Module, option: dict, tmp_path: Path

@@ -9,6 +9,9 @@ order); with `share` every block uses `Q[0]`. The Cayley transform is either PEF
 Neumann series (`cayley=neumann`, `terms` terms: I + 2Q + 2Q² + ... + 2Q^(t-2) + Q^(t-1), with
 PEFT's special case t=3 equal to t=4) or the exact (I - Q)(I + Q)⁻¹ (`cayley=exact`). Note the
 two have opposite signs in Q: that is PEFT's convention, kept so that weights carry over.
+With `coft` (constrained OFT, the paper's COFT) each forward first projects the trained tensor,
+in place as PEFT does, so that every block's skew matrix has Frobenius norm at most
+eps / sqrt(rows of Q).
 
 Q starts at zero, so R = I exactly and the rotation multiplies by an identity: insertion is
 bit-identical. Merge folds the rotation into the weight: W' = W · BD(R)ᵀ (bias unchanged),
@@ -34,6 +37,7 @@ from surgery.methods.base import (
     adapter_dtype,
     at_least,
     needs_cast,
+    positive,
     require_linear,
 )
 
@@ -47,6 +51,26 @@ def skew(Q: torch.Tensor, block_size: int) -> torch.Tensor:
     upper = Q.new_zeros(Q.shape[0], block_size * block_size)
     upper = upper.index_copy(1, rows * block_size + cols, Q).view(-1, block_size, block_size)
     return upper - upper.transpose(-1, -2)
+
+
+def coft_projection(Q: torch.Tensor, block_size: int, eps: float) -> torch.Tensor:
+    """Constrained OFT (PEFT's `coft`): each block's skew matrix S with Frobenius norm above
+    eps / sqrt(rows of Q) is scaled down to that norm; returns the new vectors."""
+    S = skew(Q, block_size)
+    bound = eps / torch.tensor(float(Q.shape[0])).sqrt()
+    norm = torch.linalg.vector_norm(S, dim=(1, 2), keepdim=True)
+    S = torch.where(norm <= bound, S, bound * (S / norm))
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=Q.device)
+    return S[:, rows, cols]
+
+
+def coft_project_(Q: torch.Tensor, block_size: int, eps: float) -> torch.Tensor:
+    """As PEFT's forward does with `coft`: project the trained tensor itself, in place and
+    outside autograd, then compute with it (the gradient is taken at the projected point and the
+    optimizer steps from there). Returns Q."""
+    with torch.no_grad():
+        Q.copy_(coft_projection(Q, block_size, eps))
+    return Q
 
 
 def rotation(Q: torch.Tensor, block_size: int, terms: int) -> torch.Tensor:
@@ -125,6 +149,10 @@ class OFT(Method):
               choices=("neumann", "exact")),
         Param("terms", int, 5, "terms of the Neumann series (PEFT's num_cayley_neumann_terms)",
               check=at_least(2)),
+        Param("coft", bool, False,
+              "constrained OFT: each block's skew matrix is kept within a Frobenius ball"),
+        Param("eps", float, 6e-5, "coft's radius (PEFT's eps), divided by sqrt(stored blocks)",
+              check=positive),
     )
 
     def bind(self, arguments: tuple[Argument, ...], method_span: Span) -> dict[str, Any]:
@@ -154,6 +182,12 @@ class OFT(Method):
                 f"{self.name}: terms counts the Neumann series' terms; cayley=exact has none",
                 span=given["terms"].span,
                 hint="drop terms, or use cayley=neumann",
+            )
+        if "eps" in given and not values["coft"]:
+            raise PlanError(
+                f"{self.name}: eps is the radius of constrained OFT, which is off",
+                span=given["eps"].span,
+                hint="add coft=true, or drop eps",
             )
         return values
 
@@ -199,6 +233,8 @@ class OFT(Method):
             ("terms", 0 if args["cayley"] == "exact" else args["terms"]),
             ("cast", needs_cast(module.weight)),
         )
+        if args["coft"]:
+            options += (("coft_eps", args["eps"]),)
         return EditKey(name, self.name, options)
 
     def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:
@@ -215,7 +251,10 @@ class OFT(Method):
         option = b.edit.option
         with b.before_base():
             x = b.base_input
-            R = b.function(rotation, b.attr("Q"), option("block_size"), option("terms"))
+            Q = b.attr("Q")
+            if option("coft_eps") is not None:
+                Q = b.function(coft_project_, Q, option("block_size"), option("coft_eps"))
+            R = b.function(rotation, Q, option("block_size"), option("terms"))
             if option("cast"):
                 R = b.method("to", R, b.function(getattr, x, "dtype"))
             b.set_base_input(b.function(rotate, x, R, option("blocks")))
@@ -225,7 +264,10 @@ class OFT(Method):
     ) -> dict[str, torch.Tensor]:
         """W' = W · BD(R)ᵀ: y = (x · BD(R)) Wᵀ + b = x (W · BD(R)ᵀ)ᵀ + b."""
         blocks, b = key.option("blocks"), key.option("block_size")
-        R = rotation(tensors["Q"], b, key.option("terms")).expand(blocks, b, b)
+        Q = tensors["Q"]
+        if key.option("coft_eps") is not None:
+            Q = coft_projection(Q, b, key.option("coft_eps"))
+        R = rotation(Q, b, key.option("terms")).expand(blocks, b, b)
         W = weights["weight"]
         rotated = torch.einsum("orc,rkc->ork", W.reshape(W.shape[0], blocks, b), R)
         return {"weight": rotated.reshape(W.shape)}

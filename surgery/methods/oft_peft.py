@@ -5,7 +5,7 @@ exactly our `Q`; its config holds one `r` or `oft_block_size` (the other is deri
 from in_features) and one `block_share`, `use_cayley_neumann`, `num_cayley_neumann_terms` for
 the whole adapter. On import the block size is read off each tensor (what PEFT computed, even
 where it silently adjusted an `oft_block_size` that did not divide in_features); the options
-this package does not implement (`coft`, `module_dropout` > 0, a trained bias) are refused.
+this package does not implement (`module_dropout` > 0, a trained bias) are refused.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ _MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 # PEFT options that change what the adapter computes and that OFT here does not implement:
 # (field, the value that is fine)
 UNSUPPORTED = (
-    ("coft", False),
     ("module_dropout", 0.0),
     ("bias", "none"),
     ("modules_to_save", None),
@@ -70,6 +69,7 @@ class OFTCodec:
         self, edits: list[Edit], tensors: dict[str, torch.Tensor], module_names: list[str]
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         share, terms = _one(edits, "share"), _one(edits, "terms")
+        coft_eps = _one(edits, "coft_eps")  # None: plain OFT
         sizes = {e.key().option("block_size") for e in edits}
         counts = {e.key().option("blocks") for e in edits}
         if len(sizes) == 1:
@@ -100,8 +100,8 @@ class OFTCodec:
             "fan_in_fan_out": False,
             "bias": "none",
             "init_weights": True,
-            "coft": False,
-            "eps": 6e-5,
+            "coft": coft_eps is not None,
+            "eps": 6e-5 if coft_eps is None else coft_eps,
             "block_share": share,
             "use_cayley_neumann": terms != 0,
             "num_cayley_neumann_terms": terms or 5,
@@ -122,7 +122,7 @@ class OFTCodec:
                 raise _error(
                     f"cannot import this PEFT OFT adapter: {name}={value!r} is not supported",
                     hint="supported: OFT on Linear layers with any r or oft_block_size, "
-                    "block_share and either Cayley transform",
+                    "block_share, coft and either Cayley transform",
                 )
         arguments = self._arguments(config)
         groups: dict[int, list[str]] = defaultdict(list)
@@ -159,6 +159,11 @@ class OFTCodec:
         out = ""
         if config.get("block_share", False):
             out += ", share=true"
+        if config.get("coft", False):
+            eps = config.get("eps", 6e-5)
+            if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < math.inf:
+                raise _error(f"cannot import this PEFT OFT adapter: eps={eps!r} with coft")
+            out += f", coft=true, eps={float(eps)!r}"
         if not config.get("use_cayley_neumann", True):
             return out + ", cayley=exact"
         terms = config.get("num_cayley_neumann_terms", 5)
