@@ -31,6 +31,7 @@ EXAMPLES = {
     "adapter": "apply adapter(r=4) to *.mlp",
     "parallel_adapter": "apply parallel_adapter(r=4) to *.mlp",
     "sparse": "apply sparse(fraction=0.05) to *.mlp.down_proj",
+    "oft": "apply oft(block_size=4) to *.self_attn.<q,v>_proj",
     "prompt": "use llama\napply prompt(n=3) to embed",
     "p_tuning": "use llama\napply p_tuning(n=3) to embed",
     "prefix": "use llama\napply prefix(n=3) to layers.*.self_attn",
