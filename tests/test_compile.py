@@ -42,6 +42,8 @@ RULES = {
     "loha": "apply loha(r=2, alpha=4) to attn.<q,v>",
     # factored W1 and W2 on q and v; full W1 and W2 on down
     "lokr": "apply lokr(r=1, decompose_both=true) to attn.<q,v>\napply lokr(r=4) to mlp.down",
+    "oft": "apply oft(block_size=8) to attn.<q,v>\n"
+    "apply oft(r=2, share=true, cayley=exact, coft=true, eps=0.1) to mlp.down",
 }
 SITE_METHODS = sorted(name for name, method in METHODS.items() if method.level == "module")
 

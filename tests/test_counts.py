@@ -192,6 +192,7 @@ PROGRAMS = [
     "apply lora(r=4) to layers[0:2].self_attn.q_proj, layers[-1].mlp.down_proj\n"
     "unfreeze embed",
     "freeze **\nunfreeze ^lm_head",
+    "apply oft(block_size=16) to *.self_attn.<q,v>_proj\napply oft(r=2, share=true) to *.down_proj",
 ]
 
 

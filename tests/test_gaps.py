@@ -175,6 +175,7 @@ TARGETS = {
     "dora": "attn.o",
     "ia3": "attn.o",
     "sparse": "attn.o",
+    "oft": "attn.o",
     "adapter": "attn.o",
     "parallel_adapter": "attn.o",
     "loha": "attn.o",

@@ -33,6 +33,7 @@ EXAMPLES = {
     "sparse": "apply sparse(fraction=0.05) to *.mlp.down_proj",
     "loha": "apply loha(r=2, alpha=4) to *.self_attn.<q,v>_proj",
     "lokr": "apply lokr(r=2, decompose_both=true) to *.self_attn.q_proj, *.mlp.down_proj",
+    "oft": "apply oft(block_size=4) to *.self_attn.<q,v>_proj",
     "prompt": "use llama\napply prompt(n=3) to embed",
     "p_tuning": "use llama\napply p_tuning(n=3) to embed",
     "prefix": "use llama\napply prefix(n=3) to layers.*.self_attn",
