@@ -26,7 +26,9 @@ from torch import nn
 from surgery.errors import PlanError
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
+from surgery.methods.base import Problem
 from surgery.methods.lora import LoRA, LoRAAdapter
+from surgery.methods.lora_init import RESIDUAL_INITS
 
 
 def direction(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
@@ -73,6 +75,15 @@ class DoRA(LoRA):
     paper = "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (arXiv:2402.09353)"
     mergeable = True
     acts_on_parts = False  # its norm is over whole rows of a Linear's [out, in] weight
+    layer_kinds = ()  # PEFT's DoRA on Embedding and convs is not implemented here: refused
+
+    def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
+        if args["init"] in RESIDUAL_INITS:  # its norm would have to read W - s·B₀A₀
+            return Problem(
+                f"dora supports init=kaiming or init=gaussian, not init={args['init']}",
+                argument="init",
+            )
+        return super().check_target(module, args)
 
     def parameter_shapes(
         self, module: nn.Module, args: dict[str, Any]

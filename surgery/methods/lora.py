@@ -7,9 +7,12 @@ LoRA+ (Hayou et al. 2024, arXiv:2402.12354): `lr_ratio` makes B learn lr_ratio t
 A in the optimizer groups of `surgery.param_groups`; it does not change the graph.
 
 Targets are Linear layers and GPT-2's Conv1D (weight stored `[in, out]`: merge adds the
-transposed update). On parts of a fused projection (`attn.qkv[q, v]`, docs/fused.md) the edit
-holds one independent A/B pair per part; each branch adds into its part's output rows only
-(one `index_add` over the last dimension) and merge writes those rows only.
+transposed update), and nn.Embedding, nn.Conv1d and nn.Conv2d with PEFT's semantics
+(surgery/methods/lora_layers.py). `init=pissa` / `init=olora` start A and B from the weight's
+SVD / QR (surgery/methods/lora_init.py).
+On parts of a fused projection (`attn.qkv[q, v]`, docs/fused.md) the edit holds one
+independent A/B pair per part; each branch adds into its part's output rows only (one
+`index_add` over the last dimension) and merge writes those rows only.
 """
 
 from __future__ import annotations
@@ -35,6 +38,23 @@ from surgery.methods.base import (
     needs_cast,
     positive,
     require_linear,
+)
+from surgery.methods.lora_init import (
+    RESIDUAL_INITS,
+    check_residual_init,
+    emit_residual,
+    keep_initial,
+    merged_residual,
+    residual_factors,
+)
+from surgery.methods.lora_layers import (
+    check_layer,
+    emit_layer,
+    layer_factors,
+    layer_kind,
+    layer_options,
+    layer_shapes,
+    merged_layer,
 )
 
 
@@ -65,7 +85,7 @@ class LoRAAdapter(nn.Module):
         return self.scaling * (self.B.detach().float() @ self.A.detach().float())
 
     def extra_repr(self) -> str:
-        r, n_in = self.A.shape
+        r, n_in = self.A.shape[:2]
         ratio = f", lr_ratio={self.lr_ratio:g}" if self.lr_ratio != 1.0 else ""
         return f"r={r}, in={n_in}, out={self.B.shape[0]}, scaling={self.scaling:g}{ratio}"
 
@@ -135,8 +155,9 @@ class LoRA(Method):
             "init",
             str,
             "kaiming",
-            "initialization of A (B is always zero)",
-            choices=("kaiming", "gaussian"),
+            "initialization: of A with B zero (kaiming, gaussian; an Embedding's A is zero and "
+            "its B N(0, 1)), or of both from the weight's SVD (pissa) or QR (olora)",
+            choices=("kaiming", "gaussian", *RESIDUAL_INITS),
         ),
         Param("rslora", bool, False, "rank-stabilized scaling s = alpha / sqrt(r)"),
         Param(
@@ -148,15 +169,27 @@ class LoRA(Method):
         ),
     )
 
+    # the layer kinds beyond Linear/Conv1D this method attaches to (surgery/methods/lora_layers.py)
+    layer_kinds: tuple[str, ...] = ("embedding", "conv")
+
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
+        kind = layer_kind(module)
+        if kind in self.layer_kinds:
+            return check_layer(self.name, kind, module, args) or check_residual_init(
+                self.name, module, args
+            )
+        problem = check_residual_init(self.name, module, args)
+        if problem is not None:
+            return problem
         dims = projection_dims(module) if self.acts_on_parts else None
         if dims is None:
             problem = require_linear(self.name, module)
             if problem is not None:
                 if self.acts_on_parts:
                     problem = Problem(
-                        f"{self.name} attaches to Linear layers (and their subclasses) and "
-                        f"GPT-2's Conv1D, not {type(module).__name__}",
+                        f"{self.name} attaches to Linear layers (and their subclasses), "
+                        f"GPT-2's Conv1D, Embedding, Conv1d and Conv2d, not "
+                        f"{type(module).__name__}",
                         hint=problem.hint,
                     )
                 return problem
@@ -180,6 +213,9 @@ class LoRA(Method):
     def parameter_shapes(
         self, module: nn.Module, args: dict[str, Any]
     ) -> dict[str, tuple[int, ...]]:
+        kind = layer_kind(module)
+        if kind in self.layer_kinds:
+            return layer_shapes(kind, module, args["r"])
         n_in, n_out = _dims(module)
         r, parts = args["r"], args.get("parts")
         if parts is None:
@@ -199,10 +235,19 @@ class LoRA(Method):
         )
         if args.get("parts") is not None:
             options += (("parts", args["parts"].names),)
+        kind = layer_kind(module)
+        if kind in self.layer_kinds:
+            options += layer_options(kind, module)
+        if args["init"] in RESIDUAL_INITS:
+            options += (("residual", True),)
         return EditKey(name, self.name, options)
 
     def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:
         weight = module.weight
+        kind = layer_kind(module)
+        if kind in self.layer_kinds:
+            A, B = layer_factors(kind, module, args, adapter_dtype(weight))
+            return LoRAAdapter(A, B, scaling(args), args["dropout"], args["lr_ratio"])
         parts: Parts | None = args.get("parts")
         n_in, n_out = _dims(module)
         if parts is None:
@@ -216,16 +261,30 @@ class LoRA(Method):
         dtype, device, r = adapter_dtype(weight), weight.device, args["r"]
         A = nn.Parameter(torch.empty(r, n_in, dtype=dtype, device=device))
         B = nn.Parameter(torch.zeros(n_out, r, dtype=dtype, device=device))
+        residual = args["init"] in RESIDUAL_INITS
         if device.type != "meta":
             with torch.no_grad():
-                if args["init"] == "gaussian":
+                if residual:
+                    a, b = residual_factors(weight, args["init"], r, scaling(args), dtype)
+                    A.copy_(a)
+                    B.copy_(b)
+                elif args["init"] == "gaussian":
                     nn.init.normal_(A, std=1.0 / r)
                 else:
                     nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        return LoRAAdapter(A, B, scaling(args), args["dropout"], args["lr_ratio"])
+        adapter = LoRAAdapter(A, B, scaling(args), args["dropout"], args["lr_ratio"])
+        if residual:
+            keep_initial(adapter)
+        return adapter
 
     @staticmethod
     def emit(b: GraphBuilder) -> None:
+        if b.edit.option("layer") is not None:
+            emit_layer(b)
+            return
+        if b.edit.option("residual"):
+            emit_residual(b)
+            return
         parts = b.edit.option("parts")
         if parts is not None:
             _emit_parts(b, parts)
@@ -246,7 +305,20 @@ class LoRA(Method):
         h = b.function(F.linear, b.function(F.linear, x, A), B)
         b.set_output(b.function(operator.add, b.value, h))
 
+    def merged(
+        self, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], key: EditKey
+    ) -> dict[str, torch.Tensor]:
+        """The new layer kinds and the residual inits (Linear and Conv1D: `merge` below)."""
+        if key.option("layer") is not None:
+            return merged_layer(weights, tensors, key)
+        if key.option("residual"):
+            return merged_residual(weights, tensors, key)
+        raise NotImplementedError
+
     def merge(self, base: nn.Module, adapter: nn.Module, key: EditKey | None = None) -> None:
+        if key is not None and (key.option("layer") is not None or key.option("residual")):
+            Method.merge(self, base, adapter, key)  # through the pure `merged`
+            return
         if base.weight.is_meta:
             return
         device = base.weight.device
