@@ -209,3 +209,35 @@ def test_half_precision_embedding_and_conv_keep_fp32_adapters() -> None:
     rewrite(model, "merge")
     torch.testing.assert_close(model[0](ids), emb, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(model[1](x), conv, rtol=2e-2, atol=2e-2)
+
+
+class Mixed(nn.Module):
+    """An Embedding, a Conv1d, a Conv2d and a Linear: every LoRA layer kind in one graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.c1 = nn.Embedding(20, 8, padding_idx=0), nn.Conv1d(8, 8, 3, padding=1)
+        self.c2, self.out = nn.Conv2d(8, 4, 3, padding=1), nn.Linear(4, 6)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.c1(self.emb(ids).transpose(1, 2))  # [n, 8, L]
+        h = self.c2(h.unsqueeze(-1)).squeeze(-1)  # [n, 4, L]
+        return self.out(h.transpose(1, 2))
+
+
+def test_every_layer_kind_and_pissa_compile_in_one_graph() -> None:
+    import torch._dynamo
+    from test_compile import assert_compiles_like_eager
+    from torch._dynamo.utils import counters
+
+    model = Mixed()
+    rewrite(model, "apply lora(r=2) to emb, c1, c2\napply lora(r=2, init=pissa) to out")
+    perturb(model)
+    ids = torch.tensor([[0, 3, 5, 19], [1, 2, 0, 4]])
+    torch._dynamo.reset()
+    counters.clear()
+    try:  # dynamo's capture is what this checks: the eager backend
+        assert_compiles_like_eager(model, lambda m: m(ids), backend_name="eager")
+    finally:
+        torch._dynamo.reset()
