@@ -112,7 +112,7 @@ def test_saved_adapter_loads_onto_the_original_base(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("rules", "complaint"),
     [
-        ("apply dora(r=2, init=pissa) to *.self_attn.q_proj", "dora supports init=kaiming"),
+        ("apply dora(r=2, init=pissa) to *.self_attn.q_proj", "must be one of kaiming, gaussian"),
         ("apply lora(r=2, init=olora) to *.attn.c_attn", "not Conv1D"),
         ("use falcon\napply lora(r=2, init=pissa) to attn.q, attn.v", "parts of a fused"),
         ("apply lora(r=2, init=pissa_niter_4) to *.q_proj", "must be one of"),

@@ -17,6 +17,7 @@ and in merge. Merge writes W' (bias unchanged), computed in fp32 and rounded onc
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -26,9 +27,7 @@ from torch import nn
 from surgery.errors import PlanError
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
-from surgery.methods.base import Problem
 from surgery.methods.lora import LoRA, LoRAAdapter
-from surgery.methods.lora_init import RESIDUAL_INITS
 
 
 def direction(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
@@ -76,14 +75,14 @@ class DoRA(LoRA):
     mergeable = True
     acts_on_parts = False  # its norm is over whole rows of a Linear's [out, in] weight
     layer_kinds = ()  # PEFT's DoRA on Embedding and convs is not implemented here: refused
-
-    def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
-        if args["init"] in RESIDUAL_INITS:  # its norm would have to read W - s·B₀A₀
-            return Problem(
-                f"dora supports init=kaiming or init=gaussian, not init={args['init']}",
-                argument="init",
-            )
-        return super().check_target(module, args)
+    # LoRA's parameters, without the inits from the weight (pissa, olora): the norm would have
+    # to read W - s·B₀A₀ instead of the module's weight
+    params = tuple(
+        replace(p, choices=("kaiming", "gaussian"), doc="initialization of A (B is always zero)")
+        if p.name == "init"
+        else p
+        for p in LoRA.params
+    )
 
     def parameter_shapes(
         self, module: nn.Module, args: dict[str, Any]
