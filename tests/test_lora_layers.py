@@ -56,32 +56,46 @@ def perturb(model: nn.Module, seed: int = 1) -> None:
                     tensor.copy_(0.3 * torch.randn(tensor.shape, generator=generator))
 
 
-def peft_twin(model: nn.Module, ours: nn.Module, targets: list[str], r: int, alpha: float):
-    """PEFT's LoRA on a copy of `model` (before surgery), holding the same A and B as `ours`."""
-    reference = get_peft_model(
-        copy.deepcopy(model), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets)
-    )
+def peft_twin(
+    model: nn.Module, ours: nn.Module, targets: list[str], r: int, alpha: float, same_m: bool = True
+):
+    """PEFT's LoRA (DoRA for a dora rule) on a copy of `model` (before surgery), holding the
+    same tensors as `ours` (DoRA's magnitude kept as PEFT initialized it unless `same_m`).
+    PEFT's magnitude is [1, out, 1, ...] on a conv, surgery's [out]."""
+    method = next(iter(sites(ours).values())).edits[0].method
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_dora=method == "dora")
+    reference = get_peft_model(copy.deepcopy(model), config)
     layers = {n.removeprefix("base_model.model."): m for n, m in reference.named_modules()}
     with torch.no_grad():
         for path, site in sites(ours).items():
-            lora, layer = site.edit_module("lora"), layers[path]
+            edit, layer = site.edit_module(method), layers[path]
             if hasattr(layer, "lora_embedding_A") and "default" in layer.lora_embedding_A:
-                layer.lora_embedding_A["default"].copy_(lora.A)
-                layer.lora_embedding_B["default"].copy_(lora.B)
+                layer.lora_embedding_A["default"].copy_(edit.A)
+                layer.lora_embedding_B["default"].copy_(edit.B)
             else:
-                layer.lora_A["default"].weight.copy_(lora.A)
-                layer.lora_B["default"].weight.copy_(lora.B)
+                layer.lora_A["default"].weight.copy_(edit.A)
+                layer.lora_B["default"].weight.copy_(edit.B)
+            if method == "dora" and same_m:
+                magnitude = layer.lora_magnitude_vector["default"].weight
+                magnitude.copy_(edit.m.reshape(magnitude.shape))
     return reference
 
 
 def check_against_peft(model, rules, targets, r, alpha, run) -> None:
     """Identity at insertion, PEFT's outputs and counts, merge (= unmerged, = PEFT's merged
-    weights) and remove (bit-exact), for one LoRA rule over `model`."""
+    weights) and remove (bit-exact), for one LoRA or DoRA rule over `model`."""
     original = copy.deepcopy(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     before = run(model)
     report = rewrite(model, rules)
     assert torch.equal(run(model), before)  # insertion is an identity, bit for bit
+    method = next(iter(sites(model).values())).edits[0].method
+    if method == "dora":  # the initial magnitude is PEFT's (the table's or kernel's norms)
+        initial = peft_twin(original, model, targets, r, alpha, same_m=False)
+        for path, site in sites(model).items():
+            layer = dict(initial.named_modules())[f"base_model.model.{path}"]
+            theirs = layer.lora_magnitude_vector["default"].weight.flatten()
+            torch.testing.assert_close(site.edit_module("dora").m, theirs, rtol=1e-6, atol=0)
     perturb(model)
     reference = peft_twin(original, model, targets, r, alpha)
     out = run(model)
@@ -89,11 +103,11 @@ def check_against_peft(model, rules, targets, r, alpha, run) -> None:
     assert (report.trainable, report.total) == reference.get_nb_trainable_parameters()
 
     removed = copy.deepcopy(model)
-    rewrite(removed, "remove lora")
+    rewrite(removed, f"remove {method}")
     assert list(removed.state_dict()) == list(state)
     assert all(torch.equal(removed.state_dict()[k], v) for k, v in state.items())
 
-    rewrite(model, "merge lora")
+    rewrite(model, f"merge {method}")
     assert not sites(model)
     torch.testing.assert_close(run(model), out, rtol=1e-5, atol=1e-5)
     theirs = reference.merge_and_unload().state_dict()
@@ -133,6 +147,24 @@ def test_conv_layers_match_peft() -> None:
     check_against_peft(
         conv_net(), "apply lora(r=2, alpha=4) to ** : Conv1d, ** : Conv2d", CONVS, 2, 4,
         lambda m: m(X),
+    )
+
+
+def test_dora_on_conv_layers_matches_peft() -> None:
+    check_against_peft(
+        conv_net(), "apply dora(r=2, alpha=4) to ** : Conv1d, ** : Conv2d", CONVS, 2, 4,
+        lambda m: m(X),
+    )
+
+
+def test_dora_on_embedding_matches_peft() -> None:
+    check_against_peft(
+        tiny("llama").eval(),
+        "apply dora(r=4, alpha=8) to model.embed_tokens",
+        ["embed_tokens"],
+        4,
+        8,
+        lambda m: m(IDS).logits,
     )
 
 
@@ -176,8 +208,8 @@ def test_tied_embedding_applies_but_merge_is_refused() -> None:
         (nn.Embedding(10, 4), "lora(r=2, init=gaussian)", "init"),
         (nn.Embedding(10, 4), "lora(r=2, init=pissa)", "init"),
         (nn.Conv2d(4, 4, 3), "lora(r=2, init=olora)", "init"),
-        (nn.Embedding(10, 4), "dora(r=2)", "dora attaches to Linear"),
-        (nn.Conv2d(4, 4, 3), "dora(r=2)", "dora attaches to Linear"),
+        (nn.Conv2d(4, 4, 3, groups=2), "dora(r=2)", "grouped"),
+        (nn.Embedding(10, 4), "dora(r=2, dropout=0.1)", "dropout"),
     ],
 )
 def test_what_peft_cannot_do_exactly_is_refused(module, call, complaint) -> None:
@@ -198,12 +230,15 @@ def test_a_subclass_with_its_own_forward_is_refused() -> None:
         rewrite(nn.Sequential(Scaled(10, 4)), "apply lora(r=2) to 0")
 
 
-def test_half_precision_embedding_and_conv_keep_fp32_adapters() -> None:
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_half_precision_embedding_and_conv_keep_fp32_adapters(method: str) -> None:
     model = nn.Sequential(nn.Embedding(10, 6), nn.Conv1d(4, 6, 3)).to(torch.bfloat16)
-    rewrite(model, "apply lora(r=2) to 0, 1")
-    perturb(model)
-    assert sites(model)["0"].edit_module("lora").A.dtype == torch.float32
     ids, x = torch.tensor([[1, 2, 3]]), torch.randn(1, 4, 5, dtype=torch.bfloat16)
+    before = model[0](ids), model[1](x)
+    rewrite(model, f"apply {method}(r=2) to 0, 1")
+    assert torch.equal(model[0](ids), before[0]) and torch.equal(model[1](x), before[1])
+    perturb(model)
+    assert sites(model)["0"].edit_module(method).A.dtype == torch.float32
     emb, conv = model[0](ids), model[1](x)
     assert emb.dtype == conv.dtype == torch.bfloat16
     rewrite(model, "merge")
@@ -212,7 +247,7 @@ def test_half_precision_embedding_and_conv_keep_fp32_adapters() -> None:
 
 
 class Mixed(nn.Module):
-    """An Embedding, a Conv1d, a Conv2d and a Linear: every LoRA layer kind in one graph."""
+    """An Embedding, a Conv1d, a Conv2d and a Linear: every LoRA/DoRA layer kind in one graph."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -226,13 +261,16 @@ class Mixed(nn.Module):
         return self.out(h.transpose(1, 2))
 
 
-def test_every_layer_kind_and_pissa_compile_in_one_graph() -> None:
+def test_every_layer_kind_dora_and_pissa_compile_in_one_graph() -> None:
     import torch._dynamo
     from test_compile import assert_compiles_like_eager
     from torch._dynamo.utils import counters
 
     model = Mixed()
-    rewrite(model, "apply lora(r=2) to emb, c1, c2\napply lora(r=2, init=pissa) to out")
+    rewrite(
+        model,
+        "apply dora(r=2) to emb, c2\napply lora(r=2) to c1\napply lora(r=2, init=pissa) to out",
+    )
     perturb(model)
     ids = torch.tensor([[0, 3, 5, 19], [1, 2, 0, 4]])
     torch._dynamo.reset()

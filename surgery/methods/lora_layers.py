@@ -32,7 +32,7 @@ from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods.base import Problem
 
 EMBEDDING, CONV = "embedding", "conv"
-_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d}
+CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d}
 _CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d)
 
 
@@ -171,7 +171,7 @@ def emit_layer(b: GraphBuilder) -> None:
         )
         h = b.function(F.linear, rows, B)
     else:
-        conv = _CONV_FUNCTIONS[b.edit.option("dims")]
+        conv = CONV_FUNCTIONS[b.edit.option("dims")]
         low = b.function(conv, x, A, None, b.edit.option("stride"), b.edit.option("padding"))
         h = b.function(conv, low, B)
     b.set_output(b.function(operator.add, b.value, h))
