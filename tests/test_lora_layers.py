@@ -279,3 +279,36 @@ def test_every_layer_kind_dora_and_pissa_compile_in_one_graph() -> None:
         assert_compiles_like_eager(model, lambda m: m(ids), backend_name="eager")
     finally:
         torch._dynamo.reset()
+
+
+def test_streaming_checkpoint_merge_agrees_with_the_in_memory_merge(tmp_path) -> None:
+    """The checkpoint merge goes through the same pure `merged`: embedding LoRA, embedding
+    DoRA and a PiSSA-initialized projection, merged from files, equal the in-memory merge."""
+    from safetensors import safe_open
+
+    from surgery.io import write_adapter_dir
+    from surgery.io.checkpoint import merge_checkpoint
+
+    tiny("llama").save_pretrained(tmp_path / "base")
+    model = tiny("llama").eval()
+    rules = (
+        "apply lora(r=2) to model.embed_tokens\n"
+        "apply dora(r=2) to model.embed_tokens as d\n"
+        "apply lora(r=2, init=pissa) to model.layers.0.self_attn.q_proj"
+    )
+    with pytest.raises(PlanError, match="first edit"):  # dora reads the table's own weight
+        rewrite(copy.deepcopy(model), rules)
+    rules = "\n".join(rules.splitlines()[1:])
+    report = rewrite(model, rules)
+    perturb(model)
+    write_adapter_dir(model, tmp_path / "adapter", rules_text=rules, plan=report.plan)
+    unmerged = model(IDS).logits
+    rewrite(model, "merge")
+    torch.testing.assert_close(model(IDS).logits, unmerged, rtol=1e-5, atol=1e-5)
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progress=False)
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
+        streamed = {k: f.get_tensor(k) for k in f.keys()}
+    merged = model.state_dict()
+    assert {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"} <= set(streamed)
+    for key, tensor in streamed.items():
+        torch.testing.assert_close(tensor, merged[key], rtol=1e-6, atol=1e-6)
