@@ -63,7 +63,11 @@ def peft_twin(
     same tensors as `ours` (DoRA's magnitude kept as PEFT initialized it unless `same_m`).
     PEFT's magnitude is [1, out, 1, ...] on a conv, surgery's [out]."""
     method = next(iter(sites(ours).values())).edits[0].method
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_dora=method == "dora")
+    lora_bias = any(hasattr(s.edit_module(method), "bias") for s in sites(ours).values())
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=targets, use_dora=method == "dora",
+        lora_bias=lora_bias,
+    )
     reference = get_peft_model(copy.deepcopy(model), config)
     layers = {n.removeprefix("base_model.model."): m for n, m in reference.named_modules()}
     with torch.no_grad():
@@ -75,6 +79,8 @@ def peft_twin(
             else:
                 layer.lora_A["default"].weight.copy_(edit.A)
                 layer.lora_B["default"].weight.copy_(edit.B)
+                if lora_bias:
+                    layer.lora_B["default"].bias.copy_(edit.bias)
             if method == "dora" and same_m:
                 magnitude = layer.lora_magnitude_vector["default"].weight
                 magnitude.copy_(edit.m.reshape(magnitude.shape))
@@ -150,6 +156,25 @@ def test_conv_layers_match_peft() -> None:
     )
 
 
+def test_lora_bias_matches_peft() -> None:
+    model = nn.Sequential(conv_net(), nn.Linear(18, 3))  # over the last (length) axis
+    check_against_peft(
+        model, "apply lora(r=2, alpha=4, bias=true) to 0.c2, 0.c1, 0.p1, 1",
+        ["0.c2", "0.c1", "0.p1", "1"], 2, 4, lambda m: m(X),
+    )
+
+
+def test_lora_bias_without_a_base_bias_trains_but_does_not_merge() -> None:
+    model = conv_net()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = rewrite(model, "apply lora(r=2, bias=true) to p2")
+    assert report.trainable == 2 * (6 + 5) + 5
+    with pytest.raises(PlanError, match="merge"):
+        rewrite(model, "merge")
+    rewrite(model, "remove lora")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
 def test_dora_on_conv_layers_matches_peft() -> None:
     check_against_peft(
         conv_net(), "apply dora(r=2, alpha=4) to ** : Conv1d, ** : Conv2d", CONVS, 2, 4,
@@ -207,6 +232,8 @@ def test_tied_embedding_applies_but_merge_is_refused() -> None:
         (nn.Embedding(10, 4), "lora(r=2, dropout=0.1)", "dropout"),
         (nn.Embedding(10, 4), "lora(r=2, init=gaussian)", "init"),
         (nn.Embedding(10, 4), "lora(r=2, init=pissa)", "init"),
+        (nn.Embedding(10, 4), "lora(r=2, bias=true)", "bias"),
+        (nn.Linear(4, 4), "dora(r=2, bias=true)", "no parameter 'bias'"),
         (nn.Conv2d(4, 4, 3), "lora(r=2, init=olora)", "init"),
         (nn.Conv2d(4, 4, 3, groups=2), "dora(r=2)", "grouped"),
         (nn.Embedding(10, 4), "dora(r=2, dropout=0.1)", "dropout"),

@@ -78,11 +78,13 @@ class DoRA(LoRA):
     acts_on_parts = False  # its norm is over whole rows of a Linear's [out, in] weight
     # LoRA's parameters, without the inits from the weight (pissa, olora): the norm would have
     # to read W - s·B₀A₀ instead of the module's weight
+    # (nor the branch bias: PEFT's DoRA would scale it by g)
     params = tuple(
         replace(p, choices=("kaiming", "gaussian"), doc="initialization of A (B is always zero)")
         if p.name == "init"
         else p
         for p in LoRA.params
+        if p.name != "bias"
     )
 
     def parameter_shapes(

@@ -39,6 +39,13 @@ from surgery.methods.base import (
     positive,
     require_linear,
 )
+from surgery.methods.lora_bias import (
+    add_bias,
+    bias_options,
+    branch_bias,
+    check_bias,
+    merged_bias,
+)
 from surgery.methods.lora_init import (
     RESIDUAL_INITS,
     check_residual_init,
@@ -167,6 +174,7 @@ class LoRA(Method):
             "LoRA+: B's learning rate over A's in surgery.param_groups (the paper suggests 16)",
             check=positive,
         ),
+        Param("bias", bool, False, "a trained bias on B (PEFT's lora_bias), merged into the bias"),
     )
 
     # the layer kinds beyond Linear/Conv1D this method attaches to (surgery/methods/lora_layers.py)
@@ -175,10 +183,14 @@ class LoRA(Method):
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
         kind = layer_kind(module)
         if kind in self.layer_kinds:
-            return check_layer(self.name, kind, module, args) or check_residual_init(
-                self.name, module, args
+            return (
+                check_layer(self.name, kind, module, args)
+                or check_residual_init(self.name, module, args)
+                or check_bias(self.name, module, args)
             )
-        problem = check_residual_init(self.name, module, args)
+        problem = check_residual_init(self.name, module, args) or check_bias(
+            self.name, module, args
+        )
         if problem is not None:
             return problem
         dims = projection_dims(module) if self.acts_on_parts else None
@@ -214,12 +226,15 @@ class LoRA(Method):
         self, module: nn.Module, args: dict[str, Any]
     ) -> dict[str, tuple[int, ...]]:
         kind = layer_kind(module)
-        if kind in self.layer_kinds:
-            return layer_shapes(kind, module, args["r"])
-        n_in, n_out = _dims(module)
+        if kind in self.layer_kinds or args.get("parts") is None:
+            shapes = (
+                layer_shapes(kind, module, args["r"])
+                if kind in self.layer_kinds
+                else {"A": (args["r"], _dims(module)[0]), "B": (_dims(module)[1], args["r"])}
+            )
+            return {**shapes, "bias": shapes["B"][:1]} if args.get("bias") else shapes
+        n_in = _dims(module)[0]
         r, parts = args["r"], args.get("parts")
-        if parts is None:
-            return {"A": (r, n_in), "B": (n_out, r)}
         shapes: dict[str, tuple[int, ...]] = {}
         for name in parts.names:  # per part: r · (in + rows)
             shapes[f"{name}.A"] = (r, n_in)
@@ -240,14 +255,17 @@ class LoRA(Method):
             options += layer_options(kind, module)
         if args["init"] in RESIDUAL_INITS:
             options += (("residual", True),)
-        return EditKey(name, self.name, options)
+        return EditKey(name, self.name, options + bias_options(module, args))
 
     def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:
         weight = module.weight
         kind = layer_kind(module)
         if kind in self.layer_kinds:
             A, B = layer_factors(kind, module, args, adapter_dtype(weight))
-            return LoRAAdapter(A, B, scaling(args), args["dropout"], args["lr_ratio"])
+            adapter = LoRAAdapter(A, B, scaling(args), args["dropout"], args["lr_ratio"])
+            if args.get("bias"):
+                add_bias(adapter)
+            return adapter
         parts: Parts | None = args.get("parts")
         n_in, n_out = _dims(module)
         if parts is None:
@@ -275,6 +293,8 @@ class LoRA(Method):
         adapter = LoRAAdapter(A, B, scaling(args), args["dropout"], args["lr_ratio"])
         if residual:
             keep_initial(adapter)
+        if args.get("bias"):
+            add_bias(adapter)
         return adapter
 
     @staticmethod
@@ -296,27 +316,39 @@ class LoRA(Method):
         x = b.input
         if b.edit.option("dropout"):
             x = b.module("dropout", x)
-        A, B = b.attr("A"), b.attr("B")
+        A, B, dtype = b.attr("A"), b.attr("B"), None
         if b.edit.option("cast"):
             dtype = b.function(getattr, x, "dtype")
             A, B = b.method("to", A, dtype), b.method("to", B, dtype)
         if b.edit.option("scaling") != 1.0:
             B = b.function(operator.mul, B, b.edit.option("scaling"))
-        h = b.function(F.linear, b.function(F.linear, x, A), B)
+        bias = branch_bias(b, dtype)
+        h = b.function(F.linear, b.function(F.linear, x, A), B, bias)
         b.set_output(b.function(operator.add, b.value, h))
 
     def merged(
         self, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], key: EditKey
     ) -> dict[str, torch.Tensor]:
-        """The new layer kinds and the residual inits (Linear and Conv1D: `merge` below)."""
+        """The new layer kinds, the residual inits and the bias (Linear and Conv1D: `merge`)."""
         if key.option("layer") is not None:
-            return merged_layer(weights, tensors, key)
-        if key.option("residual"):
-            return merged_residual(weights, tensors, key)
-        raise NotImplementedError
+            changed = merged_layer(weights, tensors, key)
+        elif key.option("residual"):
+            changed = merged_residual(weights, tensors, key)
+        elif key.option("lora_bias"):  # a whole nn.Linear
+            delta = tensors["B"] @ tensors["A"]
+            changed = {"weight": weights["weight"] + key.option("scaling") * delta}
+        else:
+            raise NotImplementedError
+        if key.option("lora_bias"):
+            changed.update(merged_bias(weights, tensors, key.option("scaling")))
+        return changed
+
+    def can_merge(self, options: dict[str, Any]) -> bool:
+        """A branch bias merges into the base's bias: not without one."""
+        return not options.get("lora_bias") or bool(options.get("base_bias"))
 
     def merge(self, base: nn.Module, adapter: nn.Module, key: EditKey | None = None) -> None:
-        if key is not None and (key.option("layer") is not None or key.option("residual")):
+        if key is not None and any(key.option(o) for o in ("layer", "residual", "lora_bias")):
             Method.merge(self, base, adapter, key)  # through the pure `merged`
             return
         if base.weight.is_meta:

@@ -30,6 +30,7 @@ from torch import nn
 
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods.base import Problem
+from surgery.methods.lora_bias import branch_bias
 
 RESIDUAL_INITS = ("pissa", "olora")
 
@@ -80,7 +81,7 @@ def emit_residual(b: GraphBuilder) -> None:
     input, as PEFT's residual weight sees it."""
     x = b.input
     dropped = b.module("dropout", x) if b.edit.option("dropout") else x
-    factors = [b.attr(name) for name in ("A", "B", "A0", "B0")]
+    factors, dtype = [b.attr(name) for name in ("A", "B", "A0", "B0")], None
     if b.edit.option("cast"):
         dtype = b.function(getattr, x, "dtype")
         factors = [b.method("to", t, dtype) for t in factors]
@@ -88,7 +89,7 @@ def emit_residual(b: GraphBuilder) -> None:
     s = b.edit.option("scaling")
     if s != 1.0:
         B, B0 = b.function(operator.mul, B, s), b.function(operator.mul, B0, s)
-    h = b.function(F.linear, b.function(F.linear, dropped, A), B)
+    h = b.function(F.linear, b.function(F.linear, dropped, A), B, branch_bias(b, dtype))
     h0 = b.function(F.linear, b.function(F.linear, x, A0), B0)
     b.set_output(b.function(operator.add, b.value, b.function(operator.sub, h, h0)))
 

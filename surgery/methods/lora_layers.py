@@ -30,6 +30,7 @@ from torch import nn
 
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods.base import Problem
+from surgery.methods.lora_bias import branch_bias
 
 EMBEDDING, CONV = "embedding", "conv"
 CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d}
@@ -152,7 +153,7 @@ def emit_layer(b: GraphBuilder) -> None:
     x = b.input
     if b.edit.option("dropout"):
         x = b.module("dropout", x)
-    A, B = b.attr("A"), b.attr("B")
+    A, B, dtype = b.attr("A"), b.attr("B"), None
     if b.edit.option("cast"):  # ids carry no float dtype: the output's dtype is the one
         dtype = b.function(getattr, b.value if embedding else x, "dtype")
         A, B = b.method("to", A, dtype), b.method("to", B, dtype)
@@ -173,7 +174,7 @@ def emit_layer(b: GraphBuilder) -> None:
     else:
         conv = CONV_FUNCTIONS[b.edit.option("dims")]
         low = b.function(conv, x, A, None, b.edit.option("stride"), b.edit.option("padding"))
-        h = b.function(conv, low, B)
+        h = b.function(conv, low, B, branch_bias(b, dtype))
     b.set_output(b.function(operator.add, b.value, h))
 
 
