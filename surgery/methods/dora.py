@@ -17,6 +17,7 @@ and in merge. Merge writes W' (bias unchanged), computed in fp32 and rounded onc
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from surgery.errors import PlanError
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
 from surgery.methods.lora import LoRA, LoRAAdapter
+from surgery.methods.lora_layers import layer_kind
 
 
 def direction(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
@@ -75,20 +77,35 @@ class DoRA(LoRA):
     summary = "LoRA direction update with a learned magnitude per output row (weight-decomposed)"
     paper = "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (arXiv:2402.09353)"
     acts_on_parts = False  # its norm is over whole rows of a Linear's [out, in] weight
+    # LoRA's parameters, without the inits from the weight (pissa, olora): the norm would have
+    # to read W - s·B₀A₀ instead of the module's weight
+    # (nor the branch bias: PEFT's DoRA would scale it by g)
+    params = tuple(
+        replace(p, choices=("kaiming", "gaussian"), doc="initialization of A (B is always zero)")
+        if p.name == "init"
+        else p
+        for p in LoRA.params
+        if p.name != "bias"
+    )
 
     def parameter_shapes(
         self, module: nn.Module, args: dict[str, Any]
     ) -> dict[str, tuple[int, ...]]:
-        return {**super().parameter_shapes(module, args), "m": (module.out_features,)}
+        shapes = super().parameter_shapes(module, args)
+        return {**shapes, "m": (shapes["B"][0],)}  # one per output feature
 
     def edit_key(self, name: str, module: nn.Module, args: dict[str, Any]) -> EditKey:
         key = super().edit_key(name, module, args)
-        return EditKey(name, self.name, (*key.options, ("bias", module.bias is not None)))
+        bias = getattr(module, "bias", None) is not None  # an Embedding has none
+        return EditKey(name, self.name, (*key.options, ("bias", bias)))
 
     def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:
         lora = super().build(module, args)
-        m = torch.empty(module.out_features, dtype=lora.A.dtype, device=lora.A.device)
-        if not m.is_meta:
+        m = torch.empty(lora.B.shape[0], dtype=lora.A.dtype, device=lora.A.device)
+        kind = layer_kind(module)
+        if not m.is_meta and kind is not None:
+            m = _layers().layer_weight_norm(kind, module.weight, lora.A, lora.B, lora.scaling)
+        elif not m.is_meta:
             m = weight_norm(module.weight, lora.A, lora.B, lora.scaling)
         return DoRAAdapter(
             lora.A, lora.B, nn.Parameter(m), lora.scaling, args["dropout"], args["lr_ratio"]
@@ -105,6 +122,9 @@ class DoRA(LoRA):
                 "reads the module's own weight",
                 hint="apply dora before the other methods on the same module, or remove them",
             )
+        if b.edit.option("layer") is not None:
+            _layers().emit_dora_layer(b)
+            return
         x = b.input
         if b.edit.option("dropout"):
             x = b.module("dropout", x)
@@ -133,8 +153,18 @@ class DoRA(LoRA):
     def merged(
         self, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], key: EditKey
     ) -> dict[str, torch.Tensor]:
-        """W' = m ⊙ V / ||V||_c (the bias is unchanged)."""
+        """W' = m ⊙ V / ||V||_c (the bias is unchanged); Embedding and conv layers through
+        dora_layers."""
+        if key.option("layer") is not None:
+            return _layers().merged_dora_layer(weights, tensors, key)
         weight = dora_weight(
             weights["weight"], tensors["A"], tensors["B"], tensors["m"], key.option("scaling")
         )
         return {"weight": weight}
+
+
+def _layers() -> Any:
+    """surgery/methods/dora_layers.py, which builds on this module's norm (imported late)."""
+    from surgery.methods import dora_layers
+
+    return dora_layers

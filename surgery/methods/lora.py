@@ -7,9 +7,12 @@ LoRA+ (Hayou et al. 2024, arXiv:2402.12354): `lr_ratio` makes B learn lr_ratio t
 A in the optimizer groups of `surgery.param_groups`; it does not change the graph.
 
 Targets are Linear layers and GPT-2's Conv1D (weight stored `[in, out]`: merge adds the
-transposed update). On parts of a fused projection (`attn.qkv[q, v]`, docs/fused.md) the edit
-holds one independent A/B pair per part; each branch adds into its part's output rows only
-(one `index_add` over the last dimension) and merge writes those rows only.
+transposed update), and nn.Embedding, nn.Conv1d and nn.Conv2d with PEFT's semantics
+(surgery/methods/lora_layers.py). `init=pissa` / `init=olora` start A and B from the weight's
+SVD / QR (surgery/methods/lora_init.py).
+On parts of a fused projection (`attn.qkv[q, v]`, docs/fused.md) the edit holds one
+independent A/B pair per part; each branch adds into its part's output rows only (one
+`index_add` over the last dimension) and merge writes those rows only.
 """
 
 from __future__ import annotations
@@ -35,6 +38,30 @@ from surgery.methods.base import (
     needs_cast,
     positive,
     require_linear,
+)
+from surgery.methods.lora_bias import (
+    add_bias,
+    bias_options,
+    branch_bias,
+    check_bias,
+    merged_bias,
+)
+from surgery.methods.lora_init import (
+    RESIDUAL_INITS,
+    check_residual_init,
+    emit_residual,
+    keep_initial,
+    merged_residual,
+    residual_factors,
+)
+from surgery.methods.lora_layers import (
+    check_layer,
+    emit_layer,
+    layer_factors,
+    layer_kind,
+    layer_options,
+    layer_shapes,
+    merged_layer,
 )
 
 
@@ -65,7 +92,7 @@ class LoRAAdapter(nn.Module):
         return lora_delta(self.A.detach().float(), self.B.detach().float(), self.scaling)
 
     def extra_repr(self) -> str:
-        r, n_in = self.A.shape
+        r, n_in = self.A.shape[:2]
         ratio = f", lr_ratio={self.lr_ratio:g}" if self.lr_ratio != 1.0 else ""
         return f"r={r}, in={n_in}, out={self.B.shape[0]}, scaling={self.scaling:g}{ratio}"
 
@@ -147,8 +174,9 @@ class LoRA(Method):
             "init",
             str,
             "kaiming",
-            "initialization of A (B is always zero)",
-            choices=("kaiming", "gaussian"),
+            "initialization: of A with B zero (kaiming, gaussian; an Embedding's A is zero and "
+            "its B N(0, 1)), or of both from the weight's SVD (pissa) or QR (olora)",
+            choices=("kaiming", "gaussian", *RESIDUAL_INITS),
         ),
         Param("rslora", bool, False, "rank-stabilized scaling s = alpha / sqrt(r)"),
         Param(
@@ -158,17 +186,34 @@ class LoRA(Method):
             "LoRA+: B's learning rate over A's in surgery.param_groups (the paper suggests 16)",
             check=positive,
         ),
+        Param("bias", bool, False, "a trained bias on B (PEFT's lora_bias), merged into the bias"),
     )
 
+    # the layer kinds beyond Linear/Conv1D this method attaches to (surgery/methods/lora_layers.py)
+    layer_kinds: tuple[str, ...] = ("embedding", "conv")
+
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
+        kind = layer_kind(module)
+        if kind in self.layer_kinds:
+            return (
+                check_layer(self.name, kind, module, args)
+                or check_residual_init(self.name, module, args)
+                or check_bias(self.name, module, args)
+            )
+        problem = check_residual_init(self.name, module, args) or check_bias(
+            self.name, module, args
+        )
+        if problem is not None:
+            return problem
         dims = projection_dims(module) if self.acts_on_parts else None
         if dims is None:
             problem = require_linear(self.name, module)
             if problem is not None:
                 if self.acts_on_parts:
                     problem = Problem(
-                        f"{self.name} attaches to Linear layers (and their subclasses) and "
-                        f"GPT-2's Conv1D, not {type(module).__name__}",
+                        f"{self.name} attaches to Linear layers (and their subclasses), "
+                        f"GPT-2's Conv1D, Embedding, Conv1d and Conv2d, not "
+                        f"{type(module).__name__}",
                         hint=problem.hint,
                     )
                 return problem
@@ -192,10 +237,16 @@ class LoRA(Method):
     def parameter_shapes(
         self, module: nn.Module, args: dict[str, Any]
     ) -> dict[str, tuple[int, ...]]:
-        n_in, n_out = _dims(module)
+        kind = layer_kind(module)
+        if kind in self.layer_kinds or args.get("parts") is None:
+            shapes = (
+                layer_shapes(kind, module, args["r"])
+                if kind in self.layer_kinds
+                else {"A": (args["r"], _dims(module)[0]), "B": (_dims(module)[1], args["r"])}
+            )
+            return {**shapes, "bias": shapes["B"][:1]} if args.get("bias") else shapes
+        n_in = _dims(module)[0]
         r, parts = args["r"], args.get("parts")
-        if parts is None:
-            return {"A": (r, n_in), "B": (n_out, r)}
         shapes: dict[str, tuple[int, ...]] = {}
         for name in parts.names:  # per part: r · (in + rows)
             shapes[f"{name}.A"] = (r, n_in)
@@ -209,10 +260,23 @@ class LoRA(Method):
             ("scaling", scaling(args)),
             ("cast", cast),
         )
-        return EditKey(name, self.name, options + merge_options(module, args.get("parts")))
+        kind = layer_kind(module)
+        if kind in self.layer_kinds:
+            options += layer_options(kind, module)
+        if args["init"] in RESIDUAL_INITS:
+            options += (("residual", True),)
+        options += merge_options(module, args.get("parts")) + bias_options(module, args)
+        return EditKey(name, self.name, options)
 
     def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:
         weight = module.weight
+        kind = layer_kind(module)
+        if kind in self.layer_kinds:
+            A, B = layer_factors(kind, module, args, adapter_dtype(weight))
+            adapter = LoRAAdapter(A, B, scaling(args), args["dropout"], args["lr_ratio"])
+            if args.get("bias"):
+                add_bias(adapter)
+            return adapter
         parts: Parts | None = args.get("parts")
         n_in, n_out = _dims(module)
         if parts is None:
@@ -226,16 +290,32 @@ class LoRA(Method):
         dtype, device, r = adapter_dtype(weight), weight.device, args["r"]
         A = nn.Parameter(torch.empty(r, n_in, dtype=dtype, device=device))
         B = nn.Parameter(torch.zeros(n_out, r, dtype=dtype, device=device))
+        residual = args["init"] in RESIDUAL_INITS
         if device.type != "meta":
             with torch.no_grad():
-                if args["init"] == "gaussian":
+                if residual:
+                    a, b = residual_factors(weight, args["init"], r, scaling(args), dtype)
+                    A.copy_(a)
+                    B.copy_(b)
+                elif args["init"] == "gaussian":
                     nn.init.normal_(A, std=1.0 / r)
                 else:
                     nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        return LoRAAdapter(A, B, scaling(args), args["dropout"], args["lr_ratio"])
+        adapter = LoRAAdapter(A, B, scaling(args), args["dropout"], args["lr_ratio"])
+        if residual:
+            keep_initial(adapter)
+        if args.get("bias"):
+            add_bias(adapter)
+        return adapter
 
     @staticmethod
     def emit(b: GraphBuilder) -> None:
+        if b.edit.option("layer") is not None:
+            emit_layer(b)
+            return
+        if b.edit.option("residual"):
+            emit_residual(b)
+            return
         parts = b.edit.option("parts")
         if parts is not None:
             _emit_parts(b, parts)
@@ -247,29 +327,51 @@ class LoRA(Method):
         x = b.input
         if b.edit.option("dropout"):
             x = b.module("dropout", x)
-        A, B = b.attr("A"), b.attr("B")
+        A, B, dtype = b.attr("A"), b.attr("B"), None
         if b.edit.option("cast"):
             dtype = b.function(getattr, x, "dtype")
             A, B = b.method("to", A, dtype), b.method("to", B, dtype)
         if b.edit.option("scaling") != 1.0:
             B = b.function(operator.mul, B, b.edit.option("scaling"))
-        h = b.function(F.linear, b.function(F.linear, x, A), B)
+        bias = branch_bias(b, dtype)
+        h = b.function(F.linear, b.function(F.linear, x, A), B, bias)
         b.set_output(b.function(operator.add, b.value, h))
 
     def merged(
         self, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], key: EditKey
     ) -> dict[str, torch.Tensor]:
-        """W + s · B A, or on parts each part's s · B A added into its rows only."""
-        s, parts = key.option("scaling"), key.option("parts")
-        weight, transposed = weights["weight"], key.option("transposed", False)
-        if parts is None:
-            delta = lora_delta(tensors["A"], tensors["B"], s)
-            return {"weight": with_rows(weight, None, lambda w: w + delta, transposed)}
-        layout = key.option("layout")
-        for name in parts:
-            delta = lora_delta(tensors[f"{name}.A"], tensors[f"{name}.B"], s)
-            weight = with_rows(weight, layout.rows(name), lambda w, d=delta: w + d, transposed)
-        return {"weight": weight}
+        """W + s · B A (on parts each part's s · B A added into its rows only); the other layer
+        kinds, the residual inits and the branch bias through their own pure merges."""
+        if key.option("layer") is not None:
+            changed = merged_layer(weights, tensors, key)
+        elif key.option("residual"):
+            changed = merged_residual(weights, tensors, key)
+        else:
+            changed = {"weight": _merged_weight(weights["weight"], tensors, key)}
+        if key.option("lora_bias"):
+            changed.update(merged_bias(weights, tensors, key.option("scaling")))
+        return changed
+
+    def can_merge(self, options: dict[str, Any]) -> bool:
+        """A branch bias merges into the base's bias: not without one."""
+        has_bias = not options.get("lora_bias") or bool(options.get("base_bias"))
+        return super().can_merge(options) and has_bias
+
+
+def _merged_weight(
+    weight: torch.Tensor, tensors: dict[str, torch.Tensor], key: EditKey
+) -> torch.Tensor:
+    """A Linear's or Conv1D's weight plus s · B A, whole or part by part (each part's rows)."""
+    s, parts = key.option("scaling"), key.option("parts")
+    transposed = key.option("transposed", False)
+    if parts is None:
+        delta = lora_delta(tensors["A"], tensors["B"], s)
+        return with_rows(weight, None, lambda w: w + delta, transposed)
+    layout = key.option("layout")
+    for name in parts:
+        delta = lora_delta(tensors[f"{name}.A"], tensors[f"{name}.B"], s)
+        weight = with_rows(weight, layout.rows(name), lambda w, d=delta: w + d, transposed)
+    return weight
 
 
 def _dims(module: nn.Module) -> tuple[int, int]:
