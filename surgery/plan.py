@@ -456,6 +456,7 @@ class Planner:
         for node, span, _ in matched:
             problem = method.check_target(node.module, with_parts(args, parts.get(id(node))))
             problem = problem or self._site_problem(node)
+            problem = problem or method.check_shared(node.module, args, self._shared(node))
             if problem is not None:
                 problems.append((node, span, problem))
         if not problems:
@@ -630,17 +631,25 @@ class Planner:
     def _check_not_shared(self, st: ast.Merge, node: TreeNode, edit: str) -> None:
         """A merge writes the base's own weights: refuse when another module shares them
         (tied embeddings), since the merge would silently change that module too."""
-        for pnode in node.children.values():
+        for name, others in self._shared(node).items():
+            raise PlanError(
+                f"cannot merge '{edit}' into {node.path}: {node.path}.{name} is shared with "
+                f"{others[0]} (tied weights), which the merge would change as well",
+                span=st.span,
+                hint=f"`remove {edit}` instead, or untie the weights before surgery",
+            )
+
+    def _shared(self, node: TreeNode) -> dict[str, list[str]]:
+        """The module's own parameters that other modules share (tied weights): name -> the
+        other paths of the same tensor."""
+        shared = {}
+        for name, pnode in node.children.items():
             if pnode.kind != "param" or pnode.adapter:
                 continue
             others = [p for p in self.param_paths.get(id(pnode.key), []) if p != pnode.path]
             if others:
-                raise PlanError(
-                    f"cannot merge '{edit}' into {node.path}: {pnode.path} is shared with "
-                    f"{others[0]} (tied weights), which the merge would change as well",
-                    span=st.span,
-                    hint=f"`remove {edit}` instead, or untie the weights before surgery",
-                )
+                shared[name] = others
+        return shared
 
     def freeze(self, st: ast.Freeze) -> None:
         self._set_trainable(st, "freeze", False)
