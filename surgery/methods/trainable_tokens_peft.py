@@ -183,7 +183,9 @@ class TokenIndicesField:
         if isinstance(value, dict):  # PEFT saves the rows of every module an entry picks
             for entry in value:
                 if not any(path.endswith(entry) for path in paths.values()):
-                    raise format_error(f"{self.field} names {entry!r}, but no tensor of it is saved")
+                    raise format_error(
+                        f"{self.field} names {entry!r}, but no tensor of it is saved"
+                    )
         return _import(tensors, paths, ids_for)
 
 
