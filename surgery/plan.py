@@ -631,7 +631,9 @@ class Planner:
     def _check_not_shared(self, st: ast.Merge, node: TreeNode, edit: str) -> None:
         """A merge writes the base's own weights: refuse when another module shares them
         (tied embeddings), since the merge would silently change that module too."""
-        for name, others in self._shared(node).items():
+        shared = self._shared(node)
+        if shared:
+            name, others = next(iter(shared.items()))
             raise PlanError(
                 f"cannot merge '{edit}' into {node.path}: {node.path}.{name} is shared with "
                 f"{others[0]} (tied weights), which the merge would change as well",

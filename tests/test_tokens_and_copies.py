@@ -385,3 +385,25 @@ def test_modules_to_save_of_a_container_imports_as_copies_of_its_parts() -> None
                 if k not in owned})
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_codecs_refuse_what_peft_would_read_differently() -> None:
+    from surgery.io.peft_config import PeftFormatError
+
+    copies, tokens = FIELD_CODECS["modules_to_save"], CODECS["trainable_tokens"]
+    head = Edit("head", "trained_copy", "trained_copy")
+    weight = {"head.trained_copy.weight": torch.ones(2, 2)}
+    with pytest.raises(PeftFormatError, match=r"would also select aux\.head"):
+        copies.export([head], weight, ["head", "aux.head"])  # PEFT matches by suffix
+    a, b = (Edit(p, "trainable_tokens", "trainable_tokens", options=(("ids", ids),))
+            for p, ids in (("a", (1, 2)), ("b", (3,))))
+    with pytest.raises(PeftFormatError, match="one token list"):
+        tokens.export([a, b], {}, ["a", "b"])
+    saved = {"base_model.model.other.weight": torch.ones(2)}
+    with pytest.raises(PeftFormatError, match="not a tensor of a module"):
+        copies.import_({"modules_to_save": ["head"]}, saved, ["head"])
+    with pytest.raises(PeftFormatError, match="none of its tensors is saved"):
+        copies.import_({"modules_to_save": ["head"]}, {}, ["head"])
+    table = {"base_model.model.embed.trainable_tokens_delta": torch.ones(3, 4)}
+    with pytest.raises(PeftFormatError, match=r"expected \[2, dim\]"):
+        tokens.import_({"token_indices": [1, 2]}, table, ["embed"])
