@@ -23,6 +23,7 @@ from surgery.io import write_adapter_dir
 from surgery.io.adapters import live_adapter_tensors
 from surgery.io.checkpoint import merge_checkpoint
 from surgery.io.load import load_adapter
+from surgery.methods import REGISTRY
 from surgery.methods.codec import BY_PEFT_TYPE, CODECS, FIELD_CODECS
 from surgery.models import preset_config, tiny
 
@@ -131,9 +132,26 @@ def test_trainable_tokens_identity_merge_and_remove() -> None:
     assert torch.equal(weight[CHOSEN], values)  # the rows are the values, nothing else moved
     others = [i for i in range(256) if i not in CHOSEN]
     assert torch.equal(weight[others], before[f"{EMBED}.weight"][others])
+    site = model.model.embed_tokens
+    assert_merged_is_pure(site, "trainable_tokens")
     rewrite(model, "remove")
+    assert type(model.model.embed_tokens) is nn.Embedding
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def assert_merged_is_pure(site: Site, edit: str) -> None:
+    """`merged` reads its fp32 inputs and returns new tensors: the inputs are unchanged."""
+    def fp32(module: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+    weights, tensors = fp32(site.base), fp32(site.edit_module(edit))
+    copies = {k: v.clone() for k, v in {**weights, **tensors}.items()}
+    key = next(e for e in site.edits if e.name == edit)
+    changed = REGISTRY[key.method].merged(weights, tensors, key)
+    assert all(torch.equal(v, copies[k]) for k, v in {**weights, **tensors}.items())
+    assert all(changed[k].shape == weights[k].shape and changed[k].dtype == torch.float32
+               for k in changed)
 
 
 def test_trainable_tokens_in_half_precision_keep_fp32_values() -> None:
@@ -256,7 +274,9 @@ def test_trained_copy_identity_gradients_merge_and_remove(target: str) -> None:
         rewrite(merged, "merge")
         assert type(getattr(merged, target)) is type(original)
         assert torch.equal(merged(ids), unmerged)
+    assert_merged_is_pure(getattr(model, target), "trained_copy")
     rewrite(model, "remove")
+    assert type(getattr(model, target)) is type(original)
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
 
