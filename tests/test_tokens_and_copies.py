@@ -64,11 +64,6 @@ def load(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             live[key].copy_(tensor)
 
 
-def peft_counts(model: nn.Module) -> tuple[int, int]:
-    trainable, total = model.get_nb_trainable_parameters()
-    return trainable, total
-
-
 def logits(model: nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model(IDS).logits
@@ -102,7 +97,7 @@ def test_trainable_tokens_equal_peft_logits_counts_and_gradients() -> None:
     theirs = peft.get_peft_model(theirs, config)
     set_peft(theirs, tensors)
     torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
-    assert count_parameters(ours)[0] == peft_counts(theirs)[0] == len(CHOSEN) * 64
+    assert count_parameters(ours)[0] == theirs.get_nb_trainable_parameters()[0] == len(CHOSEN) * 64
 
     for model in (ours, theirs):
         model(IDS).logits.square().mean().backward()
@@ -343,7 +338,7 @@ def test_lora_with_copy_and_tokens_equals_peft_both_ways() -> None:
     set_peft(theirs, tensors)
     theirs.eval()
     torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
-    assert count_parameters(ours)[0] == peft_counts(theirs)[0]
+    assert count_parameters(ours)[0] == theirs.get_nb_trainable_parameters()[0]
 
     # back: a PEFT state dict -> the field codecs take their keys, the host gets the rest
     saved = peft.get_peft_model_state_dict(theirs)
