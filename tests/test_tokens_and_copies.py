@@ -417,6 +417,8 @@ def test_codecs_refuse_what_peft_would_read_differently() -> None:
     saved = {"base_model.model.other.weight": torch.ones(2)}
     with pytest.raises(PeftFormatError, match="not a tensor of a module"):
         copies.import_({"modules_to_save": ["head"]}, saved, ["head"])
+    with pytest.raises(PeftFormatError, match="ensure_weight_tying"):
+        copies.import_({"modules_to_save": ["head"], "ensure_weight_tying": True}, {}, ["head"])
     with pytest.raises(PeftFormatError, match="none of its tensors is saved"):
         copies.import_({"modules_to_save": ["head"]}, {}, ["head"])
     table = {"base_model.model.embed.trainable_tokens_delta": torch.ones(3, 4)}

@@ -57,6 +57,12 @@ class ModulesToSaveField:
     def import_(
         self, config: dict[str, Any], tensors: dict[str, torch.Tensor], module_names: list[str]
     ) -> tuple[str, dict[str, torch.Tensor]]:
+        # with it, PEFT shares a copied embedding's copy with the tied output head
+        if config.get("ensure_weight_tying"):
+            raise format_error(
+                "ensure_weight_tying ties the copy of a tied embedding to the output head, "
+                "which trained_copy does not do"
+            )
         copied = self._copied(config, module_names)
         owners: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in tensors.items():
