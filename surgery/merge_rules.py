@@ -12,6 +12,10 @@ node with its edit), as an `Effect`:
   reads (`base_attr`: DoRA's norm and sparse's difference read the weight), and which other
   edits' nodes it reads.
 
+Every edit must reach the site's output: an edit whose nodes the output does not depend on
+(one before, or feeding the module beneath, an edit that replaces the module's output without
+reading it) would be accepted and do nothing, so building such a site is a PlanError.
+
 A merge may write any tensor of the wrapped module. Merging edit `e` now, while the edits `R`
 stay on the site, is exact when, for every `r` in `R`:
 
@@ -98,9 +102,18 @@ def _effects(graph: fx.Graph, edits: tuple[EditKey, ...]) -> dict[str, Effect]:
     value_chain = {base} | {
         n for n in graph.nodes if REPLACES_META in n.meta and n not in feeds_base
     }
+    live = _ancestors(next(n for n in graph.nodes if n.op == "output"))
     effects = {}
     for edit in edits:
         own = [n for n in graph.nodes if n.meta.get(EDIT_META) == edit.name]
+        if own and not live.intersection(own):
+            raise PlanError(
+                f"edit '{edit.name}' ({edit.method}) would do nothing: the site's output no "
+                "longer depends on it (another edit computes the output without the module's "
+                "own result, which this edit changes or feeds)",
+                hint="an edit that replaces the module's output (trained_copy) must be the first "
+                "on its module, and no edit may transform the module's input after it",
+            )
         outputs = [n for n in own if REPLACES_META in n.meta]
         slots = frozenset(INPUT if n in feeds_base else OUTPUT for n in outputs)
         replaced = {n: by_name[n.meta[REPLACES_META]] for n in outputs}

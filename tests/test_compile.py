@@ -44,6 +44,8 @@ RULES = {
     "lokr": "apply lokr(r=1, decompose_both=true) to attn.<q,v>\napply lokr(r=4) to mlp.down",
     "oft": "apply oft(block_size=8) to attn.<q,v>\n"
     "apply oft(r=2, share=true, cayley=exact, coft=true, eps=0.1) to mlp.down",
+    "trained_copy": "apply trained_copy to mlp.down\napply lora(r=2) to mlp.down",
+    "trainable_tokens": "apply trainable_tokens(ids=[25, 7, 185]) to embed",
 }
 SITE_METHODS = sorted(name for name, method in METHODS.items() if method.level == "module")
 
@@ -150,15 +152,34 @@ def test_every_site_method_has_a_rule() -> None:
     assert not missing, f"add a rule to RULES for: {', '.join(missing)}"
 
 
+class Embedded(nn.Module):
+    """`Block` over a token embedding, for methods that attach to an Embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.block = nn.Embedding(VOCAB, D), Block()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.block(self.embed(ids))
+
+
+def tokens(model: nn.Module) -> torch.Tensor:
+    return model(IDS)
+
+
+ON_TOKENS = {"trainable_tokens"}  # methods whose rule targets `Embedded` (25 and 185 occur in IDS)
+
+
 @pytest.mark.parametrize("method", SITE_METHODS)
 def test_site_method_compiles_in_one_graph(method: str) -> None:
     if method not in RULES:
         pytest.fail(f"no rule for method '{method}'")
-    model = Block()
+    model, call = (Embedded(), tokens) if method in ON_TOKENS else (Block(), plain)
     rewrite(model, RULES[method])
     assert any(e.method == method for s in sites(model) for e in s.edits)
     fill(model)
-    assert_compiles_like_eager(model)
+    assert_compiles_like_eager(model, call)
 
 
 def test_two_edits_stacked_on_one_site_compile() -> None:

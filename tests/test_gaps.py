@@ -184,7 +184,12 @@ TARGETS = {
     "p_tuning": "embed",
     "prefix": "layers.*",
     "p_tuning_v2": "layers.*",
+    "trained_copy": "attn.o",
+    "trainable_tokens": "embed",
 }
+# Methods whose defaults cannot apply: the arguments they need and the model they go on
+# (trainable_tokens refuses the tiny Falcon's embedding, which lm_head shares).
+NEEDS = {"trainable_tokens": ("(ids=[1, 2])", "llama")}
 
 
 def test_every_method_has_a_target() -> None:
@@ -208,9 +213,10 @@ def variants(name: str) -> list[str]:
 def planner_outcome(name: str, arguments: str) -> str | None:
     """What really happens on `merge` after `apply NAME(arguments)`; None when the apply itself
     is refused (e.g. prompt's init=text needs a tokenizer)."""
-    model = tiny("falcon")
+    required, family = NEEDS.get(name, ("", "falcon"))
+    model = tiny(family)
     try:
-        rewrite(model, f"use auto\napply {name}{arguments} to {TARGETS[name]} as edit")
+        rewrite(model, f"use auto\napply {name}{arguments or required} to {TARGETS[name]} as edit")
     except PlanError:
         if not arguments:
             raise  # the defaults always apply

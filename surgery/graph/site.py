@@ -111,7 +111,14 @@ class GraphBuilder:
         return self._tag(self.graph.get_attr(f"base.{name}"))
 
     def module(self, name: str, *args: Any) -> fx.Node:
-        return self._tag(self.graph.call_module(f"{self.edit.name}.{name}", args))
+        """Call a submodule `name` of this edit's module (`module("dropout", x)`), or with
+        `name=""` the edit's module itself (an edit that is a whole module, like a trained copy)."""
+        target = f"{self.edit.name}.{name}" if name else self.edit.name
+        return self._tag(self.graph.call_module(target, args))
+
+    def placeholders(self) -> list[fx.Node]:
+        """Every input of the site, in the wrapped module's signature order."""
+        return [node for node in self.graph.nodes if node.op == "placeholder"]
 
     def function(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
         return self._tag(self.graph.call_function(fn, args, kwargs))

@@ -167,6 +167,16 @@ class Method:
         """Why this method cannot attach to `module` with `args`, or None when it can."""
         raise NotImplementedError
 
+    def check_shared(
+        self, module: nn.Module, args: dict[str, Any], shared: dict[str, list[str]]
+    ) -> Problem | None:
+        """Why this method cannot attach to `module` when other modules share some of its
+        tensors (`shared`: tensor name -> the other paths, e.g. tied embeddings). Most methods
+        change what this one module computes, which is well defined with a shared tensor: None.
+        A method that stands for a change of the tensor itself, which every sharer would have
+        to see, refuses here."""
+        return None
+
     def parameter_shapes(
         self, module: nn.Module, args: dict[str, Any]
     ) -> dict[str, tuple[int, ...]]:

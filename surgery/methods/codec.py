@@ -298,3 +298,38 @@ def check_fields(
             + (shown if len(shown) <= 60 else type(value).__name__),
             hint="check the adapter's adapter_config.json",
         )
+class PeftFieldCodec(Protocol):
+    """A method that PEFT keeps in a field of another adapter's config rather than as an adapter
+    type of its own (`modules_to_save`, LoRA's `trainable_token_indices`). Its tensors sit in
+    the same directory as the host adapter's; io gives the host codec the config and the tensors
+    that no field codec `owns`, and each field codec the tensors it owns."""
+
+    method: str  # the surgery method
+    field: str  # the PEFT config field it rides in
+
+    def export(
+        self, edits: list[Edit], tensors: dict[str, torch.Tensor], module_names: list[str]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The config fields (`{field: ...}`) and PEFT-keyed tensors of these edits, to merge
+        into the host adapter's config and weights (same contract as `PeftCodec.export`)."""
+        ...
+
+    def owns(self, config: dict[str, Any], keys: list[str], module_names: list[str]) -> set[str]:
+        """The PEFT tensor keys (of a directory whose config has this field) that are this
+        method's; the host codec never sees them."""
+        ...
+
+    def import_(
+        self, config: dict[str, Any], tensors: dict[str, torch.Tensor], module_names: list[str]
+    ) -> tuple[str, dict[str, torch.Tensor]]:
+        """This field's edits -> (.surg statements, surgery-keyed tensors), from the tensors it
+        owns (same contract as `PeftCodec.import_`)."""
+        ...
+
+
+FIELD_CODECS: dict[str, PeftFieldCodec] = {}  # PEFT config field -> codec
+
+
+def register_field_codec(codec: PeftFieldCodec) -> PeftFieldCodec:
+    FIELD_CODECS[codec.field] = codec
+    return codec

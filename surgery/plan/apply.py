@@ -140,6 +140,7 @@ def _check_targets(
     for node, span, _ in matched:
         problem = method.check_target(node.module, with_parts(args, parts.get(id(node))))
         problem = problem or _site_problem(planner, node)
+        problem = problem or method.check_shared(node.module, args, planner.shared(node))
         if problem is not None:
             problems.append((node, span, problem))
     if not problems:

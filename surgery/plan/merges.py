@@ -122,14 +122,12 @@ def _order_merges(st: ast.Merge, chosen: Chosen) -> Chosen:
 def _check_not_shared(planner: Planner, st: ast.Merge, node: TreeNode, edit: str) -> None:
     """A merge writes the base's own weights: refuse when another module shares them (tied
     embeddings), since the merge would silently change that module too."""
-    for pnode in node.children.values():
-        if pnode.kind != "param" or pnode.adapter:
-            continue
-        others = [p for p in planner.param_paths.get(id(pnode.key), []) if p != pnode.path]
-        if others:
-            raise PlanError(
-                f"cannot merge '{edit}' into {node.path}: {pnode.path} is shared with "
-                f"{others[0]} (tied weights), which the merge would change as well",
-                span=st.span,
-                hint=f"`remove {edit}` instead, or untie the weights before surgery",
-            )
+    shared = planner.shared(node)
+    if shared:
+        name, others = next(iter(shared.items()))
+        raise PlanError(
+            f"cannot merge '{edit}' into {node.path}: {node.path}.{name} is shared with "
+            f"{others[0]} (tied weights), which the merge would change as well",
+            span=st.span,
+            hint=f"`remove {edit}` instead, or untie the weights before surgery",
+        )

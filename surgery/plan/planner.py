@@ -141,6 +141,18 @@ class Planner:
             )
         )
 
+    def shared(self, node: TreeNode) -> dict[str, list[str]]:
+        """The module's own parameters that other modules share (tied weights): name -> the
+        other paths of the same tensor."""
+        shared = {}
+        for name, pnode in node.children.items():
+            if pnode.kind != "param" or pnode.adapter:
+                continue
+            others = [p for p in self.param_paths.get(id(pnode.key), []) if p != pnode.path]
+            if others:
+                shared[name] = others
+        return shared
+
     def node(self, path: str) -> TreeNode:
         node = self.tree
         for part in path.split(".") if path else ():
