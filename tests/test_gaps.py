@@ -264,6 +264,6 @@ def test_cli_lists_the_merge_outcome(capsys, monkeypatch) -> None:
     assert rows["prompt"][2] == "refused"
     assert rows["p_tuning_v2"][2] == "refused"
     assert rows["adapter"][2] == rows["parallel_adapter"][2] == "refused"
-    assert rows["lora"][2] == "folds"
+    assert rows["lora"][2] == "folds; refused with bias=true"  # on a module without a bias
     assert rows["p_tuning"][2] == "bakes"
     assert rows["prefix"][2] == "bakes; refused with reparam=false"
