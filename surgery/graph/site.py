@@ -3,6 +3,11 @@
 A site's graph calls the original module as submodule `base` and adds each edit's nodes
 (a low-rank branch, a scaling, ...). `print(site.code)` shows exactly what runs.
 
+The `base` hop is this package's business alone: a site is transparent in the state dict (the
+wrapped module's tensors keep their own keys, `q_proj.weight`, and each edit's tensors sit beside
+them, `q_proj.lora.A`), so a checkpoint of a rewritten model loads into the plain architecture,
+and outside `surgery/graph/` code sees the model through `surgery.graph.logical`.
+
 Graphs are *templates*: every site with the same structure (same base signature, same edits
 with the same static options) shares one fx.Graph and one compiled `forward`, held by a
 per-structure subclass of `Site`. Building a GraphModule costs ~1.5 ms (code generation and
@@ -14,6 +19,7 @@ edits works on a copy of the graph, so templates are never mutated once publishe
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -26,6 +32,7 @@ from torch.fx.graph_module import _forward_from_src
 
 from surgery.graph.compare import same_structure
 
+BASE = "base"  # the site's submodule that is the wrapped module (and the fx call target)
 EDIT_META = "surgery_edit"  # node.meta key: the name of the edit that created the node
 REPLACES_META = "surgery_replaces"  # on an edit's output node: the name of the node it replaced
 
@@ -108,7 +115,7 @@ class GraphBuilder:
 
     def base_attr(self, name: str) -> fx.Node:
         """A tensor of the wrapped module, e.g. `base_attr("weight")` -> self.base.weight."""
-        return self._tag(self.graph.get_attr(f"base.{name}"))
+        return self._tag(self.graph.get_attr(f"{BASE}.{name}"))
 
     def module(self, name: str, *args: Any) -> fx.Node:
         return self._tag(self.graph.call_module(f"{self.edit.name}.{name}", args))
@@ -156,7 +163,7 @@ class Site(fx.GraphModule):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            base = self._modules.get("base")
+            base = self._modules.get(BASE)
             if base is None or name.startswith("_"):
                 raise
             return getattr(base, name)
@@ -175,12 +182,97 @@ class Site(fx.GraphModule):
     def __str__(self) -> str:
         return nn.Module.__str__(self)
 
+    # ---- transparent in the state dict ----------------------------------------------------
+
+    def state_dict(  # type: ignore[override]
+        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
+    ) -> Any:
+        """The wrapped module's entries under their own keys (`q_proj.weight`, not
+        `q_proj.base.weight`), each edit's beside them (`q_proj.lora.A`): the keys of the plain
+        model plus the adapters', so a Trainer or `save_pretrained` checkpoint loads into the
+        plain architecture. nn.Module builds the entries; only their keys change here."""
+        if args:  # nn.Module's deprecated positional form: (destination, prefix, keep_vars)
+            destination, prefix, keep_vars = (*args, destination, prefix, keep_vars)[:3]
+        own = super().state_dict(prefix=prefix, keep_vars=keep_vars)
+        if destination is None:
+            destination = OrderedDict()
+            destination._metadata = OrderedDict()  # type: ignore[attr-defined]
+        hop = f"{prefix}{BASE}."
+        for key, value in own.items():
+            logical = prefix + key[len(hop) :] if key.startswith(hop) else key
+            if logical in destination:
+                raise RuntimeError(f"state dict key {logical} of a site is taken twice")
+            destination[logical] = value
+        if hasattr(destination, "_metadata"):
+            # the wrapped module's metadata (its `version`) under its logical path, where a
+            # plain model looks for it; the physical entries stay for a load into a site
+            for path, meta in own._metadata.items():  # type: ignore[attr-defined]
+                destination._metadata[path] = meta
+                if path == hop[:-1]:
+                    destination._metadata[prefix[:-1]] = meta
+                elif path.startswith(hop):
+                    destination._metadata[prefix + path[len(hop) :]] = meta
+        return destination
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Read keys as `state_dict` writes them: every key below the site that is not an edit's
+        goes to the wrapped module. nn.Module loads this site's children from the same dict
+        right after (which is why it is renamed in place); `_report_logical_keys` then names
+        what they report missing, unexpected or mismatched by the keys the caller gave."""
+        hop = f"{prefix}{BASE}."
+        edits = {e.name for e in self._surgery_edits}
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix) :]
+            if rest.partition(".")[0] not in edits:
+                state_dict[hop + rest] = state_dict.pop(key)
+        self.__dict__["_surgery_loading"] = (
+            prefix,
+            [(found, len(found)) for found in (missing_keys, unexpected_keys, error_msgs)],
+        )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def _report_logical_keys(site: nn.Module, incompatible: Any) -> None:
+    """Load post-hook of every site (it runs once the wrapped module has loaded): the keys its
+    subtree reported (`q_proj.base.weight` missing, a size mismatch) named as the caller's
+    state dict names them (`q_proj.weight`)."""
+    loading = site.__dict__.pop("_surgery_loading", None)
+    if loading is None:
+        return
+    prefix, reported = loading
+    hop = f"{prefix}{BASE}."
+    for found, start in reported:
+        found[start:] = [entry.replace(hop, prefix) for entry in found[start:]]
+
+
+def is_base_call(node: fx.Node) -> bool:
+    """Whether a site graph's node is the call of the wrapped module."""
+    return node.op == "call_module" and node.target == BASE
+
+
+def base_attribute(node: fx.Node) -> str | None:
+    """The wrapped module's tensor a `get_attr` node reads (`weight`), else None."""
+    if node.op != "get_attr" or not str(node.target).startswith(f"{BASE}."):
+        return None
+    return str(node.target).removeprefix(f"{BASE}.")
+
 
 def is_reserved_edit_name(name: str) -> bool:
     """Edit names become attributes of the site (`self.<name>.A` in its code): they must not
     hide the wrapped module, a Site/GraphModule attribute, or an nn.Module internal."""
     return (
-        name == "base"
+        name == BASE
         or name.startswith("_")
         or hasattr(Site, name)
         or name in ("training", "meta", "shape_env")
@@ -204,7 +296,7 @@ def _base_graph(signature: Signature) -> tuple[fx.Graph, fx.Node, fx.Node]:
     placeholders = [
         graph.placeholder(name, default_value=default) for name, default in signature.params
     ]
-    base = graph.call_module("base", tuple(placeholders))
+    base = graph.call_module(BASE, tuple(placeholders))
     return graph, placeholders[0], base
 
 
@@ -247,11 +339,12 @@ def _instantiate(cls: type[Site], base: nn.Module, adapters: dict[str, nn.Module
     site = object.__new__(cls)
     nn.Module.__init__(site)
     site.training = base.training
-    site._modules["base"] = base
+    site._modules[BASE] = base
     for name, adapter in adapters.items():
         adapter.train(base.training)  # a new adapter must not train (dropout) in an eval model
         site._modules[name] = adapter
     site.__dict__.update(_graph_module_state(cls))
+    site.register_load_state_dict_post_hook(_report_logical_keys)
     return site
 
 
@@ -283,7 +376,7 @@ def _rebuild_site(
     import surgery.methods  # noqa: F401  (registers the emitters the template needs)
 
     site = _instantiate(
-        _template(signature, edits), modules["base"], {e.name: modules[e.name] for e in edits}
+        _template(signature, edits), modules[BASE], {e.name: modules[e.name] for e in edits}
     )
     site.training = training
     return site
@@ -300,13 +393,13 @@ def add_edit(site: Site, edit: EditKey, adapter: nn.Module) -> Site:
     cls = _template(site._surgery_signature, (*site.edits, edit))
     adapters = {e.name: site._modules[e.name] for e in site.edits}
     adapters[edit.name] = adapter
-    return _instantiate(cls, site._modules["base"], adapters)
+    return _instantiate(cls, site._modules[BASE], adapters)
 
 
 def drop_edit(site: Site, name: str) -> Site | nn.Module:
     """The site without edit `name`: its nodes erased; the base module itself when none remain."""
     remaining = tuple(e for e in site.edits if e.name != name)
-    base = site._modules["base"]
+    base = site._modules[BASE]
     if not remaining:
         return base
     key = (site._surgery_signature, remaining)
