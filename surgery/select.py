@@ -141,15 +141,12 @@ def build_tree(model: nn.Module) -> TreeNode:
                     key=param,
                     adapter=adapter,
                 )
-        for child in logical_children(module):
-            below = visit(
-                child.module, child.name, node.child_path(child.name), adapter or child.is_edit
-            )
-            node.children[child.name] = below
-            if child.is_edit:
-                assert child.method is not None
-                node.edits.append((child.name, child.method))
-                node.edit_options[child.name] = dict(child.options)
+        for cname, child, edit in logical_children(module):
+            at = node.child_path(cname)
+            node.children[cname] = visit(child, cname, at, adapter or edit is not None)
+            if edit is not None:
+                node.edits.append((cname, edit.method))
+                node.edit_options[cname] = dict(edit.options)
         return node
 
     return visit(model, "", "", False)

@@ -10,8 +10,7 @@ module it wraps; everything else goes through these functions.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -19,19 +18,17 @@ from surgery.graph import model_edit
 from surgery.graph.site import BASE, Site
 
 
-@dataclass(frozen=True)
-class Child:
-    """One logical child of a module: a child of the module itself, or an edit's adapter (then
-    `method` and `options` say which edit: a site's `EditKey`, a model-level edit's options)."""
+class EditOn(NamedTuple):
+    """The edit a logical child is the adapter of: its method and options (a site's `EditKey`
+    options as (key, value) pairs, a model-level edit's options dict)."""
 
-    name: str
-    module: nn.Module
-    method: str | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
+    method: str
+    options: Mapping[str, Any] | tuple[tuple[str, Any], ...]
 
-    @property
-    def is_edit(self) -> bool:
-        return self.method is not None
+
+# (name, module, the edit it is the adapter of or None): a plain tuple, as walks make one per
+# module of a 7B skeleton while planning
+Child = tuple[str, nn.Module, EditOn | None]
 
 
 def base_of(module: nn.Module) -> nn.Module:
@@ -43,33 +40,39 @@ def logical_children(module: nn.Module) -> Iterator[Child]:
     """The children at the next level of a logical path, in model order: the (wrapped) module's
     own children, then the edits on it, each in the order it was applied."""
     real = base_of(module)
-    on_model = model_edit.edit_names(real)
+    on_model = model_edit.edit_names(real) if real._forward_pre_hooks else ()
     for name, child in real._modules.items():
         if child is not None and name not in on_model:
-            yield Child(name, child)
+            yield name, child, None
     for name in on_model:
         adapter = real._modules[name]
-        yield Child(name, adapter, adapter.options["method"], adapter.options)
+        yield name, adapter, EditOn(adapter.options["method"], adapter.options)
     if isinstance(module, Site):
         for edit in module.edits:
-            yield Child(edit.name, module._modules[edit.name], edit.method, dict(edit.options))
+            yield edit.name, module._modules[edit.name], EditOn(edit.method, edit.options)
 
 
 def walk(module: nn.Module, path: str = "") -> Iterator[tuple[str, Child]]:
     """Every logical child below `module` (at `path`), depth first, as (its parent's path,
     child). A module reachable by two paths is walked under both."""
-    for child in logical_children(module):
-        yield path, child
-        yield from walk(child.module, joined(path, child.name))
+    stack = [(path, logical_children(module))]  # not recursive generators: each item would
+    while stack:  # pass through every level above it
+        at, children = stack[-1]
+        child = next(children, None)
+        if child is None:
+            stack.pop()
+            continue
+        yield at, child
+        stack.append((joined(at, child[0]), logical_children(child[1])))
 
 
 def iter_edits(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
     """Every edit in `model` as (path of the module it is on, edit name, adapter module)."""
     seen: set[int] = set()
-    for path, child in walk(model):
-        if child.is_edit and id(child.module) not in seen:
-            seen.add(id(child.module))
-            yield path, child.name, child.module
+    for path, (name, adapter, edit) in walk(model):
+        if edit is not None and id(adapter) not in seen:
+            seen.add(id(adapter))
+            yield path, name, adapter
 
 
 def logical_parameters(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Parameter]]:
@@ -77,10 +80,9 @@ def logical_parameters(module: nn.Module, prefix: str = "") -> list[tuple[str, n
     `...q_proj.base.weight`; adapters' as `...q_proj.lora.A`). A tied parameter is listed under
     each of its paths."""
     found = [(f"{prefix}{n}", p) for n, p in base_of(module)._parameters.items() if p is not None]
-    for path, child in walk(module, prefix.removesuffix(".")):
-        owner = base_of(child.module)
-        at = joined(path, child.name)
-        found += [(f"{at}.{n}", p) for n, p in owner._parameters.items() if p is not None]
+    for path, (name, child, _) in walk(module, prefix.removesuffix(".")):
+        at = f"{joined(path, name)}."
+        found += [(at + n, p) for n, p in base_of(child)._parameters.items() if p is not None]
     return found
 
 
