@@ -19,7 +19,6 @@ edits works on a copy of the graph, so templates are never mutated once publishe
 from __future__ import annotations
 
 import inspect
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -31,8 +30,8 @@ from torch.fx.graph import PythonCode
 from torch.fx.graph_module import _forward_from_src
 
 from surgery.graph.compare import same_structure
+from surgery.graph.state_dict import BASE, TransparentStateDict
 
-BASE = "base"  # the site's submodule that is the wrapped module (and the fx call target)
 EDIT_META = "surgery_edit"  # node.meta key: the name of the edit that created the node
 REPLACES_META = "surgery_replaces"  # on an edit's output node: the name of the node it replaced
 
@@ -131,7 +130,7 @@ class GraphBuilder:
         self.value = node
 
 
-class Site(fx.GraphModule):
+class Site(TransparentStateDict, fx.GraphModule):
     """A GraphModule standing in for one targeted module (`base`) plus its edits.
 
     Create sites with `wrap`; never call `recompile` or edit `site.graph` in place: graphs are
@@ -181,79 +180,6 @@ class Site(fx.GraphModule):
 
     def __str__(self) -> str:
         return nn.Module.__str__(self)
-
-    # ---- transparent in the state dict ----------------------------------------------------
-
-    def state_dict(  # type: ignore[override]
-        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
-    ) -> Any:
-        """The wrapped module's entries under their own keys (`q_proj.weight`, not
-        `q_proj.base.weight`), each edit's beside them (`q_proj.lora.A`): the keys of the plain
-        model plus the adapters', so a Trainer or `save_pretrained` checkpoint loads into the
-        plain architecture. nn.Module builds the entries; only their keys change here."""
-        if args:  # nn.Module's deprecated positional form: (destination, prefix, keep_vars)
-            destination, prefix, keep_vars = (*args, destination, prefix, keep_vars)[:3]
-        own = super().state_dict(prefix=prefix, keep_vars=keep_vars)
-        if destination is None:
-            destination = OrderedDict()
-            destination._metadata = OrderedDict()  # type: ignore[attr-defined]
-        hop = f"{prefix}{BASE}."
-        for key, value in own.items():
-            logical = prefix + key[len(hop) :] if key.startswith(hop) else key
-            if logical in destination:
-                raise RuntimeError(f"state dict key {logical} of a site is taken twice")
-            destination[logical] = value
-        if hasattr(destination, "_metadata"):
-            # the wrapped module's metadata (its `version`) under its logical path, where a
-            # plain model looks for it; the physical entries stay for a load into a site
-            for path, meta in own._metadata.items():  # type: ignore[attr-defined]
-                destination._metadata[path] = meta
-                if path == hop[:-1]:
-                    destination._metadata[prefix[:-1]] = meta
-                elif path.startswith(hop):
-                    destination._metadata[prefix + path[len(hop) :]] = meta
-        return destination
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        """Read keys as `state_dict` writes them: every key below the site that is not an edit's
-        goes to the wrapped module. nn.Module loads this site's children from the same dict
-        right after (which is why it is renamed in place); `_report_logical_keys` then names
-        what they report missing, unexpected or mismatched by the keys the caller gave."""
-        hop = f"{prefix}{BASE}."
-        edits = {e.name for e in self._surgery_edits}
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            rest = key[len(prefix) :]
-            if rest.partition(".")[0] not in edits:
-                state_dict[hop + rest] = state_dict.pop(key)
-        self.__dict__["_surgery_loading"] = (
-            prefix,
-            [(found, len(found)) for found in (missing_keys, unexpected_keys, error_msgs)],
-        )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-
-def _report_logical_keys(site: nn.Module, incompatible: Any) -> None:
-    """Load post-hook of every site (it runs once the wrapped module has loaded): the keys its
-    subtree reported (`q_proj.base.weight` missing, a size mismatch) named as the caller's
-    state dict names them (`q_proj.weight`)."""
-    loading = site.__dict__.pop("_surgery_loading", None)
-    if loading is None:
-        return
-    prefix, reported = loading
-    hop = f"{prefix}{BASE}."
-    for found, start in reported:
-        found[start:] = [entry.replace(hop, prefix) for entry in found[start:]]
 
 
 def is_base_call(node: fx.Node) -> bool:
@@ -344,7 +270,7 @@ def _instantiate(cls: type[Site], base: nn.Module, adapters: dict[str, nn.Module
         adapter.train(base.training)  # a new adapter must not train (dropout) in an eval model
         site._modules[name] = adapter
     site.__dict__.update(_graph_module_state(cls))
-    site.register_load_state_dict_post_hook(_report_logical_keys)
+    site.register_load_state_dict_post_hook(TransparentStateDict.report_logical_keys)
     return site
 
 
