@@ -6,7 +6,7 @@ and the model is exactly as it was (same module objects, same weights, same requ
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,48 +15,17 @@ from torch import nn
 from surgery.edit import Edit
 from surgery.errors import ExecutionError, SurgeryError
 from surgery.graph import model_edit
+from surgery.graph.logical import (
+    iter_edits,
+    logical_module,
+    logical_parameter,
+    parent_of,
+)
 from surgery.graph.site import Site, add_edit, drop_edit, wrap
 from surgery.merge_rules import check_finite_adapter
 from surgery.merging import merge_edits, rounded
 from surgery.methods import REGISTRY
 from surgery.plan.types import Plan, Step, totals_line
-
-
-def logical_module(model: nn.Module, path: str) -> nn.Module:
-    """The module at a logical path: sites are transparent unless the name is one of its edits."""
-    module = model
-    for part in path.split(".") if path else ():
-        if isinstance(module, Site) and part not in module.edit_names():
-            module = module._modules["base"]
-        module = module._modules[part]
-    return module
-
-
-def logical_parameter(model: nn.Module, path: str) -> nn.Parameter:
-    owner_path, _, name = path.rpartition(".")
-    owner = logical_module(model, owner_path)
-    if isinstance(owner, Site):
-        owner = owner._modules["base"]
-    return owner._parameters[name]
-
-
-def parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
-    """The real module holding the child at `path` (the `base` of a site on the way)."""
-    parent_path, _, name = path.rpartition(".")
-    parent = logical_module(model, parent_path)
-    if isinstance(parent, Site) and name not in parent.edit_names():
-        parent = parent._modules["base"]
-    return parent, name
-
-
-def iter_edits(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
-    """Every edit in `model` as (path of the module it is on, edit name, adapter module)."""
-    for name in model_edit.edit_names(model):
-        yield "", name, model._modules[name]
-    for path, module in model.named_modules():
-        if isinstance(module, Site):
-            for edit in module.edits:
-                yield path, edit.name, module._modules[edit.name]
 
 
 @dataclass

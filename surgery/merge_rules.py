@@ -48,7 +48,9 @@ from surgery.graph.site import (
     REPLACES_META,
     EditKey,
     Signature,
+    base_attribute,
     build_graph,
+    is_base_call,
     signature_of,
 )
 from surgery.select import TreeNode
@@ -96,7 +98,7 @@ def site_effects(signature: Signature, edits: tuple[EditKey, ...]) -> dict[str, 
 
 
 def _effects(graph: fx.Graph, edits: tuple[EditKey, ...]) -> dict[str, Effect]:
-    base = next(n for n in graph.nodes if n.op == "call_module" and n.target == "base")
+    base = next(n for n in graph.nodes if is_base_call(n))
     feeds_base = _ancestors(base)
     by_name = {node.name: node for node in graph.nodes}
     value_chain = {base} | {
@@ -119,8 +121,8 @@ def _effects(graph: fx.Graph, edits: tuple[EditKey, ...]) -> dict[str, Effect]:
         replaced = {n: by_name[n.meta[REPLACES_META]] for n in outputs}
         reads_input, reads_other, reads_base, reads_edits = False, False, [], set()
         for node in own:
-            if node.op == "get_attr" and str(node.target).startswith("base."):
-                reads_base.append(str(node.target).removeprefix("base."))
+            if (read := base_attribute(node)) is not None:
+                reads_base.append(read)
             for source in _value_inputs(node, replaced.get(node)):
                 if source.op == "placeholder":
                     reads_input = True

@@ -1,8 +1,8 @@
 """Selectors -> module and parameter paths.
 
 The model is seen as a tree of *logical* paths: sites are transparent (`q_proj.weight` names the
-weight of the module wrapped by the site at `q_proj`, whose real key is `q_proj.base.weight`),
-and each edit's adapter appears as a child named after the edit (`q_proj.lora.A`).
+weight of the module wrapped by the site at `q_proj`), and each edit's adapter appears as a child
+named after the edit (`q_proj.lora.A`): `surgery.graph.logical` is that view.
 
 Matching rules (docs/language.md has the full reference):
 - a selector matches whole dotted segments; it is anchored at the end of the path, and at the
@@ -29,8 +29,7 @@ from torch import nn
 
 from surgery.errors import ResolveError, Span, did_you_mean
 from surgery.fused import Layout, Parts
-from surgery.graph import model_edit
-from surgery.graph.site import Site
+from surgery.graph.logical import base_of, logical_children
 from surgery.lang import ast
 
 
@@ -128,7 +127,7 @@ def build_tree(model: nn.Module) -> TreeNode:
     """The logical tree of `model` (sites transparent, adapters as children named by edit)."""
 
     def visit(module: nn.Module, name: str, path: str, adapter: bool) -> TreeNode:
-        real = module._modules["base"] if isinstance(module, Site) else module
+        real = base_of(module)
         node = TreeNode(
             name, path, "module", module=real, type_names=_type_names(real), adapter=adapter
         )
@@ -142,24 +141,15 @@ def build_tree(model: nn.Module) -> TreeNode:
                     key=param,
                     adapter=adapter,
                 )
-        for cname, child in real._modules.items():
-            if child is not None:
-                node.children[cname] = visit(child, cname, node.child_path(cname), adapter)
-        if isinstance(module, Site):
-            for edit in module.edits:
-                node.children[edit.name] = visit(
-                    module._modules[edit.name], edit.name, node.child_path(edit.name), True
-                )
-                node.edits.append((edit.name, edit.method))
-                node.edit_options[edit.name] = dict(edit.options)
+        for cname, child, edit in logical_children(module):
+            at = node.child_path(cname)
+            node.children[cname] = visit(child, cname, at, adapter or edit is not None)
+            if edit is not None:
+                node.edits.append((cname, edit.method))
+                node.edit_options[cname] = dict(edit.options)
         return node
 
-    root = visit(model, "", "", False)
-    for name in model_edit.edit_names(model):  # model-level edits (prompts, prefixes)
-        root.children[name] = visit(model._modules[name], name, name, True)
-        root.edits.append((name, model._modules[name].options["method"]))
-        root.edit_options[name] = dict(model._modules[name].options)
-    return root
+    return visit(model, "", "", False)
 
 
 # ---- aliases ------------------------------------------------------------------------------

@@ -3,6 +3,11 @@
 A site's graph calls the original module as submodule `base` and adds each edit's nodes
 (a low-rank branch, a scaling, ...). `print(site.code)` shows exactly what runs.
 
+The `base` hop is this package's business alone: a site is transparent in the state dict (the
+wrapped module's tensors keep their own keys, `q_proj.weight`, and each edit's tensors sit beside
+them, `q_proj.lora.A`), so a checkpoint of a rewritten model loads into the plain architecture,
+and outside `surgery/graph/` code sees the model through `surgery.graph.logical`.
+
 Graphs are *templates*: every site with the same structure (same base signature, same edits
 with the same static options) shares one fx.Graph and one compiled `forward`, held by a
 per-structure subclass of `Site`. Building a GraphModule costs ~1.5 ms (code generation and
@@ -25,6 +30,7 @@ from torch.fx.graph import PythonCode
 from torch.fx.graph_module import _forward_from_src
 
 from surgery.graph.compare import same_structure
+from surgery.graph.state_dict import BASE, TransparentStateDict
 
 EDIT_META = "surgery_edit"  # node.meta key: the name of the edit that created the node
 REPLACES_META = "surgery_replaces"  # on an edit's output node: the name of the node it replaced
@@ -108,7 +114,7 @@ class GraphBuilder:
 
     def base_attr(self, name: str) -> fx.Node:
         """A tensor of the wrapped module, e.g. `base_attr("weight")` -> self.base.weight."""
-        return self._tag(self.graph.get_attr(f"base.{name}"))
+        return self._tag(self.graph.get_attr(f"{BASE}.{name}"))
 
     def module(self, name: str, *args: Any) -> fx.Node:
         """Call a submodule `name` of this edit's module (`module("dropout", x)`), or with
@@ -131,7 +137,7 @@ class GraphBuilder:
         self.value = node
 
 
-class Site(fx.GraphModule):
+class Site(TransparentStateDict, fx.GraphModule):
     """A GraphModule standing in for one targeted module (`base`) plus its edits.
 
     Create sites with `wrap`; never call `recompile` or edit `site.graph` in place: graphs are
@@ -163,7 +169,7 @@ class Site(fx.GraphModule):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            base = self._modules.get("base")
+            base = self._modules.get(BASE)
             if base is None or name.startswith("_"):
                 raise
             return getattr(base, name)
@@ -183,11 +189,23 @@ class Site(fx.GraphModule):
         return nn.Module.__str__(self)
 
 
+def is_base_call(node: fx.Node) -> bool:
+    """Whether a site graph's node is the call of the wrapped module."""
+    return node.op == "call_module" and node.target == BASE
+
+
+def base_attribute(node: fx.Node) -> str | None:
+    """The wrapped module's tensor a `get_attr` node reads (`weight`), else None."""
+    if node.op != "get_attr" or not str(node.target).startswith(f"{BASE}."):
+        return None
+    return str(node.target).removeprefix(f"{BASE}.")
+
+
 def is_reserved_edit_name(name: str) -> bool:
     """Edit names become attributes of the site (`self.<name>.A` in its code): they must not
     hide the wrapped module, a Site/GraphModule attribute, or an nn.Module internal."""
     return (
-        name == "base"
+        name == BASE
         or name.startswith("_")
         or hasattr(Site, name)
         or name in ("training", "meta", "shape_env")
@@ -211,7 +229,7 @@ def _base_graph(signature: Signature) -> tuple[fx.Graph, fx.Node, fx.Node]:
     placeholders = [
         graph.placeholder(name, default_value=default) for name, default in signature.params
     ]
-    base = graph.call_module("base", tuple(placeholders))
+    base = graph.call_module(BASE, tuple(placeholders))
     return graph, placeholders[0], base
 
 
@@ -254,11 +272,12 @@ def _instantiate(cls: type[Site], base: nn.Module, adapters: dict[str, nn.Module
     site = object.__new__(cls)
     nn.Module.__init__(site)
     site.training = base.training
-    site._modules["base"] = base
+    site._modules[BASE] = base
     for name, adapter in adapters.items():
         adapter.train(base.training)  # a new adapter must not train (dropout) in an eval model
         site._modules[name] = adapter
     site.__dict__.update(_graph_module_state(cls))
+    site.register_load_state_dict_post_hook(TransparentStateDict.report_logical_keys)
     return site
 
 
@@ -290,7 +309,7 @@ def _rebuild_site(
     import surgery.methods  # noqa: F401  (registers the emitters the template needs)
 
     site = _instantiate(
-        _template(signature, edits), modules["base"], {e.name: modules[e.name] for e in edits}
+        _template(signature, edits), modules[BASE], {e.name: modules[e.name] for e in edits}
     )
     site.training = training
     return site
@@ -307,13 +326,13 @@ def add_edit(site: Site, edit: EditKey, adapter: nn.Module) -> Site:
     cls = _template(site._surgery_signature, (*site.edits, edit))
     adapters = {e.name: site._modules[e.name] for e in site.edits}
     adapters[edit.name] = adapter
-    return _instantiate(cls, site._modules["base"], adapters)
+    return _instantiate(cls, site._modules[BASE], adapters)
 
 
 def drop_edit(site: Site, name: str) -> Site | nn.Module:
     """The site without edit `name`: its nodes erased; the base module itself when none remain."""
     remaining = tuple(e for e in site.edits if e.name != name)
-    base = site._modules["base"]
+    base = site._modules[BASE]
     if not remaining:
         return base
     key = (site._surgery_signature, remaining)

@@ -22,8 +22,7 @@ from torch import nn
 
 import surgery
 from surgery.errors import ModelLoadError, OutputError
-from surgery.execute import iter_edits
-from surgery.graph.site import Site
+from surgery.graph.logical import iter_edits, logical_parameters
 from surgery.io.safe import Inputs, OutputKind, atomic_directory
 from surgery.plan import Plan
 
@@ -123,18 +122,6 @@ def saved_base_line(model: nn.Module, plan: Plan) -> str | None:
         return None
     params = sum(p.numel() for p in saved.values())
     return f"saves {len(saved)} base tensor(s) ({params:,d} params) with the adapter"
-
-
-def logical_parameters(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Parameter]]:
-    """(logical path, parameter) for every parameter: a site's `base` hop is left out of the
-    path, as in rules (`...q_proj.weight`, not `...q_proj.base.weight`)."""
-    found = [(f"{prefix}{n}", p) for n, p in module._parameters.items() if p is not None]
-    for name, child in module._modules.items():
-        if child is None:
-            continue
-        hop = isinstance(module, Site) and name == "base"
-        found += logical_parameters(child, prefix if hop else f"{prefix}{name}.")
-    return found
 
 
 def versions() -> dict[str, str]:

@@ -23,7 +23,7 @@ from surgery.edit import tensor_key
 from surgery.errors import PICKLE_SUFFIXES, pickle_hint
 from surgery.execute import Report, execute, logical_module, logical_parameter
 from surgery.files import check_inside, read_text
-from surgery.graph.site import Site
+from surgery.graph.logical import base_of
 from surgery.io.adapters import (
     ADAPTER_FILE,
     BASE_FILE,
@@ -344,9 +344,7 @@ class _Undo:
         for step in plan.steps:
             if step.action == "merge":
                 for target in step.targets:
-                    module = logical_module(model, target.path)
-                    if isinstance(module, Site):
-                        module = module._modules["base"]
+                    module = base_of(logical_module(model, target.path))
                     for p in module.parameters(recurse=False):
                         self.weights.append((p, p.detach().clone()))
         for name in saved.base_shapes:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import PlanError, Span
-from surgery.graph.site import EditKey, GraphBuilder, Site, signature_of
+from surgery.graph.logical import base_of
+from surgery.graph.site import EditKey, GraphBuilder, signature_of
 from surgery.lang.ast import Argument
 from surgery.methods import register
 from surgery.methods.base import (
@@ -63,8 +64,7 @@ class BottleneckAdapter(nn.Module):
 
 def linears(module: nn.Module) -> list[nn.Linear]:
     """The Linear layers in `module`, in registration order (sites: the module they wrap)."""
-    if isinstance(module, Site):
-        module = module._modules["base"]
+    module = base_of(module)
     if isinstance(module, nn.Linear):
         return [module]
     children = (c for c in module._modules.values() if c is not None)
