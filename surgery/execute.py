@@ -16,6 +16,7 @@ from surgery.edit import Edit
 from surgery.errors import ExecutionError, SurgeryError
 from surgery.graph import model_edit
 from surgery.graph.logical import (
+    base_of,
     iter_edits,
     logical_module,
     logical_parameter,
@@ -120,7 +121,7 @@ def _apply(model: nn.Module, step: Step, tx: Transaction) -> None:
             tx.undo.append(model_edit.install(model, edit.name, adapter))
         else:
             current = logical_module(model, edit.path)
-            base = current._modules["base"] if isinstance(current, Site) else current
+            base = base_of(current)
             adapter = method.build(base, edit.args())
             site = (
                 add_edit(current, edit.key(), adapter)
@@ -172,7 +173,7 @@ def _merge_into_base(site: Site, path: str, targets: list[Edit], tx: Transaction
             check_finite_adapter(tensor, f"{_joined(path, target.name)}.{name}")
         key = next(k for k in site.edits if k.name == target.name)
         edits.append((REGISTRY[target.method], key, tensors))
-    state = site._modules["base"].state_dict(keep_vars=True)
+    state = base_of(site).state_dict(keep_vars=True)
     if any(t.is_meta for t in state.values()):
         return
     changed = merge_edits(state, edits)

@@ -212,7 +212,9 @@ def position_limit(model: nn.Module) -> int | None:
     if not isinstance(declared, int):
         return None
     inputs = model.get_input_embeddings()
-    inputs = {id(inputs), id(getattr(inputs, "base", inputs))}  # a site around it: its base too
+    from surgery.graph.logical import base_of  # here: graph imports this module
+
+    inputs = {id(inputs), id(base_of(inputs))}  # a site around it: its base too
     for module in model.modules():
         if not isinstance(module, nn.Embedding) or id(module) in inputs:
             continue

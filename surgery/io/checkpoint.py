@@ -30,8 +30,8 @@ from torch import nn
 
 from surgery.edit import Edit, tensor_key
 from surgery.errors import ModelLoadError, PlanError
-from surgery.execute import iter_edits, logical_module
 from surgery.files import stays_inside
+from surgery.graph.logical import base_of, iter_edits, logical_module
 from surgery.graph.site import Site
 from surgery.io.adapters import ADAPTER_FILE, BASE_FILE
 from surgery.io.load import built_adapter, check_float, read_adapter_dir
@@ -192,7 +192,7 @@ def _check_mergeable(skeleton: nn.Module, adapter_dir: Path) -> None:
     (`Method.can_merge`): serial adapters (non-linear) cannot, and virtual tokens have no weight
     of the base model to fold into (the planner would bake them; a checkpoint has no place)."""
     for path, edit, module in iter_edits(skeleton):
-        owner = skeleton.get_submodule(path) if path else None
+        owner = logical_module(skeleton, path) if path else None
         if not isinstance(owner, Site):  # a model-level edit (prompt, prefix)
             method = getattr(module, "options", {}).get("method", type(module).__name__)
             raise PlanError(
@@ -249,7 +249,7 @@ def _plan_jobs(skeleton: nn.Module, inputs: _Inputs, adapter_dir: Path) -> list[
         if target.path not in jobs:
             site = logical_module(skeleton, target.path)
             assert isinstance(site, Site), target.path
-            shapes = {k: tuple(v.shape) for k, v in site._modules["base"].state_dict().items()}
+            shapes = {k: tuple(v.shape) for k, v in base_of(site).state_dict().items()}
             jobs[target.path] = _Job(target.path, site, _locate(shapes, target.path, inputs))
         jobs[target.path].edits.append((target.name, target.method))
     for key, info in (inputs.trained.tensors if inputs.trained else {}).items():

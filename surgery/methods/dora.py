@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import PlanError
-from surgery.graph.site import EditKey, GraphBuilder
+from surgery.graph.site import EditKey, GraphBuilder, is_base_call
 from surgery.methods import register
 from surgery.methods.lora import LoRA, LoRAAdapter
 from surgery.methods.lora_layers import layer_kind
@@ -116,7 +116,7 @@ class DoRA(LoRA):
         # The norm reads the base's own weight: after another edit the site's output is no longer
         # `W x + b`, and a merge beneath that edit would change the norm, so DoRA comes first.
         base = b.value
-        if base.op != "call_module" or base.target != "base" or b.base_input is not b.input:
+        if not is_base_call(base) or b.base_input is not b.input:
             raise PlanError(
                 f"dora (edit '{b.edit.name}') must be the first edit on its module: its norm "
                 "reads the module's own weight",

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from surgery.errors import PlanError
+from surgery.graph.logical import base_of
 from surgery.graph.model_edit import extend_inputs
 from surgery.hf import Call
 from surgery.methods import register
@@ -58,7 +59,7 @@ def input_embedding_problem(
 ) -> Problem | None:
     """Prompts go before the input embeddings: the rule must select exactly that module."""
     embedding = model.get_input_embeddings()
-    embedding = getattr(embedding, "base", embedding)  # a site around it is transparent
+    embedding = base_of(embedding)  # a site around it is transparent
     if len(selected) == 1 and selected[0][1] is embedding:
         return None
     where = next((p for p, m in model.named_modules() if m is embedding), "the input embedding")
