@@ -114,6 +114,8 @@ def test_embedding_exports_with_peft_s_keys_and_the_same_logits(method: str, tmp
     assert not torch.allclose(expected, logits(tiny("llama")), atol=1e-3)
     theirs = peft.PeftModel.from_pretrained(tiny("llama"), tmp_path / "p").eval()
     torch.testing.assert_close(logits(theirs), expected, **TOLERANCE)
+    trainable = peft.PeftModel.from_pretrained(tiny("llama"), tmp_path / "p", is_trainable=True)
+    assert sum(p.numel() for p in trained(model)) == sum(p.numel() for p in trained(trainable))
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
@@ -170,6 +172,8 @@ def test_conv_and_bias_export_to_peft_with_the_same_outputs(kind: str, tmp_path)
         assert not torch.allclose(expected, conv_net()(X), atol=1e-3)
         theirs = peft.PeftModel.from_pretrained(conv_net(), tmp_path / "p").eval()
         torch.testing.assert_close(theirs(X), expected, **TOLERANCE)
+    trainable = peft.PeftModel.from_pretrained(conv_net(), tmp_path / "p", is_trainable=True)
+    assert sum(p.numel() for p in trained(model)) == sum(p.numel() for p in trained(trainable))
 
 
 @pytest.mark.parametrize("kind", list(CONV_RULES))

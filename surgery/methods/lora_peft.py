@@ -194,10 +194,9 @@ class LoRACodec:
             ("value of", k, given[k]) for k, allowed in VALUES.items()
             if k in given and given[k] not in allowed
         ]
-        if abs(dict(e.options)["scaling"] - scaling(dict(e.arguments))) > 1e-12 * (
-            1 + abs(dict(e.options)["scaling"])
-        ):
-            found.append(("option", "scaling", dict(e.options)["scaling"]))
+        stated = given.get("scaling")  # the branch's s: the one PEFT's alpha and r must give
+        if not isinstance(stated, float) or not math.isclose(stated, scaling(given), rel_tol=1e-12):
+            found.append(("option", "scaling", stated))
         if found:
             what, name, value = found[0]
             raise PeftFormatError(
