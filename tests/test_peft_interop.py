@@ -250,12 +250,13 @@ def test_export_refuses_what_peft_cannot_hold(rules: str, message: str, tmp_path
 
 
 def test_import_refuses_lora_bias_other_methods_and_pickles(tmp_path: Path) -> None:
-    biased = peft.get_peft_model(
-        tiny("llama"), peft.LoraConfig(target_modules=["q_proj"], lora_bias=True)
+    # lora_bias imports now (tests/test_peft_lora_kinds.py); an init that rewrote the base does not
+    rewritten = peft.get_peft_model(
+        tiny("llama"), peft.LoraConfig(target_modules=["q_proj"], init_lora_weights="olora")
     )
-    biased.save_pretrained(tmp_path / "biased")
-    with pytest.raises(PeftFormatError, match=r"lora_bias=True is not supported"):
-        import_peft(tmp_path / "biased", tmp_path / "out")
+    rewritten.save_pretrained(tmp_path / "rewritten")
+    with pytest.raises(PeftFormatError, match=r"init_lora_weights='olora' rewrites the base"):
+        import_peft(tmp_path / "rewritten", tmp_path / "out")
 
     ln = peft.get_peft_model(
         tiny("llama"), peft.LNTuningConfig(task_type="CAUSAL_LM", target_modules=["norm"])
