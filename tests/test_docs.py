@@ -190,3 +190,15 @@ def test_the_error_example_in_the_language_reference_is_real(tmp_path, monkeypat
     code, real = run_cli(["check", name], capsys, monkeypatch)
     assert code == 1
     assert real == shown.rstrip("\n").splitlines()
+
+
+def test_writing_a_method_quotes_the_method_file() -> None:
+    """The excerpts of "Writing a method" are the walked-through file's own lines."""
+    text = (ROOT / "docs" / "methods.md").read_text(encoding="utf-8")
+    section = text.split("## Writing a method", 1)[1]
+    source = (ROOT / "surgery" / "methods" / "loha.py").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) >= 4
+    for block in blocks:
+        lines = [line[3:] if line.startswith("   ") else line for line in block.splitlines()]
+        assert "\n".join(lines) in source, block
