@@ -180,19 +180,37 @@ def without_scratch_cache(output: Any) -> Any:
     return output
 
 
+@cache
+def transformers_facts() -> dict[str, Any]:
+    """rules/transformers.toml: what no config or signature states (model classes per
+    model_type, cache geometry exceptions), read once."""
+    import tomllib
+
+    from surgery.resources import transformers_facts_file
+
+    return tomllib.loads(transformers_facts_file().read_text(encoding="utf-8"))
+
+
+def model_class_name(model_type: str) -> str:
+    """The Auto class that builds a model of `model_type` (a causal LM unless listed)."""
+    return transformers_facts()["model_class"].get(model_type, "AutoModelForCausalLM")
+
+
 def cache_geometry(config: Any) -> tuple[int, int, int]:
     """(layers, key/value heads, head size) of the tensors the model keeps in its cache.
 
-    Most models cache `num_key_value_heads` heads. Falcon caches one head when multi-query and,
-    with the new decoder architecture, its keys and values after expanding them to every
-    attention head.
+    Most models cache `num_key_value_heads` heads; the exceptions (Falcon) are rules in
+    rules/transformers.toml.
     """
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    if getattr(config, "model_type", "") == "falcon":
-        kv_heads = heads if config.new_decoder_architecture or not config.multi_query else 1
-    else:
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    rules = transformers_facts()["cache_heads"].get(getattr(config, "model_type", ""), [])
+    for rule in rules:
+        if "flag" not in rule or getattr(config, rule["flag"], None) == rule["value"]:
+            found = rule["heads"]
+            kv_heads = found if isinstance(found, int) else getattr(config, found)
+            break
     return layers, kv_heads, head_dim
 
 

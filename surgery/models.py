@@ -6,7 +6,7 @@ random model still has enough signal for a short LoRA run to learn); full-size p
 (`llama-2-7b`, ...) are meant for the meta device, where only shapes and counts exist.
 
 Which model class a config becomes depends on its architecture, not on where the config came
-from: `MODEL_CLASSES` maps a `model_type` to its Auto class (encoders get a masked-LM head,
+from: rules/transformers.toml maps a `model_type` to its Auto class (encoders get a masked-LM head,
 T5 a seq2seq LM; everything else is a causal LM), for presets, config files and directories.
 """
 
@@ -19,9 +19,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForSeq2SeqLM,
     BertConfig,
     FalconConfig,
     GPT2Config,
@@ -34,6 +31,7 @@ from transformers import (
 )
 
 from surgery.errors import ModelLoadError, did_you_mean
+from surgery.hf import model_class_name
 from surgery.model_files import (
     CONFIG_FILE,
     bounded_build,
@@ -45,18 +43,11 @@ from surgery.model_files import (
 
 SEED = 0
 
-# model_type -> the Auto class that builds it; anything not listed is a causal LM.
-MODEL_CLASSES: dict[str, Any] = {
-    "bert": AutoModelForMaskedLM,
-    "roberta": AutoModelForMaskedLM,
-    "xlm-roberta": AutoModelForMaskedLM,
-    "t5": AutoModelForSeq2SeqLM,
-}
-
-
 def model_class(config: PretrainedConfig) -> Any:
-    """The Auto class for `config`'s architecture (see `MODEL_CLASSES`)."""
-    return MODEL_CLASSES.get(config.model_type, AutoModelForCausalLM)
+    """The Auto class for `config`'s architecture (rules/transformers.toml, `model_class`)."""
+    import transformers
+
+    return getattr(transformers, model_class_name(config.model_type))
 
 
 class Preset(NamedTuple):

@@ -27,5 +27,10 @@ def family_file(name: str) -> Path:
     return data_dir("rules") / f"{name}.surg"
 
 
+def transformers_facts_file() -> Path:
+    """rules/transformers.toml: facts about transformers model types, as data (surgery.hf)."""
+    return data_dir("rules") / "transformers.toml"
+
+
 def family_names() -> list[str]:
     return sorted(p.stem for p in data_dir("rules").glob("*.surg"))

@@ -144,3 +144,21 @@ def test_positions_and_cache_positions_move_with_the_virtual_tokens() -> None:
 )
 def test_position_limit_is_the_learned_table_only(family: str, limit: int | None) -> None:
     assert position_limit(tiny(family)) == limit
+
+
+def test_transformers_facts_are_data_and_agree_with_transformers() -> None:
+    """rules/transformers.toml names real Auto classes, and its cache rules give the geometry
+    transformers' own caches have (Falcon: multi-query, grouped, multi-head)."""
+    import transformers
+    from transformers import FalconConfig
+
+    from surgery.hf import cache_geometry, transformers_facts
+
+    for model_type, name in transformers_facts()["model_class"].items():
+        assert model_type in transformers.CONFIG_MAPPING, model_type
+        assert hasattr(transformers, name), name
+    base = dict(hidden_size=64, num_attention_heads=8, num_hidden_layers=2)
+    assert cache_geometry(FalconConfig(**base, multi_query=True))[1] == 1
+    assert cache_geometry(FalconConfig(**base, multi_query=False))[1] == 8
+    grouped = FalconConfig(**base, new_decoder_architecture=True, num_kv_heads=2)
+    assert cache_geometry(grouped)[1] == 8
