@@ -33,15 +33,28 @@ MERGEABLE = [n for n, m in sorted(REGISTRY.items()) if m.level == "module" and m
 IDS = torch.arange(3, 19).unsqueeze(0)
 
 
+# arguments a method needs where its defaults cannot apply
+NEEDS = {"trainable_tokens": "(ids=[3, 4])"}
+
+
+def _accepts(name: str, module: nn.Module) -> bool:
+    method = REGISTRY[name]
+    args = {p.name: p.default for p in method.params}
+    if name in NEEDS:
+        args |= {"ids": [3, 4]}
+    return method.check_target(module, args) is None
+
+
 def cases() -> list[tuple[str, str]]:
-    """(method, family) for every mergeable method on every family it attaches to."""
+    """(method, family) for every mergeable method on every family it attaches to: a Linear,
+    GPT-2's Conv1D, or (a method for embedding tables) the input embedding."""
     found = []
     conv1d = tiny("gpt2").transformer.h[0].mlp.c_fc
+    embedding = tiny("phi3").get_input_embeddings()
     for name in MERGEABLE:
-        method = REGISTRY[name]
-        found.append((name, "phi3"))
-        defaults = {p.name: p.default for p in method.params}
-        if method.check_target(conv1d, defaults) is None:
+        if _accepts(name, nn.Linear(64, 64)) or _accepts(name, embedding):
+            found.append((name, "phi3"))
+        if _accepts(name, conv1d):
             found.append((name, "gpt2"))
     return found
 
@@ -52,7 +65,9 @@ IDS_OF_CASES = [f"{m}-{f}" for m, f in CASES]
 
 def rules_for(method: str, family: str) -> str:
     whole = "mlp.down" if family == "phi3" else "mlp.up"  # a Linear; a Conv1D with a bias
-    rules = f"use auto\napply {method} to {whole}\n"
+    if not _accepts(method, nn.Linear(64, 64)):
+        whole = "embed"
+    rules = f"use auto\napply {method}{NEEDS.get(method, '')} to {whole}\n"
     if REGISTRY[method].acts_on_parts:
         rules += f"apply {method} to attn.q, attn.v\n"
     return rules
