@@ -49,8 +49,6 @@ from surgery.methods.lora import full_factors, scaling
 UNSUPPORTED: dict[str, Any] = {
     "use_dora": False,
     "lora_bias": False,
-    "modules_to_save": None,
-    "trainable_token_indices": None,
     "layer_replication": None,
     "target_parameters": None,
     "alora_invocation_tokens": None,
