@@ -143,6 +143,28 @@ def test_ia3_with_modules_to_save_imports_and_exports(tmp_path: Path) -> None:
     torch.testing.assert_close(logits(again), logits(theirs), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: peft.LoHaConfig(r=2, target_modules=["q_proj"], init_weights=False),
+        lambda: peft.LoKrConfig(r=2, target_modules=["q_proj"], init_weights=False),
+        lambda: peft.OFTConfig(oft_block_size=16, target_modules=["q_proj"], init_weights=False),
+    ],
+    ids=["loha", "lokr", "oft"],
+)
+def test_other_hosts_import_modules_to_save(make, tmp_path: Path) -> None:
+    config = make()
+    config.modules_to_save = ["score"]
+    theirs = peft_model(config)
+    theirs.save_pretrained(tmp_path / "peft")
+    rules = import_peft(tmp_path / "peft", tmp_path / "ours", model=classifier())
+    assert "apply trained_copy to ^score expect 1" in rules
+    ours = classifier()
+    report = load_adapter(ours, tmp_path / "ours")
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
+    assert report.trainable == theirs.get_nb_trainable_parameters()[0]
+
+
 # ---- surgery -> PEFT ------------------------------------------------------------------------
 
 
