@@ -7,9 +7,10 @@ the root and every other adapter in a subdirectory named after it. `export_peft`
 given several surgery adapter directories, one multi-adapter directory); `import_peft` turns one
 adapter of it into a surgery adapter directory (a `.surg` program whose anchored selectors and
 `expect` guards name exactly the modules PEFT adapted, plus the weights). Nothing PEFT cannot
-express exactly is written or read: a method with no codec, several methods in one adapter,
-trained base parameters, two edits on one module, and each codec's own refusals are errors that
-say what is unsupported.
+express exactly is written or read: a method with no codec, several methods with adapter types
+of their own in one adapter (the methods PEFT keeps in fields of the host's config ride along,
+see `peft_fields`), trained base parameters, two edits on one module, and each codec's own
+refusals are errors that say what is unsupported.
 """
 
 from __future__ import annotations
