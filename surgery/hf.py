@@ -191,9 +191,15 @@ def transformers_facts() -> dict[str, Any]:
     return tomllib.loads(transformers_facts_file().read_text(encoding="utf-8"))
 
 
-def model_class_name(model_type: str) -> str:
-    """The Auto class that builds a model of `model_type` (a causal LM unless listed)."""
-    return transformers_facts()["model_class"].get(model_type, "AutoModelForCausalLM")
+def model_class_name(config: Any) -> str:
+    """The Auto class that builds the model `config` describes: the task head its
+    `architectures` records, else its model_type's class (a causal LM unless listed)."""
+    facts = transformers_facts()
+    for architecture in getattr(config, "architectures", None) or ():
+        for suffix, auto_class in facts["task_heads"].items():
+            if str(architecture).endswith(suffix):
+                return auto_class
+    return facts["model_class"].get(getattr(config, "model_type", ""), "AutoModelForCausalLM")
 
 
 def cache_geometry(config: Any) -> tuple[int, int, int]:

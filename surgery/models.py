@@ -44,10 +44,11 @@ from surgery.model_files import (
 SEED = 0
 
 def model_class(config: PretrainedConfig) -> Any:
-    """The Auto class for `config`'s architecture (rules/transformers.toml, `model_class`)."""
+    """The Auto class for `config`'s architecture: its recorded task head, else its model_type's
+    class (rules/transformers.toml)."""
     import transformers
 
-    return getattr(transformers, model_class_name(config.model_type))
+    return getattr(transformers, model_class_name(config))
 
 
 class Preset(NamedTuple):

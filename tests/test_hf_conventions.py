@@ -162,3 +162,22 @@ def test_transformers_facts_are_data_and_agree_with_transformers() -> None:
     assert cache_geometry(FalconConfig(**base, multi_query=False))[1] == 8
     grouped = FalconConfig(**base, new_decoder_architecture=True, num_kv_heads=2)
     assert cache_geometry(grouped)[1] == 8
+
+
+def test_a_classifier_checkpoint_loads_with_its_trained_head(tmp_path) -> None:
+    """A directory saved from LlamaForSequenceClassification is built as that class (its
+    `architectures`), not as a causal LM that would drop `score` and initialize an `lm_head`."""
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    from surgery.models import load_model, preset_config
+
+    config = preset_config("tiny-llama")
+    config.num_labels = 3
+    torch.manual_seed(0)
+    saved = LlamaForSequenceClassification(config).eval()
+    saved.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    assert type(loaded) is LlamaForSequenceClassification
+    assert torch.equal(loaded.score.weight, saved.score.weight)
+    assert type(load_model(str(tmp_path), meta=True)) is LlamaForSequenceClassification

@@ -236,7 +236,7 @@ def test_conflicting_unused_or_unsupported_arguments_are_refused(
 
 
 @pytest.mark.parametrize(
-    "option", [{"module_dropout": 0.1}, {"bias": "all"}, {"modules_to_save": ["lm_head"]}]
+    "option", [{"module_dropout": 0.1}, {"bias": "all"}, {"layer_replication": [[0, 1]]}]
 )
 def test_peft_options_not_implemented_are_refused_on_import(
     base: nn.Module, option: dict, tmp_path: Path

@@ -91,7 +91,7 @@ def test_trainable_tokens_equal_peft_logits_counts_and_gradients() -> None:
     assert (report.plan.trainable, report.plan.total) == (report.trainable, report.total)
     perturb(ours)
     fields, tensors = CODECS["trainable_tokens"].export(
-        edits_of(ours), live_adapter_tensors(ours), module_names(ours)
+        edits_of(ours), live_adapter_tensors(ours), ours
     )
     config = peft.TrainableTokensConfig(**{k: v for k, v in fields.items() if k != "peft_type"})
     theirs = peft.get_peft_model(theirs, config)
@@ -413,7 +413,7 @@ def test_codecs_refuse_what_peft_would_read_differently() -> None:
     a, b = (Edit(p, "trainable_tokens", "trainable_tokens", options=(("ids", ids),))
             for p, ids in (("a", (1, 2)), ("b", (3,))))
     with pytest.raises(PeftFormatError, match="one token list"):
-        tokens.export([a, b], {}, ["a", "b"])
+        tokens.export([a, b], {}, nn.Module())
     saved = {"base_model.model.other.weight": torch.ones(2)}
     with pytest.raises(PeftFormatError, match="not a tensor of a module"):
         copies.import_({"modules_to_save": ["head"]}, saved, ["head"])

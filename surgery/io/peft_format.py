@@ -7,15 +7,15 @@ the root and every other adapter in a subdirectory named after it. `export_peft`
 given several surgery adapter directories, one multi-adapter directory); `import_peft` turns one
 adapter of it into a surgery adapter directory (a `.surg` program whose anchored selectors and
 `expect` guards name exactly the modules PEFT adapted, plus the weights). Nothing PEFT cannot
-express exactly is written or read: a method with no codec, several methods in one adapter,
-trained base parameters, two edits on one module, and each codec's own refusals are errors that
-say what is unsupported.
+express exactly is written or read: a method with no codec, several methods with adapter types
+of their own in one adapter (the methods PEFT keeps in fields of the host's config ride along,
+see `peft_fields`), trained base parameters, two edits on one module, and each codec's own
+refusals are errors that say what is unsupported.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +40,18 @@ from surgery.io.peft_config import (
     peft_adapters,
     read_peft_dir,
 )
+from surgery.io.peft_fields import (
+    add_riders,
+    check_one_edit_per_module,
+    host_method,
+    import_parts,
+)
 from surgery.io.safe import OutputKind, atomic_directory, check_output
 from surgery.lang import parse
 from surgery.methods.codec import (
     BY_PEFT_TYPE,
     CODECS,
+    FIELD_CODECS,
     PREFIX,
     PeftFormatError,
     codec_for,
@@ -66,7 +73,6 @@ TASK_TYPES = {
     "ForTokenClassification": "TOKEN_CLS",
     "ForQuestionAnswering": "QUESTION_ANS",
 }
-
 
 # ---- export ---------------------------------------------------------------------------------
 
@@ -148,34 +154,26 @@ def _export_one(saved: SavedAdapter, base_model_name_or_path: str | None) -> tup
     edits = list(plan.edits)  # the record of what the adapter leaves on the model
     if not edits:
         raise PeftFormatError(f"{saved.path} has no edits to export")
+    riders = {c.method: c for c in FIELD_CODECS.values()}  # methods PEFT keeps in fields
     methods = sorted({e.method for e in edits})
-    unsupported = [m for m in methods if m not in CODECS]
+    unsupported = [m for m in methods if m not in CODECS and m not in riders]
     if unsupported:
         raise PeftFormatError(
             f"cannot export {', '.join(unsupported)} to PEFT's format: the methods with a PEFT "
-            f"codec are {', '.join(sorted(CODECS))}",
+            f"codec are {', '.join(sorted(CODECS))} (and, in a field of one's adapter, "
+            f"{', '.join(sorted(riders))})",
             hint="keep those edits in surgery's format (surgery load)",
         )
-    if len(methods) > 1:
-        raise PeftFormatError(
-            f"a PEFT adapter directory holds one method; this adapter has {' and '.join(methods)}",
-            hint="save each method's rules as its own adapter, then export each",
-        )
-    per_place = Counter(e.path for e in edits)
-    doubled = [p for p, n in per_place.items() if n > 1]
-    if doubled:
-        where = doubled[0] or "the model"
-        raise PeftFormatError(
-            f"{where} has {per_place[doubled[0]]} {methods[0]} edits; a PEFT adapter has one "
-            "per module"
-        )
-    config, weights = CODECS[methods[0]].export(edits, saved.tensors(), plain)
+    host = host_method(methods, riders)
+    check_one_edit_per_module(edits, host)
+    tensors = saved.tensors()
+    config, weights = CODECS[host].export([e for e in edits if e.method == host], tensors, plain)
+    add_riders(config, weights, edits, host, tensors, module_names(plain))
     config.update(
         base_model_name_or_path=base_model_name_or_path or saved.model.get("name_or_path"),
         task_type=_task_type(saved.model.get("class", "")),
         inference_mode=True,
         revision=None,
-        modules_to_save=None,
     )
     return config, weights
 
@@ -194,7 +192,12 @@ def skeleton(saved: SavedAdapter) -> nn.Module | None:
         from surgery.model_files import config_from_dict
         from surgery.models import from_config
 
-        return from_config(config_from_dict(config, str(saved.path)), meta=True)
+        built = config_from_dict(config, str(saved.path))
+        recorded = saved.model.get("class")
+        if recorded:
+            built.architectures = [recorded]  # its task head decides the class (surgery.hf)
+        model = from_config(built, meta=True)
+        return model if not recorded or type(model).__name__ == recorded else None
     except Exception:  # an unusual model: callers fall back to what needs no model
         return None
 
@@ -227,7 +230,7 @@ def import_peft(
         )
     names = module_names(model) if model is not None else []
     try:
-        statements, weights = codec.import_(config, tensors, names)
+        statements, weights = import_parts(config, tensors, codec, names)
     except PeftFormatError as error:  # say which adapter: a PEFT directory may hold several
         raise PeftFormatError(f"{folder}: {error.message}", hint=error.hint) from None
     if not statements:

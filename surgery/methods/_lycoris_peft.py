@@ -30,7 +30,7 @@ from surgery.methods.codec import (
 
 # PEFT options that change what a LoHa/LoKr adapter computes (in training) and that surgery's
 # methods do not implement: (field, the value that is fine)
-UNSUPPORTED = (("rank_dropout", 0.0), ("module_dropout", 0.0), ("modules_to_save", None))
+UNSUPPORTED = (("rank_dropout", 0.0), ("module_dropout", 0.0))
 
 
 def format_error(message: str, hint: str | None = None) -> Exception:
@@ -108,7 +108,7 @@ def import_modules(
         if value != fine and not (fine is None and value in ([], {})):
             raise format_error(
                 f"cannot import this PEFT {kind} adapter: {name}={value!r} is not supported",
-                hint=f"surgery's {method} has no dropouts and no modules_to_save",
+                hint=f"surgery's {method} has no dropouts",
             )
     modules = module_tensors(tensors, tuple(prefix + f for f in factors), str(kind))
     groups: dict[str, list[str]] = defaultdict(list)

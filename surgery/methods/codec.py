@@ -298,6 +298,8 @@ def check_fields(
             + (shown if len(shown) <= 60 else type(value).__name__),
             hint="check the adapter's adapter_config.json",
         )
+
+
 class PeftFieldCodec(Protocol):
     """A method that PEFT keeps in a field of another adapter's config rather than as an adapter
     type of its own (`modules_to_save`, LoRA's `trainable_token_indices`). Its tensors sit in
@@ -306,6 +308,11 @@ class PeftFieldCodec(Protocol):
 
     method: str  # the surgery method
     field: str  # the PEFT config field it rides in
+
+    def rides_on(self, peft_type: str) -> bool:
+        """Whether PEFT's config of adapter type `peft_type` has this field (a host that lacks
+        it cannot carry these edits, and an adapter of that type that sets it is malformed)."""
+        ...
 
     def export(
         self, edits: list[Edit], tensors: dict[str, torch.Tensor], module_names: list[str]

@@ -5,7 +5,8 @@ Export: an edit on parts of a fused projection becomes one whole-output vector (
 `full_vector`: ones in the other parts' rows, which PEFT then scales by exactly 1); a short
 target name is used only when all of its modules scale the same side; Conv1D sets
 `fan_in_fan_out`. Import: output or input scaling by `feedforward_modules`; refused:
-`modules_to_save` and any tensor that is not an `ia3_l` of the right shape.
+any tensor that is not an `ia3_l` of the right shape (`modules_to_save` rides along: io gives
+its tensors to its field codec).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from surgery.methods.codec import (
 )
 from surgery.methods.ia3 import full_vector
 
-UNSUPPORTED: dict[str, Any] = {"modules_to_save": None}
+UNSUPPORTED: dict[str, Any] = {}
 
 
 class IA3Codec:

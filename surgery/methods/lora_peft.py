@@ -60,8 +60,6 @@ from surgery.methods.lora_layers import CONV, EMBEDDING
 # PEFT that a module (GPT-2's Conv1D) stores its weight transposed.
 UNSUPPORTED: dict[str, Any] = {
     "use_dora": False,
-    "modules_to_save": None,
-    "trainable_token_indices": None,
     "layer_replication": None,
     "target_parameters": None,
     "alora_invocation_tokens": None,

@@ -31,7 +31,6 @@ _MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 UNSUPPORTED = (
     ("module_dropout", 0.0),
     ("bias", "none"),
-    ("modules_to_save", None),
     ("layer_replication", None),
     ("trainable_token_indices", None),
 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from surgery.edit import Edit, tensor_key
 from surgery.methods.codec import register_codec, register_field_codec
@@ -113,7 +114,7 @@ class TrainableTokensCodec:
     peft_type = "TRAINABLE_TOKENS"
 
     def export(
-        self, edits: list[Edit], tensors: dict[str, torch.Tensor], module_names: list[str]
+        self, edits: list[Edit], tensors: dict[str, torch.Tensor], model: nn.Module
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         lists = {tuple(ids_of(e)) for e in edits}
         if len(lists) != 1:
@@ -123,8 +124,9 @@ class TrainableTokensCodec:
                 hint="export them with a LoRA adapter (trainable_token_indices per module)",
             )
         paths = [e.path for e in edits]
+        names = [name for name, _ in model.named_modules()]
         for path in paths:
-            check_exact(path, module_names, "target_modules")
+            check_exact(path, names, "target_modules")
         fields = {
             "peft_type": self.peft_type,
             "token_indices": list(lists.pop()),
@@ -148,6 +150,9 @@ class TokenIndicesField:
 
     method = METHOD
     field = "trainable_token_indices"
+
+    def rides_on(self, peft_type: str) -> bool:
+        return peft_type == "LORA"  # PEFT 0.21: only LoraConfig has the field
 
     def export(
         self, edits: list[Edit], tensors: dict[str, torch.Tensor], module_names: list[str]

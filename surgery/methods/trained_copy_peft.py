@@ -31,6 +31,9 @@ class ModulesToSaveField:
     method = METHOD
     field = "modules_to_save"
 
+    def rides_on(self, peft_type: str) -> bool:
+        return peft_type != "TRAINABLE_TOKENS"  # PEFT 0.21: every other type has the field
+
     def export(
         self, edits: list[Edit], tensors: dict[str, torch.Tensor], module_names: list[str]
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
