@@ -14,18 +14,17 @@ from torch import nn
 
 from surgery.edit import Edit
 from surgery.errors import ExecutionError, SurgeryError
-from surgery.graph import model_edit
 from surgery.graph.logical import (
     base_of,
     iter_edits,
     logical_module,
     logical_parameter,
-    parent_of,
 )
-from surgery.graph.site import Site, add_edit, drop_edit, wrap
+from surgery.graph.site import Site
 from surgery.merge_rules import check_finite_adapter
 from surgery.merging import merge_edits, rounded
 from surgery.methods import REGISTRY
+from surgery.methods.base import BAKE, FOLD
 from surgery.plan.types import Plan, Step, totals_line
 
 
@@ -80,12 +79,6 @@ class Transaction:
             self.flags.setdefault(param, param.requires_grad)
             param.requires_grad_(value)
 
-    def replace(self, path: str, new: nn.Module) -> None:
-        parent, name = parent_of(self.model, path)
-        old = parent._modules[name]
-        parent._modules[name] = new
-        self.undo.append(lambda: parent._modules.__setitem__(name, old))
-
     def rollback(self) -> None:
         for action in reversed(self.undo):
             action()
@@ -116,19 +109,8 @@ def _apply(model: nn.Module, step: Step, tx: Transaction) -> None:
     adapters: list[nn.Module] = []
     for edit in step.targets:
         method = REGISTRY[edit.method]
-        if method.level == "model":
-            adapter = method.build(model, edit.args())
-            tx.undo.append(model_edit.install(model, edit.name, adapter))
-        else:
-            current = logical_module(model, edit.path)
-            base = base_of(current)
-            adapter = method.build(base, edit.args())
-            site = (
-                add_edit(current, edit.key(), adapter)
-                if isinstance(current, Site)
-                else wrap(base, edit.key(), adapter)
-            )
-            tx.replace(edit.path, site)
+        adapter = method.build(base_of(logical_module(model, edit.path)), edit.args())
+        tx.undo.append(method.placement.install(model, edit, adapter))
         adapters.append(adapter)
     # the base freezes; the new adapters train; earlier adapters keep their flags
     adapter_ids = {id(p) for _, _, edit in iter_edits(model) for p in edit.parameters()}
@@ -141,21 +123,21 @@ def _apply(model: nn.Module, step: Step, tx: Transaction) -> None:
 
 
 def _take_out(model: nn.Module, step: Step, tx: Transaction, merge: bool) -> None:
-    by_site: dict[str, list[Edit]] = {}  # the planner lists a site's targets together
+    by_path: dict[str, list[Edit]] = {}  # the planner lists a site's targets together
     for target in step.targets:
-        if REGISTRY[target.method].level != "model":
-            by_site.setdefault(target.path, []).append(target)
-        elif merge:  # bake the encoder into a plain table; the edit stays
-            tx.replace(target.name, model._modules[target.name].baked())
-        else:
-            tx.undo.append(model_edit.uninstall(model, target.name))
-    for path, targets in by_site.items():
-        site = logical_module(model, path)
-        assert isinstance(site, Site), path
-        if merge:
-            _merge_into_base(site, path, targets, tx)
+        by_path.setdefault(target.path, []).append(target)
+    for path, targets in by_path.items():
+        folding = [t for t in targets if merge and REGISTRY[t.method].merge_action == FOLD]
+        if folding:
+            site = logical_module(model, path)
+            assert isinstance(site, Site), path
+            _merge_into_base(site, path, folding, tx)
         for target in targets:
-            tx.replace(path, drop_edit(logical_module(model, path), target.name))
+            method = REGISTRY[target.method]
+            if merge and method.merge_action == BAKE:  # the edit stays, as a plain table
+                tx.undo.append(method.bake(model, target))
+            else:
+                tx.undo.append(method.placement.uninstall(model, target))
 
 
 def _merge_into_base(site: Site, path: str, targets: list[Edit], tx: Transaction) -> None:

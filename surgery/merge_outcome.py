@@ -14,8 +14,9 @@ from typing import Any
 
 from torch import nn
 
+from surgery.graph.logical import logical_module
 from surgery.lang.ast import Argument
-from surgery.methods.base import Method
+from surgery.methods.base import BAKE, FOLD, Method
 
 FOLDS = "folds"
 BAKES = "bakes"
@@ -36,7 +37,7 @@ def merges(method: Method, values: dict[str, Any] | None = None) -> bool:
     arguments = tuple(Argument(name, value, None) for name, value in (values or {}).items())
     args = method.bind(arguments, None)
     model = _host()
-    target = model if method.level == "model" else model.model.layers[0].self_attn.q_proj
+    target = logical_module(model, method.placement.host_path("model.layers.0.self_attn.q_proj"))
     return method.can_merge(dict(method.edit_key("edit", target, args).options))
 
 
@@ -55,7 +56,7 @@ def _alternatives(method: Method) -> list[tuple[str, Any]]:
 def merge_outcome(method: Method) -> str:
     """`folds`, `bakes` or `refused` for an edit with default arguments, followed by the
     arguments that change it: `bakes; refused with reparam=false`."""
-    done = BAKES if method.level == "model" else FOLDS
+    done = {FOLD: FOLDS, BAKE: BAKES}[method.merge_action]
     default = merges(method)
     changes = [
         f"{done if not default else REFUSED} with {name}={_written(value)}"

@@ -24,6 +24,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from surgery import METHODS, Site, rewrite
+from surgery.methods import SiteMethod
 from surgery.models import from_config, preset_config
 
 D, HIDDEN, VOCAB = 16, 32, 256
@@ -47,7 +48,7 @@ RULES = {
     "trained_copy": "apply trained_copy to mlp.down\napply lora(r=2) to mlp.down",
     "trainable_tokens": "apply trainable_tokens(ids=[25, 7, 185]) to embed",
 }
-SITE_METHODS = sorted(name for name, method in METHODS.items() if method.level == "module")
+SITE_METHODS = sorted(name for name, method in METHODS.items() if isinstance(method, SiteMethod))
 
 
 class Attention(nn.Module):

@@ -23,7 +23,7 @@ from surgery import PlanError, rewrite
 from surgery.io import write_adapter_dir
 from surgery.io.checkpoint import merge_checkpoint
 from surgery.io.load import load_adapter
-from surgery.methods import REGISTRY
+from surgery.methods import REGISTRY, SiteMethod
 from surgery.models import tiny
 from surgery.plan import Plan
 
@@ -62,7 +62,7 @@ def variants() -> list[str]:
     found: list[str] = []
     module = probe().proj
     for name, method in sorted(REGISTRY.items()):
-        if method.level != "module":
+        if not isinstance(method, SiteMethod):
             continue
         defaults = {p.name: p.default for p in method.params}
         if method.check_target(module, defaults) is not None:
@@ -87,7 +87,7 @@ VARIANTS = variants()
 UNFIT = {
     name: problem.message
     for name, method in sorted(REGISTRY.items())
-    if method.level == "module"
+    if isinstance(method, SiteMethod)
     and (problem := method.check_target(probe().proj, {p.name: p.default for p in method.params}))
 }
 

@@ -16,6 +16,7 @@ from surgery.cli import main
 from surgery.fused import LAYOUTS, projection_dims
 from surgery.merge_outcome import merge_outcome
 from surgery.methods import REGISTRY
+from surgery.methods.base import BAKE
 from surgery.models import load_model, tiny
 
 
@@ -228,7 +229,7 @@ def planner_outcome(name: str, arguments: str) -> str | None:
         assert "cannot be merged" in error.message
         assert snapshot(model).keys() == before.keys()
         return "refused"
-    if REGISTRY[name].level == "model":
+    if REGISTRY[name].merge_action == BAKE:
         assert "edit" in model._modules and "encoder" not in model._modules["edit"]._modules
         return "bakes"
     assert not any(isinstance(m, Site) for m in model.modules())

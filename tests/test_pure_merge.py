@@ -25,11 +25,11 @@ from surgery.io import write_adapter_dir
 from surgery.io.checkpoint import merge_checkpoint
 from surgery.merge_outcome import merges
 from surgery.merging import in_fp32, merge_edits
-from surgery.methods import REGISTRY
+from surgery.methods import REGISTRY, SiteMethod
 from surgery.models import tiny
 from surgery.plan import Plan
 
-MERGEABLE = [n for n, m in sorted(REGISTRY.items()) if m.level == "module" and merges(m)]
+MERGEABLE = [n for n, m in sorted(REGISTRY.items()) if isinstance(m, SiteMethod) and merges(m)]
 IDS = torch.arange(3, 19).unsqueeze(0)
 
 

@@ -9,21 +9,21 @@ module it wraps; everything else goes through these functions.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from torch import nn
 
-from surgery.graph import model_edit
+from surgery.graph.placement import PLACEMENTS
 from surgery.graph.site import BASE, Site
 
 
 class EditOn(NamedTuple):
-    """The edit a logical child is the adapter of: its method and options (a site's `EditKey`
-    options as (key, value) pairs, a model-level edit's options dict)."""
+    """The edit a logical child is the adapter of: its method and its `EditKey` options, as
+    (key, value) pairs, whichever placement holds it."""
 
     method: str
-    options: Mapping[str, Any] | tuple[tuple[str, Any], ...]
+    options: tuple[tuple[str, Any], ...]
 
 
 # (name, module, the edit it is the adapter of or None): a plain tuple, as walks make one per
@@ -38,18 +38,16 @@ def base_of(module: nn.Module) -> nn.Module:
 
 def logical_children(module: nn.Module) -> Iterator[Child]:
     """The children at the next level of a logical path, in model order: the (wrapped) module's
-    own children, then the edits on it, each in the order it was applied."""
+    own children, then the edits its placements hold (`surgery.graph.placement`), each in the
+    order it was applied."""
     real = base_of(module)
-    on_model = model_edit.edit_names(real) if real._forward_pre_hooks else ()
+    held = [item for placement in PLACEMENTS for item in placement.edits(module)]
+    adapters = {name for name, _, _ in held} if held else ()
     for name, child in real._modules.items():
-        if child is not None and name not in on_model:
+        if child is not None and name not in adapters:
             yield name, child, None
-    for name in on_model:
-        adapter = real._modules[name]
-        yield name, adapter, EditOn(adapter.options["method"], adapter.options)
-    if isinstance(module, Site):
-        for edit in module.edits:
-            yield edit.name, module._modules[edit.name], EditOn(edit.method, edit.options)
+    for name, adapter, key in held:
+        yield name, adapter, EditOn(key.method, key.options)
 
 
 def walk(module: nn.Module, path: str = "") -> Iterator[tuple[str, Child]]:
@@ -109,6 +107,14 @@ def parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     if not (isinstance(parent, Site) and name in parent.edit_names()):
         parent = base_of(parent)
     return parent, name
+
+
+def replace_child(model: nn.Module, path: str, new: nn.Module) -> Callable[[], None]:
+    """Put `new` where the child at logical `path` is; return the function that puts it back."""
+    parent, name = parent_of(model, path)
+    old = parent._modules[name]
+    parent._modules[name] = new
+    return lambda: parent._modules.__setitem__(name, old)
 
 
 def joined(path: str, name: str) -> str:

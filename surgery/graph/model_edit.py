@@ -21,14 +21,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery.graph.site import EditKey
 from surgery.hf import Call, positional_names, without_scratch_cache
 
 
 class ModelEditHook:
-    """The forward pre-hook of one model-level edit; it finds its adapter by name at call time."""
+    """The forward pre-hook of one model-level edit; it finds its adapter by name at call time.
+    It holds the edit's `EditKey` (name, method, static options): a model-level edit has no site,
+    so its hook is where the model records what the edit is."""
 
-    def __init__(self, edit: str):
-        self.edit = edit
+    def __init__(self, key: EditKey):
+        self.key = key
+
+    @property
+    def edit(self) -> str:
+        return self.key.name
 
     def __call__(
         self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -39,7 +46,7 @@ class ModelEditHook:
         return (), call.inputs
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.edit!r})"
+        return f"{type(self).__name__}({self.key!r})"
 
 
 class ModelEditOutputHook(ModelEditHook):
@@ -62,16 +69,23 @@ def bind_arguments(
     return bound
 
 
+def edit_keys(model: nn.Module) -> list[EditKey]:
+    """The keys of the model-level edits on `model`, in the order they were applied."""
+    hooks = model._forward_pre_hooks.values()
+    return [h.key for h in hooks if isinstance(h, ModelEditHook)]
+
+
 def edit_names(model: nn.Module) -> list[str]:
     """The names of the model-level edits on `model`, in the order they were applied."""
-    return [h.edit for h in model._forward_pre_hooks.values() if isinstance(h, ModelEditHook)]
+    return [key.name for key in edit_keys(model)]
 
 
-def install(model: nn.Module, edit: str, adapter: nn.Module) -> Callable[[], None]:
+def install(model: nn.Module, key: EditKey, adapter: nn.Module) -> Callable[[], None]:
     """Attach `adapter` as `model.<edit>` with its hooks; return the function that undoes it."""
+    edit = key.name
     model.add_module(edit, adapter)
-    before = model.register_forward_pre_hook(ModelEditHook(edit), with_kwargs=True)
-    after = model.register_forward_hook(ModelEditOutputHook(edit))
+    before = model.register_forward_pre_hook(ModelEditHook(key), with_kwargs=True)
+    after = model.register_forward_hook(ModelEditOutputHook(key))
 
     def undo() -> None:
         after.remove()
@@ -94,6 +108,28 @@ def uninstall(model: nn.Module, edit: str) -> Callable[[], None]:
         model._modules[edit] = adapter
         for put_back in undo_hooks:
             put_back()
+
+    return undo
+
+
+def replace(model: nn.Module, key: EditKey, adapter: nn.Module) -> Callable[[], None]:
+    """Give the model-level edit `key.name` a new adapter and key in place (its hooks keep their
+    order); return the function that puts the old ones back."""
+    hooks = [
+        h
+        for table in (model._forward_pre_hooks, model._forward_hooks)
+        for h in table.values()
+        if isinstance(h, ModelEditHook) and h.edit == key.name
+    ]
+    old_keys, old_adapter = [h.key for h in hooks], model._modules[key.name]
+    model._modules[key.name] = adapter
+    for hook in hooks:
+        hook.key = key
+
+    def undo() -> None:
+        model._modules[key.name] = old_adapter
+        for hook, old in zip(hooks, old_keys, strict=True):
+            hook.key = old
 
     return undo
 

@@ -31,7 +31,7 @@ from torch import nn
 from surgery.edit import Edit, tensor_key
 from surgery.errors import ModelLoadError, PlanError
 from surgery.files import stays_inside
-from surgery.graph.logical import base_of, iter_edits, logical_module
+from surgery.graph.logical import base_of, iter_edits, logical_module, walk
 from surgery.graph.site import Site
 from surgery.io.adapters import ADAPTER_FILE, BASE_FILE
 from surgery.io.load import built_adapter, check_float, read_adapter_dir
@@ -49,6 +49,7 @@ from surgery.io.shards import (
 from surgery.merge_rules import check_finite_adapter
 from surgery.merging import merge_edits, rounded
 from surgery.methods import REGISTRY
+from surgery.methods.base import FOLD
 
 # Other weight formats next to the safetensors would hold the *unmerged* weights: never copied.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -191,19 +192,19 @@ def _check_mergeable(skeleton: nn.Module, adapter_dir: Path) -> None:
     """Every edit must fold into base weights, by the planner's own predicate
     (`Method.can_merge`): serial adapters (non-linear) cannot, and virtual tokens have no weight
     of the base model to fold into (the planner would bake them; a checkpoint has no place)."""
-    for path, edit, module in iter_edits(skeleton):
-        owner = logical_module(skeleton, path) if path else None
-        if not isinstance(owner, Site):  # a model-level edit (prompt, prefix)
-            method = getattr(module, "options", {}).get("method", type(module).__name__)
+    for path, (edit, _, on) in walk(skeleton):
+        if on is None:
+            continue
+        method = REGISTRY[on.method]
+        if method.merge_action != FOLD:
             raise PlanError(
-                f"cannot merge the adapter in {adapter_dir}: its edit '{edit}' ({method}) adds "
+                f"cannot merge the adapter in {adapter_dir}: its edit '{edit}' ({on.method}) adds "
                 "virtual tokens, which a checkpoint of the base architecture has no place for",
                 hint=_unmergeable_hint(),
             )
-        key = next(k for k in owner.edits if k.name == edit)
-        if not REGISTRY[key.method].can_merge(dict(key.options)):
+        if not method.can_merge(dict(on.options)):
             raise PlanError(
-                f"cannot merge the adapter in {adapter_dir}: its edit '{edit}' ({key.method}) on "
+                f"cannot merge the adapter in {adapter_dir}: its edit '{edit}' ({on.method}) on "
                 f"{path} cannot be folded into the weights",
                 hint=_unmergeable_hint(),
             )
@@ -212,7 +213,7 @@ def _check_mergeable(skeleton: nn.Module, adapter_dir: Path) -> None:
 def _unmergeable_hint() -> str:
     from surgery.merge_outcome import merges  # builds a meta model: only on this error path
 
-    folding = sorted(n for n, m in REGISTRY.items() if m.level == "module" and merges(m))
+    folding = sorted(n for n, m in REGISTRY.items() if m.merge_action == FOLD and merges(m))
     return f"a merged checkpoint can hold only {', '.join(folding)}; serve this adapter unmerged"
 
 

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from surgery.errors import PlanError, Span, did_you_mean
-from surgery.graph.site import register_emitter
-from surgery.methods.base import Method, Param
+from surgery.methods.base import Method, ModelMethod, Param, SiteMethod
 
 REGISTRY: dict[str, Method] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make `cls` available to rules as `apply <cls.name>(...)`."""
-    REGISTRY[cls.name] = cls()
-    register_emitter(cls.name, cls.emit)
+    method = cls()
+    REGISTRY[cls.name] = method
+    method.placement.register(method)
     return cls
 
 
@@ -37,4 +37,6 @@ def _register_all() -> None:
 
 _register_all()
 
-__all__ = ["REGISTRY", "Method", "Param", "get_method", "register"]
+__all__ = [
+    "REGISTRY", "Method", "ModelMethod", "Param", "SiteMethod", "get_method", "register"
+]

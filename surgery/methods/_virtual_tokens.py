@@ -2,21 +2,32 @@
 
 Their adapters attach to the model itself (see surgery.graph.model_edit); the `to` selector of
 the rule says, and the planner checks, where the tokens go: the input embedding (`embed`) for
-prompts, every layer's attention (`attn`) for prefixes. `merge` bakes a reparameterization
-(P-tuning's encoder, prefix tuning's MLP) into a plain table and drops it: the edit stays, as
-cheap at inference as its plain-table variant.
+prompts, every layer's attention (`attn`) for prefixes. `merge` bakes (`ModelMethod.bake`) a
+reparameterization (P-tuning's encoder, prefix tuning's MLP) into a plain table and drops it: the
+edit stays, as cheap at inference as its plain-table variant.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from surgery.edit import Edit
+from surgery.graph.placement import MODEL, Undo
 from surgery.graph.site import EditKey
 from surgery.hf import Call, position_limit
-from surgery.methods.base import Method, Param, Problem, adapter_dtype, at_least
+from surgery.methods.base import (
+    ModelMethod,
+    Param,
+    Problem,
+    Refusal,
+    Selection,
+    adapter_dtype,
+    at_least,
+)
 
 N_PARAM = Param("n", int, 20, "number of virtual tokens", check=at_least(1))
 
@@ -39,13 +50,42 @@ def length_problem(model: nn.Module, n: int) -> Problem | None:
     )
 
 
-class VirtualTokenMethod(Method):
+class VirtualTokenMethod(ModelMethod):
     """A model-level method: its adapter is `model.<edit>` and acts through a forward pre-hook."""
 
-    level: ClassVar[str] = "model"
+    merge_refusal: ClassVar[str] = ": it has no encoder to bake into its table"
 
-    def can_merge(self, options: dict[str, Any]) -> bool:
+    def can_bake(self, options: dict[str, Any]) -> bool:
         return bool(options.get("encoder"))
+
+    def baked(self, edit: Edit) -> Edit:
+        """The same edit once its encoder is baked: a plain table, no encoder."""
+        options = {**dict(edit.options), "encoder": ""}
+        return replace(
+            edit,
+            options=tuple(options.items()),
+            shapes=tuple(self.baked_shapes(options).items()),
+        )
+
+    def bake(self, model: nn.Module, edit: Edit) -> Undo:
+        """Replace the adapter by its baked table (`VirtualTokenAdapter.baked`), same hooks."""
+        adapter = model._modules[edit.name].baked()
+        return MODEL.replace(model, self.baked(edit), adapter)
+
+    def check_apply(self, selection: Selection) -> list[Refusal]:
+        """Also: a model takes one virtual-token edit (each one shifts every position)."""
+        present = [
+            (e, m) for e, m in selection.model_edits if isinstance(m, VirtualTokenMethod)
+        ]
+        if not present:
+            return super().check_apply(selection)
+        edit, other = present[0]
+        problem = Problem(
+            f"the model already has a virtual-token edit, '{edit}' ({other.name}); "
+            "a model takes one prompt, P-tuning or prefix edit at a time",
+            hint=f"`remove {edit}` first",
+        )
+        return [(None, problem)]
 
     def check_selection(
         self, model: nn.Module, selected: list[tuple[str, nn.Module]], args: dict[str, Any]
@@ -84,9 +124,6 @@ class VirtualTokenMethod(Method):
         return self.table_width(model, args)
 
     # ---- the Method interface, in terms of the above
-    def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
-        return None  # checked on the selection as a whole (check_selection)
-
     def parameter_shapes(
         self, model: nn.Module, args: dict[str, Any]
     ) -> dict[str, tuple[int, ...]]:
@@ -111,9 +148,9 @@ class VirtualTokenMethod(Method):
         )
 
     def adapter_options(self, model: nn.Module, args: dict[str, Any]) -> dict[str, Any]:
-        """What the adapter remembers: its EditKey options and its method's name (a model-level
-        edit has no site to record them)."""
-        return dict(self.edit_key("", model, args).options) | {"method": self.name}
+        """What the adapter reads at call time: its EditKey options (the edit itself, method
+        included, is recorded by its placement)."""
+        return dict(self.edit_key("", model, args).options)
 
     def baked_shapes(self, options: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         """The tensors left after `merge` bakes the encoder into the table."""

@@ -29,9 +29,9 @@ from surgery.graph.site import EditKey, GraphBuilder, signature_of
 from surgery.lang.ast import Argument
 from surgery.methods import register
 from surgery.methods.base import (
-    Method,
     Param,
     Problem,
+    SiteMethod,
     adapter_dtype,
     at_least,
     in_unit_interval,
@@ -129,7 +129,7 @@ def _wrappable(module: nn.Module) -> str | None:
 
 
 @register
-class Adapter(Method):
+class Adapter(SiteMethod):
     name = "adapter"
     summary = "serial bottleneck y + W_up·σ(W_down·y) on a module's output (Linear or MLP)"
     paper = (

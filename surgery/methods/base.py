@@ -1,4 +1,5 @@
-"""What every method declares: parameters (types, defaults, bounds), targets, counts, merge.
+"""What every method declares: parameters (types, defaults, bounds), placement, targets, counts,
+merge.
 
 A method is a small class registered by name (see `surgery.methods.register`). The planner
 only talks to this interface, so adding a method never touches the pipeline.
@@ -9,15 +10,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from surgery.errors import PlanError, Span, did_you_mean
+from surgery.graph.placement import MODEL, SITE, Placement, Undo
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.lang.ast import Argument, Value
 from surgery.merge_rules import is_plain_float
+
+if TYPE_CHECKING:
+    from surgery.edit import Edit
 
 _TYPE_WORDS = {
     int: "an integer",
@@ -118,33 +123,57 @@ def require_linear(method: str, module: nn.Module) -> Problem | None:
     )
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What an `apply` statement selected, as its method checks it (`Method.check_apply`): the
+    targets with their arguments (a fused target's parts added), and the planner's own checks
+    of a target by its index (whether a site can stand there, tied tensors, the site graph)."""
+
+    model: nn.Module
+    edit: str  # the edit's name
+    args: dict[str, Any]
+    targets: tuple[tuple[str, nn.Module, dict[str, Any]], ...]  # (path, module, its arguments)
+    site_problem: Callable[[int], Problem | None]
+    shared: Callable[[int], dict[str, list[str]]]
+    graph_problem: Callable[[int, EditKey], Problem | None]
+    model_edits: tuple[tuple[str, Method], ...]  # the edits already on the model itself
+
+
+FOLD = "fold"  # `merge` writes the edit into the base tensors; the edit leaves the model
+BAKE = "bake"  # `merge` turns the edit's training form into a plain table; the edit stays
+
+# (index of the target at fault, or None for the selection as a whole; why)
+Refusal = tuple[int | None, Problem]
+
+
 class Method:
-    """Base class of every method. Subclasses set the class variables and the hooks below."""
+    """What every method declares: parameters, its placement, the tensors it owns, its adapter.
+
+    A method is a `SiteMethod` (edits on fx sites around modules) or a `ModelMethod` (edits on
+    the model itself); each class holds its placement (`surgery.graph.placement`), so the
+    pipeline calls the placement or the method and never asks which kind it has."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     paper: ClassVar[str]
     params: ClassVar[tuple[Param, ...]]
-    # "module": the edit sits on a site around each target. "model": it acts on the whole input
-    # sequence and attaches to the model itself (see surgery.graph.model_edit).
-    level: ClassVar[str] = "module"
+    placement: ClassVar[Placement]
+    # What `merge` does to an edit: FOLD or BAKE (below). `remove` always drops it.
+    merge_action: ClassVar[str]
+    # Why `merge` refuses an edit whose options rule it out (appended to the planner's message)
+    merge_refusal: ClassVar[str] = ""
     # Whether the method can act on parts of a fused projection (`attn.qkv[q, v]`, see
     # surgery/fused.py): it then receives the parts' output rows and touches only those.
     acts_on_parts: ClassVar[bool] = False
 
     def can_merge(self, options: dict[str, Any]) -> bool:
-        """Whether `merge` takes an edit with these EditKey options: the one mergeability
-        predicate, asked by the planner and by the streaming checkpoint merge. A site-level
-        method merges when it defines `merged` (derived, never declared beside it); a method
-        whose options can rule a merge out overrides this."""
-        return type(self).merged is not Method.merged
+        """Whether `merge` takes an edit with these EditKey options: the one predicate, asked
+        by the planner and by the streaming checkpoint merge."""
+        raise NotImplementedError
 
-    def can_merge_into(self, tensor: torch.Tensor) -> bool:
-        """Whether `merged` can write `tensor`, a parameter of the wrapped module: plain floating
-        point only (integer or quantized storage needs a method that dequantizes and requantizes).
-        What an edit reads and writes, and so which merges are exact, is not declared here: it is
-        derived from the site graph (see surgery.merge_rules)."""
-        return is_plain_float(tensor)
+    def check_apply(self, selection: Selection) -> list[Refusal]:
+        """Why this method cannot be applied to what a rule selected (empty: it can)."""
+        raise NotImplementedError
 
     # ---- arguments
     def bind(self, arguments: tuple[Argument, ...], method_span: Span) -> dict[str, Any]:
@@ -162,6 +191,64 @@ class Method:
             values[arg.name] = param.coerce(arg.value, arg.span)
         return values
 
+    # ---- what an edit is, for both placements (`host`: the wrapped module, or the model)
+    def parameter_shapes(
+        self, host: nn.Module, args: dict[str, Any]
+    ) -> dict[str, tuple[int, ...]]:
+        """The shapes of the trainable tensors the adapter will own (exact, before building)."""
+        raise NotImplementedError
+
+    def edit_key(self, name: str, host: nn.Module, args: dict[str, Any]) -> EditKey:
+        """The static options the edit's placement, its graph and its merge depend on."""
+        raise NotImplementedError
+
+    def build(self, host: nn.Module, args: dict[str, Any]) -> nn.Module:
+        """The adapter module (initialized) that the placement holds under the edit's name."""
+        raise NotImplementedError
+
+    def parameter_count(self, host: nn.Module, args: dict[str, Any]) -> int:
+        total = 0
+        for shape in self.parameter_shapes(host, args).values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+
+class SiteMethod(Method):
+    """A method whose edits sit on an fx site around each target module; `merge` folds them."""
+
+    placement: ClassVar[Placement] = SITE
+    merge_action: ClassVar[str] = FOLD
+
+    def can_merge(self, options: dict[str, Any]) -> bool:
+        """A site method merges when it defines `merged` (derived, never declared beside it); a
+        method whose options can rule a merge out overrides this."""
+        return type(self).merged is not SiteMethod.merged
+
+    def can_merge_into(self, tensor: torch.Tensor) -> bool:
+        """Whether `merged` can write `tensor`, a parameter of the wrapped module: plain floating
+        point only (integer or quantized storage needs a method that dequantizes and requantizes).
+        What an edit reads and writes, and so which merges are exact, is not declared here: it is
+        derived from the site graph (see surgery.merge_rules)."""
+        return is_plain_float(tensor)
+
+    def check_apply(self, selection: Selection) -> list[Refusal]:
+        """Each target on its own: the method's check, the planner's (a site can stand there,
+        tied tensors), then the site graph the edit would give it."""
+        refusals: list[Refusal] = []
+        for i, (_, module, args) in enumerate(selection.targets):
+            problem = (
+                self.check_target(module, args)
+                or selection.site_problem(i)
+                or self.check_shared(module, args, selection.shared(i))
+                or selection.graph_problem(i, self.edit_key(selection.edit, module, args))
+            )
+            if problem is not None:
+                refusals.append((i, problem))
+        return refusals
+
     # ---- hooks for subclasses
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
         """Why this method cannot attach to `module` with `args`, or None when it can."""
@@ -176,20 +263,6 @@ class Method:
         A method that stands for a change of the tensor itself, which every sharer would have
         to see, refuses here."""
         return None
-
-    def parameter_shapes(
-        self, module: nn.Module, args: dict[str, Any]
-    ) -> dict[str, tuple[int, ...]]:
-        """The shapes of the trainable tensors the adapter will own (exact, before building)."""
-        raise NotImplementedError
-
-    def edit_key(self, name: str, module: nn.Module, args: dict[str, Any]) -> EditKey:
-        """The static options the site graph depends on."""
-        raise NotImplementedError
-
-    def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:
-        """The adapter module (initialized) that the site holds under the edit's name."""
-        raise NotImplementedError
 
     @staticmethod
     def emit(builder: GraphBuilder) -> None:
@@ -211,11 +284,44 @@ class Method:
         """
         raise NotImplementedError
 
-    def parameter_count(self, module: nn.Module, args: dict[str, Any]) -> int:
-        total = 0
-        for shape in self.parameter_shapes(module, args).values():
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
+
+class ModelMethod(Method):
+    """A method whose edit sits on the model itself (virtual tokens): its adapter is a child of
+    the model and acts through forward hooks. `merge` *bakes* it: the edit stays, with what
+    training needed (an encoder) turned into what inference needs (a plain table)."""
+
+    placement: ClassVar[Placement] = MODEL
+    merge_action: ClassVar[str] = BAKE
+
+    def can_merge(self, options: dict[str, Any]) -> bool:
+        return self.can_bake(options)
+
+    def can_bake(self, options: dict[str, Any]) -> bool:
+        """Whether an edit with these EditKey options has something to bake."""
+        raise NotImplementedError
+
+    def baked(self, edit: Edit) -> Edit:
+        """The record of `edit` once baked (its options and shapes after the bake)."""
+        raise NotImplementedError
+
+    def bake(self, model: nn.Module, edit: Edit) -> Undo:
+        """Bake `edit` on `model` in place; return the function that undoes it."""
+        raise NotImplementedError
+
+    def check_apply(self, selection: Selection) -> list[Refusal]:
+        """The selection as a whole: the model must support the method, and the modules the
+        rule selected must be where its edit acts."""
+        problem = self.check_model(selection.model) or self.check_selection(
+            selection.model, [(p, m) for p, m, _ in selection.targets], selection.args
+        )
+        return [] if problem is None else [(None, problem)]
+
+    def check_model(self, model: nn.Module) -> Problem | None:
+        """Why this method cannot act on `model` at all, or None."""
+        raise NotImplementedError
+
+    def check_selection(
+        self, model: nn.Module, selected: list[tuple[str, nn.Module]], args: dict[str, Any]
+    ) -> Problem | None:
+        """Why the modules a rule selected are not where this method's edit acts, or None."""
+        raise NotImplementedError

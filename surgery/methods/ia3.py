@@ -22,9 +22,9 @@ from surgery.fused import Parts, merge_options, projection_dims, with_rows
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
 from surgery.methods.base import (
-    Method,
     Param,
     Problem,
+    SiteMethod,
     adapter_dtype,
     needs_cast,
     require_linear,
@@ -91,7 +91,7 @@ def full_vector(
 
 
 @register
-class IA3(Method):
+class IA3(SiteMethod):
     name = "ia3"
     summary = "learned vector rescaling a Linear layer's output (or input)"
     paper = (

@@ -31,9 +31,9 @@ from surgery.methods._lycoris import (
     storage_options,
 )
 from surgery.methods.base import (
-    Method,
     Param,
     Problem,
+    SiteMethod,
     adapter_dtype,
     at_least,
     needs_cast,
@@ -68,7 +68,7 @@ def delta_weight(tensors: dict[str, torch.Tensor], scaling: float) -> torch.Tens
 
 
 @register
-class LoHa(Method):
+class LoHa(SiteMethod):
     name = "loha"
     summary = "Hadamard product of two low-rank updates added to a Linear layer's weight"
     paper = (

@@ -35,9 +35,9 @@ from surgery.methods._lycoris import (
     storage_options,
 )
 from surgery.methods.base import (
-    Method,
     Param,
     Problem,
+    SiteMethod,
     adapter_dtype,
     at_least,
     needs_cast,
@@ -117,7 +117,7 @@ def kron_factors(tensors: dict[str, Any], mul: Any = operator.matmul) -> tuple[A
 
 
 @register
-class LoKr(Method):
+class LoKr(SiteMethod):
     name = "lokr"
     summary = "Kronecker product of two small factors added to a Linear layer's weight"
     paper = "Yeh et al. 2023, LyCORIS: Navigating Text-to-Image Customization (arXiv:2309.14859)"

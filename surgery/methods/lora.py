@@ -29,9 +29,9 @@ from surgery.fused import Parts, merge_options, projection_dims, with_rows
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
 from surgery.methods.base import (
-    Method,
     Param,
     Problem,
+    SiteMethod,
     adapter_dtype,
     at_least,
     in_unit_interval,
@@ -158,7 +158,7 @@ def scaling(args: dict[str, Any]) -> float:
 
 
 @register
-class LoRA(Method):
+class LoRA(SiteMethod):
     name = "lora"
     summary = "low-rank update B·A added to a Linear layer's output"
     paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models (arXiv:2106.09685)"

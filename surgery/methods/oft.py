@@ -31,9 +31,9 @@ from surgery.graph.site import EditKey, GraphBuilder
 from surgery.lang.ast import Argument
 from surgery.methods import register
 from surgery.methods.base import (
-    Method,
     Param,
     Problem,
+    SiteMethod,
     adapter_dtype,
     at_least,
     needs_cast,
@@ -129,7 +129,7 @@ class OFTAdapter(nn.Module):
 
 
 @register
-class OFT(Method):
+class OFT(SiteMethod):
     name = "oft"
     summary = "block-diagonal orthogonal rotation (Cayley) of a Linear layer's input"
     paper = (

@@ -21,9 +21,9 @@ from torch import nn
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
 from surgery.methods.base import (
-    Method,
     Param,
     Problem,
+    SiteMethod,
     adapter_dtype,
     needs_cast,
     require_linear,
@@ -57,7 +57,7 @@ def sparse_delta(
 
 
 @register
-class Sparse(Method):
+class Sparse(SiteMethod):
     name = "sparse"
     summary = "train a fixed fraction of a Linear layer's weights (smallest magnitude first)"
     paper = (

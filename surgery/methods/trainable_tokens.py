@@ -23,7 +23,7 @@ from torch import nn
 
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
-from surgery.methods.base import Method, Param, Problem, adapter_dtype
+from surgery.methods.base import Param, Problem, SiteMethod, adapter_dtype
 
 
 class TokenRows(nn.Module):
@@ -77,7 +77,7 @@ def _ids_problem(ids: Any, vocab: int, padding_idx: int | None) -> str | None:
 
 
 @register
-class TrainableTokens(Method):
+class TrainableTokens(SiteMethod):
     name = "trainable_tokens"
     summary = "train only the embedding rows of chosen token ids (new or re-trained tokens)"
     paper = "Hugging Face PEFT, TrainableTokens (trainable_token_indices), 2025"

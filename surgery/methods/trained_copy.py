@@ -26,7 +26,7 @@ from torch import nn
 
 from surgery.graph.site import EditKey, GraphBuilder, signature_of
 from surgery.methods import register
-from surgery.methods.base import Method, Problem
+from surgery.methods.base import Problem, SiteMethod
 
 
 def tensor_owners(module: nn.Module) -> list[str]:
@@ -39,7 +39,7 @@ def tensor_owners(module: nn.Module) -> list[str]:
 
 
 @register
-class TrainedCopy(Method):
+class TrainedCopy(SiteMethod):
     name = "trained_copy"
     summary = "train a copy of a whole module in its place; the original is kept (modules_to_save)"
     paper = "Hugging Face PEFT, modules_to_save (ModulesToSaveWrapper)"

@@ -10,11 +10,11 @@ from surgery.edit import Edit
 from surgery.errors import PlanError, Span
 from surgery.fused import Parts, with_parts
 from surgery.graph import model_edit
-from surgery.graph.site import EditKey, is_reserved_edit_name
+from surgery.graph.site import EditKey
 from surgery.lang import ast
 from surgery.merge_rules import node_effects, storage_problem
 from surgery.methods import REGISTRY, Method, get_method
-from surgery.methods.base import Problem
+from surgery.methods.base import Problem, Selection
 from surgery.parent_calls import skipped_reason
 from surgery.plan.planner import ParamState, Planner, Scope, handles, weight_dtype
 from surgery.select import TreeNode, group_parts
@@ -27,7 +27,8 @@ def apply(planner: Planner, st: ast.Apply, scope: Scope) -> None:
     method = get_method(st.method, st.method_span)
     args = method.bind(st.arguments, st.method_span)
     edit = st.name or method.name
-    if method.level != "model" and is_reserved_edit_name(edit):
+    placement = method.placement
+    if placement.reserves(edit):
         raise PlanError(
             f"'{edit}' cannot name an edit: the site uses that name itself",
             span=st.span,
@@ -36,11 +37,7 @@ def apply(planner: Planner, st: ast.Apply, scope: Scope) -> None:
     matched = planner.resolve(st.selectors, modules_only=True, include_adapters=False)
     matched, parts = group_parts(matched, method.name, method.acts_on_parts)
     nodes = [node for node, _, _ in matched]
-    roles = {id(node): role for node, _, role in matched}
-    if method.level == "model":
-        _check_model_target(planner, st, method, args, matched)
-    else:
-        _check_targets(planner, st, method, args, matched, parts)
+    _check_selection(planner, st, method, args, edit, matched, parts)
     if st.expect is not None and len(nodes) != st.expect:
         raise PlanError(
             f"the selectors match {len(nodes)} module(s), but the statement expects {st.expect}",
@@ -49,20 +46,23 @@ def apply(planner: Planner, st: ast.Apply, scope: Scope) -> None:
             + ", ".join(n.path for n in nodes[:6])
             + (", ..." if len(nodes) > 6 else ""),
         )
-    if method.level == "model":  # the edit sits on the model; the selection said where
-        roles = {id(planner.tree): ", ".join(sorted(set(roles.values()) - {""}))}
-        nodes = [planner.tree]
+    # the nodes the edits sit on (the model itself for a model placement), with the roles the
+    # rule named their selected modules by
+    hosts: dict[str, tuple[TreeNode, set[str]]] = {}
+    for node, _, role in matched:
+        path = placement.host_path(node.path)
+        host_node = node if path == node.path else planner.node(path)
+        host = hosts.setdefault(path, (host_node, set()))
+        host[1].add(role)
     arguments = tuple(sorted(args.items()))
     records = []
-    for node in nodes:
+    for node, node_roles in hosts.values():
         _check_name(st, method, node, edit)
         selected = parts.get(id(node))
         module = node.module
         targs = with_parts(args, selected)
         shapes = method.parameter_shapes(module, targs)
         options = method.edit_key(edit, module, targs).options
-        if method.level != "model":
-            _check_site_graph(st, node, EditKey(edit, method.name, options))
         node.add_virtual_adapter(edit, method.name, shapes, dict(options))
         record = Edit(
             node.path,
@@ -73,7 +73,7 @@ def apply(planner: Planner, st: ast.Apply, scope: Scope) -> None:
             tuple(shapes.items()),
             type(module).__name__,
             weight_dtype(module),
-            roles[id(node)],
+            ", ".join(sorted(node_roles - {""})),
             selected.names if selected else (),
             selected.layout if selected else None,
         )
@@ -91,17 +91,60 @@ def apply(planner: Planner, st: ast.Apply, scope: Scope) -> None:
     )
 
 
+def _check_selection(
+    planner: Planner,
+    st: ast.Apply,
+    method: Method,
+    args: dict[str, Any],
+    edit: str,
+    matched: Matched,
+    parts: dict[int, Parts],
+) -> None:
+    """The method's checks of what the rule selected (`Method.check_apply`), with the
+    planner's own per-target checks at hand; the first refusal is raised, naming its target."""
+    nodes = [node for node, _, _ in matched]
+    selection = Selection(
+        planner.model,
+        edit,
+        args,
+        tuple((n.path, n.module, with_parts(args, parts.get(id(n)))) for n in nodes),
+        lambda i: _site_problem(planner, nodes[i]),
+        lambda i: planner.shared(nodes[i]),
+        lambda i, key: _graph_problem(nodes[i], key),
+        tuple((e, REGISTRY[m]) for e, m in planner.tree.edits),
+    )
+    refusals = method.check_apply(selection)
+    if not refusals:
+        return
+    index, problem = refusals[0]
+    span = st.span if index is None else matched[index][1]
+    if problem.argument is not None:
+        span = next((a.span for a in st.arguments if a.name == problem.argument), span)
+    if index is None:  # the selection as a whole
+        raise PlanError(
+            f"cannot apply {method.name}: {problem.message}", span=span, hint=problem.hint
+        )
+    node = nodes[index]
+    where = node.path or "the model itself"
+    if id(node) in parts:
+        where += f"[{', '.join(parts[id(node)].names)}]"
+    others = (
+        f" (and {len(refusals) - 1} more of the {len(matched)} matched modules)"
+        if len(refusals) > 1
+        else ""
+    )
+    raise PlanError(
+        f"cannot apply {method.name} to {where}{others}: {problem.message}",
+        span=span,
+        hint=problem.hint,
+    )
+
+
 def _check_name(st: ast.Apply, method: Method, node: TreeNode, edit: str) -> None:
     """The edit can stand at `node` under its name: sites wrap submodules, and the name hides
     no attribute, other edit or child of the module."""
     module = node.module
     assert module is not None
-    if not node.path and method.level != "model":
-        raise PlanError(
-            f"cannot apply {method.name} to the model itself: sites wrap submodules",
-            span=st.span,
-            hint="select the modules inside it, e.g. `** : Linear`",
-        )
     if (
         hasattr(module, edit)
         and edit not in node.children
@@ -128,48 +171,16 @@ def _check_name(st: ast.Apply, method: Method, node: TreeNode, edit: str) -> Non
         )
 
 
-def _check_targets(
-    planner: Planner,
-    st: ast.Apply,
-    method: Method,
-    args: dict[str, Any],
-    matched: Matched,
-    parts: dict[int, Parts],
-) -> None:
-    problems = []
-    for node, span, _ in matched:
-        problem = method.check_target(node.module, with_parts(args, parts.get(id(node))))
-        problem = problem or _site_problem(planner, node)
-        problem = problem or method.check_shared(node.module, args, planner.shared(node))
-        if problem is not None:
-            problems.append((node, span, problem))
-    if not problems:
-        return
-    node, span, problem = problems[0]
-    if problem.argument is not None:
-        span = next((a.span for a in st.arguments if a.name == problem.argument), span)
-    where = node.path or "the model itself"
-    if id(node) in parts:
-        where += f"[{', '.join(parts[id(node)].names)}]"
-    others = (
-        f" (and {len(problems) - 1} more of the {len(matched)} matched modules)"
-        if len(problems) > 1
-        else ""
-    )
-    raise PlanError(
-        f"cannot apply {method.name} to {where}{others}: {problem.message}",
-        span=span,
-        hint=problem.hint,
-    )
-
-
 def _site_problem(planner: Planner, node: TreeNode) -> Problem | None:
     """Why no site can stand for `node`'s module, whatever the method: the site would not run
     on every call (its parent does not call it, or an ancestor reads its tensors directly), or
     adapters cannot be built over its storage."""
     assert node.module is not None
     if not node.path:
-        return None  # the model itself: refused in `apply`, whatever it holds
+        return Problem(
+            "sites wrap submodules",
+            hint="select the modules inside it, e.g. `** : Linear`",
+        )
     storage = storage_problem(node.module)
     if storage is not None:
         return Problem(
@@ -189,7 +200,7 @@ def _site_problem(planner: Planner, node: TreeNode) -> Problem | None:
     )
 
 
-def _check_site_graph(st: ast.Apply, node: TreeNode, new: EditKey) -> None:
+def _graph_problem(node: TreeNode, new: EditKey) -> Problem | None:
     """Build the site graph the apply would give `node` (cached per structure): a method that
     cannot go there (DoRA after another edit) says so while it adds its nodes."""
     assert node.module is not None
@@ -197,34 +208,5 @@ def _check_site_graph(st: ast.Apply, node: TreeNode, new: EditKey) -> None:
         node_effects(node, new)
     except (PlanError, TypeError) as error:
         message = error.message if isinstance(error, PlanError) else str(error)
-        raise PlanError(
-            f"cannot apply {new.method} to {node.path}: {message}",
-            span=st.span,
-            hint=getattr(error, "hint", None),
-        ) from None
-
-
-def _check_model_target(
-    planner: Planner, st: ast.Apply, method: Method, args: dict[str, Any], matched: Matched
-) -> None:
-    """A model-level method: the model must support it, the selection must be where its
-    virtual tokens go, and a model takes one such edit (each one shifts every position)."""
-    problem = method.check_model(planner.model) or method.check_selection(
-        planner.model, [(n.path, n.module) for n, _, _ in matched], args
-    )
-    if problem is not None:
-        span = st.span
-        if problem.argument is not None:
-            span = next((a.span for a in st.arguments if a.name == problem.argument), span)
-        raise PlanError(
-            f"cannot apply {method.name}: {problem.message}", span=span, hint=problem.hint
-        )
-    present = [(e, m) for e, m in planner.tree.edits if REGISTRY[m].level == "model"]
-    if present:
-        edit, other = present[0]
-        raise PlanError(
-            f"the model already has a virtual-token edit, '{edit}' ({other}); "
-            "a model takes one prompt, P-tuning or prefix edit at a time",
-            span=st.span,
-            hint=f"`remove {edit}` first",
-        )
+        return Problem(message, hint=getattr(error, "hint", None))
+    return None

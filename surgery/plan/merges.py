@@ -5,13 +5,12 @@ encoder into a plain, frozen table, and the edit stays with that table."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from surgery.edit import Edit
 from surgery.errors import PlanError, did_you_mean
 from surgery.lang import ast
 from surgery.merge_rules import check_merge_storage, plan_site_merges
 from surgery.methods import REGISTRY
+from surgery.methods.base import BAKE, FOLD
 from surgery.plan.planner import ParamState, Planner, Scope, handles
 from surgery.select import TreeNode
 
@@ -38,26 +37,21 @@ def take_out(planner: Planner, st: ast.Merge | ast.Remove, action: str) -> None:
     for node, name, method_name in chosen:
         for pnode in node.children[name].params():
             planner.params.pop(pnode.key, None)
-        options = node.edit_options.get(name, {})
         node.drop_adapter(name)
         record = planner.edits.pop((node.path, name))
         method = REGISTRY[method_name]
-        if action == "merge" and method.level == "model":
-            # baking keeps the edit with a plain, frozen table (see _virtual_tokens)
-            baked = options | {"encoder": ""}
-            shapes = method.baked_shapes(options)
-            node.add_virtual_adapter(name, method_name, shapes, baked)
-            for pnode in node.children[name].params():
-                planner.params[pnode.key] = ParamState(pnode.numel, False, True)
-            planner.edits[(node.path, name)] = _baked(record, shapes)
+        if action == "merge" and method.merge_action == BAKE:
+            _keep_baked(planner, node, method.baked(record))
         targets.append(record)
     planner.record(st, action, targets=tuple(targets))
 
 
-def _baked(record: Edit, shapes: dict[str, tuple[int, ...]]) -> Edit:
-    """A virtual-token edit once `merge` baked its encoder: the same edit, a plain table."""
-    options = {**dict(record.options), "encoder": ""}
-    return replace(record, options=tuple(options.items()), shapes=tuple(shapes.items()))
+def _keep_baked(planner: Planner, node: TreeNode, baked: Edit) -> None:
+    """A baked edit stays, with its baked (plain, frozen) tensors."""
+    node.add_virtual_adapter(baked.name, baked.method, dict(baked.shapes), dict(baked.options))
+    for pnode in node.children[baked.name].params():
+        planner.params[pnode.key] = ParamState(pnode.numel, False, True)
+    planner.edits[(node.path, baked.name)] = baked
 
 
 def _chosen(planner: Planner, st: ast.Merge | ast.Remove, action: str) -> Chosen:
@@ -91,14 +85,13 @@ def _check_mergeable(
     method = REGISTRY[method_name]
     if not method.can_merge(node.edit_options.get(name, {})):
         where = node.path or "the model"
-        why = ": it has no encoder to bake into its table" if method.level == "model" else ""
         raise PlanError(
-            f"{method_name} cannot be merged ({where}: edit '{name}'){why}",
+            f"{method_name} cannot be merged ({where}: edit '{name}'){method.merge_refusal}",
             span=st.span,
             hint=f"use `remove {name}` to take it out",
         )
     _check_not_shared(planner, st, node, name)
-    if method.level != "model":
+    if method.merge_action == FOLD:  # it writes the wrapped module's tensors
         check_merge_storage(node, name, method, st.span)
 
 
@@ -108,7 +101,7 @@ def _order_merges(st: ast.Merge, chosen: Chosen) -> Chosen:
     by_site: dict[int, Chosen] = {}
     ordered = []
     for item in chosen:
-        if REGISTRY[item[2]].level == "model":  # baked where it is, no site involved
+        if REGISTRY[item[2]].merge_action == BAKE:  # baked where it is, no site involved
             ordered.append(item)
         else:
             by_site.setdefault(id(item[0]), []).append(item)
