@@ -75,7 +75,6 @@ class LoHa(SiteMethod):
         "Hyeon-Woo et al. 2021, FedPara (arXiv:2108.06098); Yeh et al. 2023, LyCORIS "
         "(arXiv:2309.14859)"
     )
-    mergeable = True
     params = (
         Param("r", int, 8, "rank of each of the two low-rank products", check=at_least(1)),
         Param("alpha", float, 8.0, "scale numerator: s = alpha / r", check=positive),

@@ -121,7 +121,6 @@ class LoKr(SiteMethod):
     name = "lokr"
     summary = "Kronecker product of two small factors added to a Linear layer's weight"
     paper = "Yeh et al. 2023, LyCORIS: Navigating Text-to-Image Customization (arXiv:2309.14859)"
-    mergeable = True
     params = (
         Param("r", int, 8, "rank of the factored Kronecker factors", check=at_least(1)),
         Param("alpha", float, 8.0, "scale numerator: s = alpha / r", check=positive),

@@ -136,7 +136,6 @@ class OFT(SiteMethod):
         "Qiu et al. 2023, Controlling Text-to-Image Diffusion by Orthogonal Finetuning "
         "(arXiv:2306.07280)"
     )
-    mergeable = True
     params = (
         Param("r", int, 0, "number of blocks (PEFT's r); give r or block_size",
               check=at_least(0)),

@@ -81,7 +81,6 @@ class TrainableTokens(SiteMethod):
     name = "trainable_tokens"
     summary = "train only the embedding rows of chosen token ids (new or re-trained tokens)"
     paper = "Hugging Face PEFT, TrainableTokens (trainable_token_indices), 2025"
-    mergeable = True
     params = (Param("ids", list, [], "token ids whose embedding rows train (distinct, in range)"),)
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:

@@ -43,7 +43,6 @@ class TrainedCopy(SiteMethod):
     name = "trained_copy"
     summary = "train a copy of a whole module in its place; the original is kept (modules_to_save)"
     paper = "Hugging Face PEFT, modules_to_save (ModulesToSaveWrapper)"
-    mergeable = True
     params = ()
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
