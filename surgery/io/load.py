@@ -33,7 +33,7 @@ from surgery.io.adapters import (
     AdapterError,
     live_adapter_tensors,
 )
-from surgery.io.plan_document import check_document, malformed
+from surgery.io.plan_document import check_agrees, check_document, malformed
 from surgery.lang import ast, parse
 from surgery.plan import Plan, make_plan
 
@@ -200,6 +200,7 @@ def plan_adapter(saved: SavedAdapter, model: nn.Module) -> Plan:
     check_family(saved, model)
     plan = make_plan(model, adapter_rules(saved))
     _check_tensors(saved, plan, model)
+    check_agrees(saved.path / PLAN_FILE, saved.plan, plan)  # what the shapes cannot tell
     return plan
 
 

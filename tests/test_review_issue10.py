@@ -1,0 +1,57 @@
+"""Adversarial review of issue 10's methods and their I/O: each test is a defect found by trying
+to get a silent wrong result, a traceback or an unsafe load out of the new code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from surgery import rewrite
+from surgery.io import write_adapter_dir
+from surgery.io.adapters import AdapterError
+from surgery.io.load import load_adapter
+from surgery.models import tiny
+from tests.conftest import edit_modules
+
+IDS = torch.arange(16).reshape(2, 8) % 50
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def trained(model: torch.nn.Module) -> torch.nn.Module:
+    """Every adapter tensor set to seeded non-zero values (as if trained)."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, module in edit_modules(model):
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("rules", "saved", "edited"),
+    [
+        ("apply lokr(r=4) to *.q_proj", "r=4", "r=4, alpha=2"),
+        ("apply oft(block_size=8) to *.q_proj", "block_size=8", "block_size=8, cayley=exact"),
+        ("apply trainable_tokens(ids=[1, 2]) to model.embed_tokens", "[1, 2]", "[2, 1]"),
+        ("apply lora(r=4, init=pissa) to *.q_proj", "pissa", "olora"),
+    ],
+    ids=["lokr-alpha", "oft-cayley", "tokens-order", "lora-init"],
+)
+def test_load_refuses_rules_that_disagree_with_the_saved_plan(tmp_path, rules, saved, edited):
+    """Same tensor shapes, other arguments: loading computed something else without a word."""
+    model = tiny("llama")
+    report = rewrite(model, rules)
+    write_adapter_dir(trained(model), tmp_path / "a", rules_text=rules, plan=report.plan)
+    rules_file = Path(tmp_path / "a" / "rules.surg")
+    rules_file.write_text(rules.replace(saved, edited))
+    fresh = tiny("llama")
+    before = logits(fresh)
+    with pytest.raises(AdapterError, match="disagree"):
+        load_adapter(fresh, tmp_path / "a")
+    assert torch.equal(logits(fresh), before)
