@@ -55,3 +55,31 @@ def test_load_refuses_rules_that_disagree_with_the_saved_plan(tmp_path, rules, s
     with pytest.raises(AdapterError, match="disagree"):
         load_adapter(fresh, tmp_path / "a")
     assert torch.equal(logits(fresh), before)
+
+
+class _Normed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.bn = torch.nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.lin(x))
+
+
+def test_trained_copy_of_a_batchnorm_merges_its_running_statistics() -> None:
+    """The copy's running stats (and its integer num_batches_tracked) are part of what it
+    learned: the merge was refused with an internal 'not in fp32' error after planning."""
+    torch.manual_seed(0)
+    model = _Normed()
+    rewrite(model, "apply trained_copy to bn")
+    x = torch.randn(8, 4) * 3 + 2
+    model.train()
+    for _ in range(3):
+        model(x)
+    model.eval()
+    expected = model(x)
+    rewrite(model, "merge")
+    assert type(model.bn) is torch.nn.BatchNorm1d
+    assert torch.equal(model(x), expected)
+    assert model.bn.num_batches_tracked.item() == 3
