@@ -83,3 +83,35 @@ def test_trained_copy_of_a_batchnorm_merges_its_running_statistics() -> None:
     assert type(model.bn) is torch.nn.BatchNorm1d
     assert torch.equal(model(x), expected)
     assert model.bn.num_batches_tracked.item() == 3
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_deeply_nested_json_is_a_clear_error_not_a_recursion_error(tmp_path) -> None:
+    """plan.json (its edit records' options) and adapter_config.json come from untrusted
+    directories: JSON nested past Python's stack raised a bare RecursionError."""
+    import json
+
+    from surgery.errors import SurgeryError
+    from surgery.io.peft_format import import_peft
+
+    model = tiny("llama")
+    rules = "apply lora(r=4) to *.q_proj"
+    report = rewrite(model, rules)
+    write_adapter_dir(model, tmp_path / "a", rules_text=rules, plan=report.plan)
+    plan_file = tmp_path / "a" / "plan.json"
+    document = json.loads(plan_file.read_text())
+    for text in (
+        plan_file.read_text().replace('"plan": {', f'"deep": {_nested(100_000)}, "plan": {{'),
+        json.dumps(document).replace('["cast", false]', f'["cast", {_nested(900)}]'),
+    ):
+        plan_file.write_text(text)
+        with pytest.raises(AdapterError, match=r"plan\.json"):
+            load_adapter(tiny("llama"), tmp_path / "a")
+    peft_dir = tmp_path / "peft"
+    peft_dir.mkdir()
+    (peft_dir / "adapter_config.json").write_text(f'{{"r": {_nested(100_000)}}}')
+    with pytest.raises(SurgeryError, match=r"adapter_config\.json"):
+        import_peft(peft_dir, tmp_path / "out")

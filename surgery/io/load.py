@@ -131,7 +131,7 @@ def read_adapter_dir(path: Path | str) -> SavedAdapter:
         document = json.loads(plan_text)
         if not isinstance(document, dict):
             raise ValueError("not a JSON object")
-    except ValueError as error:  # not JSON
+    except (ValueError, RecursionError) as error:  # not JSON, or nested past Python's stack
         raise AdapterError(f"cannot read {path / PLAN_FILE}: {error}") from None
     written = document.get("format", 1)
     if not isinstance(written, int) or isinstance(written, bool) or written < 1:
