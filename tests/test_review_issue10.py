@@ -138,3 +138,15 @@ def test_lora_with_a_trained_copy_and_tokens_exports_to_one_peft_directory(tmp_p
     export_peft(tmp_path / "a", tmp_path / "peft")
     theirs = peft.PeftModel.from_pretrained(tiny("llama"), tmp_path / "peft").eval()
     torch.testing.assert_close(logits(theirs), logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_exact_cayley_oft_runs_on_a_model_cast_to_bf16_after_surgery() -> None:
+    """`model.to(torch.bfloat16)` after the rewrite (adapters follow): the exact Cayley transform
+    raised NotImplementedError ('lu_cpu' has no BFloat16 kernel) in the forward."""
+    model = tiny("llama")
+    rewrite(model, "apply oft(block_size=8, cayley=exact) to *.q_proj")
+    trained(model)
+    model.to(torch.bfloat16)
+    before = logits(model)
+    rewrite(model, "merge")
+    torch.testing.assert_close(logits(model), before, rtol=0.05, atol=0.05)
