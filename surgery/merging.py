@@ -44,10 +44,14 @@ def merge_edits(
     for method, key, tensors in edits:
         for name, value in method.merged(current, in_fp32(tensors), key).items():
             before = current.get(name)
-            if before is None or value.shape != before.shape or value.dtype != torch.float32:
+            # floats are merged in fp32; an integer buffer (a BatchNorm's num_batches_tracked,
+            # which a trained copy carries over) keeps its own dtype
+            wanted = torch.float32 if before is None or before.is_floating_point() else before.dtype
+            if before is None or value.shape != before.shape or value.dtype != wanted:
                 raise ExecutionError(
                     f"{method.name} (edit '{key.name}') merged a tensor '{name}' that is not one "
-                    "of the module's, or not in fp32 with its shape; nothing was merged"
+                    "of the module's, or not in fp32 (its own dtype, for an integer tensor) with "
+                    "its shape; nothing was merged"
                 )
             current[name] = changed[name] = value
     return changed

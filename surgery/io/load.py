@@ -33,7 +33,7 @@ from surgery.io.adapters import (
     AdapterError,
     live_adapter_tensors,
 )
-from surgery.io.plan_document import check_document, malformed
+from surgery.io.plan_document import check_agrees, check_document, malformed
 from surgery.lang import ast, parse
 from surgery.plan import Plan, make_plan
 
@@ -131,7 +131,7 @@ def read_adapter_dir(path: Path | str) -> SavedAdapter:
         document = json.loads(plan_text)
         if not isinstance(document, dict):
             raise ValueError("not a JSON object")
-    except ValueError as error:  # not JSON
+    except (ValueError, RecursionError) as error:  # not JSON, or nested past Python's stack
         raise AdapterError(f"cannot read {path / PLAN_FILE}: {error}") from None
     written = document.get("format", 1)
     if not isinstance(written, int) or isinstance(written, bool) or written < 1:
@@ -200,6 +200,7 @@ def plan_adapter(saved: SavedAdapter, model: nn.Module) -> Plan:
     check_family(saved, model)
     plan = make_plan(model, adapter_rules(saved))
     _check_tensors(saved, plan, model)
+    check_agrees(saved.path / PLAN_FILE, saved.plan, plan)  # what the shapes cannot tell
     return plan
 
 

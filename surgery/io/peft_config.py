@@ -36,7 +36,8 @@ def read_peft_dir(
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
-    except (OSError, ValueError) as error:  # unreadable, not UTF-8 (a ValueError), not JSON
+    except (OSError, ValueError, RecursionError) as error:  # unreadable, not UTF-8, not JSON
+        # (or nested deeper than Python's stack)
         raise PeftFormatError(f"cannot read {path / CONFIG_FILE}: {error}") from None
     check_peft_config(path / CONFIG_FILE, config)
     if not (path / WEIGHTS_FILE).is_file():

@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from surgery.io.adapters import AdapterError
+from surgery.edit import Edit
+from surgery.io.adapters import RULES_FILE, AdapterError
 from surgery.plan import MalformedPlan, Plan
 from surgery.plan.document import shown
 
@@ -56,3 +57,35 @@ def check_document(file: Path, document: dict[str, Any], written: int) -> Plan |
         raise AdapterError(
             f"{file} is malformed: `plan.{error.field}` {error.problem}", hint=error.hint
         ) from None
+
+
+def check_agrees(file: Path, saved: Plan | None, planned: Plan) -> None:
+    """The rules beside plan.json must plan the edits plan.json records: same places, methods,
+    parts and arguments. The tensors' shapes alone do not tell an edited rules.surg (another
+    alpha, another rotation, other token ids) from the saved one, and loading it would silently
+    compute something other than the model that was saved."""
+    if saved is None:
+        return
+    recorded = {(e.path, e.name): e for e in saved.edits}
+    for edit in planned.edits:
+        was = recorded.pop((edit.path, edit.name), None)
+        known = was is not None and (was.arguments or not edit.arguments)  # else: predates it
+        if was is None or (was.method, was.parts) != (edit.method, edit.parts) or (
+            known and was.arguments != edit.arguments
+        ):
+            raise _disagrees(file, _call(edit), _call(was) if was else "no such edit")
+    if recorded:
+        raise _disagrees(file, "no such edit", _call(next(iter(recorded.values()))))
+
+
+def _call(edit: Edit) -> str:
+    arguments = ", ".join(f"{name}={value!r}" for name, value in edit.arguments)
+    return f"{edit.method}({arguments}) as '{edit.name}' on {edit.where or 'the model'}"
+
+
+def _disagrees(file: Path, planned: str, recorded: str) -> AdapterError:
+    return AdapterError(
+        f"{file.parent / RULES_FILE} and {file} disagree: the rules plan {planned}, the plan "
+        f"records {recorded}",
+        hint="one of them was edited after saving; save the adapter again from its model",
+    )

@@ -78,8 +78,9 @@ def rotation(Q: torch.Tensor, block_size: int, terms: int) -> torch.Tensor:
     with `terms` terms, or (terms = 0) the exact Cayley transform. Q = 0 gives R = I exactly."""
     S = skew(Q, block_size)
     eye = torch.eye(block_size, dtype=S.dtype, device=S.device).expand_as(S)
-    if terms == 0:
-        return torch.linalg.solve(eye + S, eye - S, left=False)
+    if terms == 0:  # LU has no half-precision kernels (a model cast to bf16 after surgery)
+        exact = torch.promote_types(S.dtype, torch.float32)
+        return torch.linalg.solve((eye + S).to(exact), (eye - S).to(exact), left=False).to(S.dtype)
     R = eye
     if terms > 1:
         R = torch.add(R, S, alpha=2.0)

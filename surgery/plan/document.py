@@ -227,10 +227,15 @@ def _named_pairs(data: dict[str, Any], key: str, at: str) -> list[tuple[str, Any
     return pairs
 
 
-def _option(value: Any, at: str) -> Any:
+_OPTION_DEPTH = 8  # options nest a few levels (a layout's blocks); a file may nest thousands
+
+
+def _option(value: Any, at: str, depth: int = 0) -> Any:
     """An option value back from JSON: lists as tuples, a layout object as a `Layout`."""
     if isinstance(value, list):
-        return tuple(_option(v, f"{at}[{i}]") for i, v in enumerate(value))
+        if depth >= _OPTION_DEPTH:
+            raise MalformedPlan(at, f"must be nested at most {_OPTION_DEPTH} lists deep")
+        return tuple(_option(v, f"{at}[{i}]", depth + 1) for i, v in enumerate(value))
     if isinstance(value, dict):
         return _layout(value, at)
     if value is None or isinstance(value, (bool, int, str)):
