@@ -79,7 +79,7 @@ def _json(file: Path) -> dict[str, Any]:
     text = read_text(file, "config file", ModelLoadError)
     try:
         fields = json.loads(text)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: absurdly nested JSON
         raise ModelLoadError(f"cannot read {file}: it is not valid JSON ({error})") from None
     if not isinstance(fields, dict):
         raise ModelLoadError(f"cannot read {file}: it is not a JSON object")

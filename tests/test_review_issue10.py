@@ -117,12 +117,6 @@ def test_deeply_nested_json_is_a_clear_error_not_a_recursion_error(tmp_path) -> 
         import_peft(peft_dir, tmp_path / "out")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="surgery/io/peft_format.py does not dispatch to the field codecs (FIELD_CODECS: "
-    "modules_to_save, trainable_token_indices): export refuses trained_copy and a second "
-    "method beside LoRA, and import refuses a LoRA config with those fields",
-)
 def test_lora_with_a_trained_copy_and_tokens_exports_to_one_peft_directory(tmp_path) -> None:
     import peft
 
@@ -150,3 +144,26 @@ def test_exact_cayley_oft_runs_on_a_model_cast_to_bf16_after_surgery() -> None:
     before = logits(model)
     rewrite(model, "merge")
     torch.testing.assert_close(logits(model), before, rtol=0.05, atol=0.05)
+
+
+def test_deeply_nested_model_json_is_a_clear_error(tmp_path) -> None:
+    """config.json, a safetensors header and a sharded index nested 100,000 deep: a
+    ModelLoadError naming the file, never a RecursionError traceback."""
+    import struct
+
+    from surgery.errors import ModelLoadError
+    from surgery.io.shards import open_checkpoint
+    from surgery.models import load_model
+
+    deep = _nested(100_000)
+    (tmp_path / "config.json").write_text(deep)
+    with pytest.raises(ModelLoadError, match="config"):
+        load_model(str(tmp_path))
+    header = deep.encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        open_checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors.index.json").write_text(deep)
+    with pytest.raises(ModelLoadError, match="index"):
+        open_checkpoint(tmp_path)

@@ -171,7 +171,7 @@ def _read_metadata(file: Path) -> dict[str, Any] | None:
         if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_METADATA:
             return None
         document = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return document if isinstance(document, dict) else None
 

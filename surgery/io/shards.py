@@ -87,7 +87,7 @@ def read_shard(path: Path) -> Shard:
         raise ModelLoadError(f"cannot read {path}: {error}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise _corrupt(path, f"the header is not valid JSON ({error})") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "the header is not a JSON object")
@@ -193,7 +193,7 @@ def _read_index(index_path: Path) -> tuple[dict, dict[str, str]]:
     object. Anything else is an error naming the file."""
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise ModelLoadError(f"cannot read the index {index_path}: {error}") from None
     if not isinstance(index, dict):
         raise _bad_index(index_path, "it is not a JSON object")
