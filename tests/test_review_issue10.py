@@ -161,7 +161,7 @@ def test_deeply_nested_model_json_is_a_clear_error(tmp_path) -> None:
         load_model(str(tmp_path))
     header = deep.encode()
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
-    with pytest.raises(ModelLoadError, match="model.safetensors"):
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors"):
         open_checkpoint(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     (tmp_path / "model.safetensors.index.json").write_text(deep)
