@@ -156,7 +156,7 @@ class VeRA(SiteMethod):
             ("max_out", args["max_out"]),
             ("in", n_in),
             ("out", n_out),
-            ("dropout", args["dropout"] > 0),
+            ("dropout", args["dropout"]),  # p: the graph reads whether, PEFT export how much
             ("cast", needs_cast(module.weight)),
         )
         return EditKey(name, self.name, options + merge_options(module, None))
