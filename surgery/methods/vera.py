@@ -62,6 +62,13 @@ def projection(seed: int, r: int, max_in: int, max_out: int) -> tuple[torch.Tens
     return A, kaiming((max_out, r))
 
 
+def sizes(module: nn.Module, args: dict[str, Any]) -> tuple[int, int]:
+    """(max_in, max_out) of the projection: the arguments (`complete` fills them over the
+    selection), a 0 left in them standing for this module's own size (a one-module selection)."""
+    dims = projection_dims(module) or (0, 0)
+    return args["max_in"] or dims[0], args["max_out"] or dims[1]
+
+
 class VeraProjection(nn.Module):
     """The frozen shared A and B, as non-persistent buffers: one object, a child of every
     adapter of the same `apply`, so that it is held (and moved) once."""
@@ -131,11 +138,11 @@ class VeRA(SiteMethod):
                 f"Conv1D, not {type(module).__name__}",
                 hint=problem.hint,
             )
-        for size, name in zip(dims, ("max_in", "max_out"), strict=True):
-            if size > args[name]:
+        for size, name, limit in zip(dims, ("max_in", "max_out"), sizes(module, args), strict=True):
+            if size > limit:
                 return Problem(
                     f"the module's {name.removeprefix('max_')}put size {size} exceeds "
-                    f"{name}={args[name]}, the size of the shared projection",
+                    f"{name}={limit}, the size of the shared projection",
                     argument=name,
                     hint=f"raise {name}, or leave it out to size it over the selection",
                 )
@@ -152,8 +159,7 @@ class VeRA(SiteMethod):
         options: tuple[tuple[str, Any], ...] = (
             ("seed", args["seed"]),
             ("r", args["r"]),
-            ("max_in", args["max_in"]),
-            ("max_out", args["max_out"]),
+            *zip(("max_in", "max_out"), sizes(module, args), strict=True),
             ("in", n_in),
             ("out", n_out),
             ("dropout", args["dropout"]),  # p: the graph reads whether, PEFT export how much
@@ -174,7 +180,7 @@ class VeRA(SiteMethod):
         weight = module.weight
         dtype, device = adapter_dtype(weight), weight.device
         _, n_out = projection_dims(module) or (0, 0)
-        key = (args["seed"], args["r"], args["max_in"], args["max_out"], dtype, device)
+        key = (args["seed"], args["r"], *sizes(module, args), dtype, device)
         shared = self._shared.get(key) if self._shared is not None else None
         if shared is None:
             A, B = projection(*key[:4])
