@@ -134,6 +134,21 @@ def test_peft_dir_both_ways(pair, tmp_path: Path) -> None:
         import_peft(tmp_path / "peft", tmp_path / "s2")
 
 
+def test_peft_dir_without_projection_imports_by_regenerating_it(pair, tmp_path: Path) -> None:
+    base, peft_model, _, _ = pair
+    peft_model.peft_config["default"].save_projection = False
+    try:
+        peft_model.save_pretrained(tmp_path / "peft")
+    finally:
+        peft_model.peft_config["default"].save_projection = True
+    assert "base_model.vera_A" not in load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    rules = import_peft(tmp_path / "peft", tmp_path / "s", model=base)
+    assert "apply vera(r=8, seed=5) to" in rules
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, tmp_path / "s")
+    torch.testing.assert_close(logits(fresh), logits(peft_model), rtol=1e-5, atol=1e-5)
+
+
 def test_a_projection_smaller_than_a_target_is_refused() -> None:
     with pytest.raises(PlanError, match="exceeds max_in=100"):
         rewrite(tiny("llama"), "apply vera(r=4, max_in=100) to **.down_proj")

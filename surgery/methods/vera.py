@@ -184,7 +184,8 @@ class VeRA(SiteMethod):
         shared = self._shared.get(key) if self._shared is not None else None
         if shared is None:
             A, B = projection(*key[:4])
-            shared = VeraProjection(A.to(device, dtype), B.to(device, dtype))
+            # copies: the cached tensors stay unwritable through the model's buffers
+            shared = VeraProjection(A.to(device, dtype, copy=True), B.to(device, dtype, copy=True))
             if self._shared is not None:
                 self._shared[key] = shared
         lambda_b = torch.zeros(n_out, dtype=dtype, device=device)
