@@ -6,6 +6,7 @@ and the model is exactly as it was (same module objects, same weights, same requ
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -107,11 +108,14 @@ def _apply(model: nn.Module, step: Step, tx: Transaction) -> None:
     """Add each planned edit: its adapter is built from the record's arguments and its site
     graph from the record's key (the planner computed both; nothing is derived again here)."""
     adapters: list[nn.Module] = []
-    for edit in step.targets:
-        method = REGISTRY[edit.method]
-        adapter = method.build(base_of(logical_module(model, edit.path)), edit.args())
-        tx.undo.append(method.placement.install(model, edit, adapter))
-        adapters.append(adapter)
+    with contextlib.ExitStack() as building:  # one step's edits may share objects they build
+        for method in {REGISTRY[edit.method] for edit in step.targets}:
+            building.enter_context(method.building())
+        for edit in step.targets:
+            method = REGISTRY[edit.method]
+            adapter = method.build(base_of(logical_module(model, edit.path)), edit.args())
+            tx.undo.append(method.placement.install(model, edit, adapter))
+            adapters.append(adapter)
     # the base freezes; the new adapters train; earlier adapters keep their flags
     adapter_ids = {id(p) for _, _, edit in iter_edits(model) for p in edit.parameters()}
     for param in unique_parameters(model):

@@ -45,6 +45,9 @@ RULES = {
     "lokr": "apply lokr(r=1, decompose_both=true) to attn.<q,v>\napply lokr(r=4) to mlp.down",
     "oft": "apply oft(block_size=8) to attn.<q,v>\n"
     "apply oft(r=2, share=true, cayley=exact, coft=true, eps=0.1) to mlp.down",
+    # two statements: two projections, one of them sized by the wider mlp.up
+    "vera": "apply vera(r=4, d_initial=0.5) to attn.<q,v>\n"
+    "apply vera(r=2, seed=3) to mlp.<up,down> as vera2",
     "trained_copy": "apply trained_copy to mlp.down\napply lora(r=2) to mlp.down",
     "trainable_tokens": "apply trainable_tokens(ids=[25, 7, 185]) to embed",
 }

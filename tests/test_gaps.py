@@ -177,6 +177,7 @@ TARGETS = {
     "ia3": "attn.o",
     "sparse": "attn.o",
     "oft": "attn.o",
+    "vera": "attn.o",
     "adapter": "attn.o",
     "parallel_adapter": "attn.o",
     "loha": "attn.o",

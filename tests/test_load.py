@@ -34,6 +34,7 @@ EXAMPLES = {
     "loha": "apply loha(r=2, alpha=4) to *.self_attn.<q,v>_proj",
     "lokr": "apply lokr(r=2, decompose_both=true) to *.self_attn.q_proj, *.mlp.down_proj",
     "oft": "apply oft(block_size=4) to *.self_attn.<q,v>_proj",
+    "vera": "apply vera(r=4) to *.self_attn.<q,v>_proj, *.mlp.down_proj",
     "prompt": "use llama\napply prompt(n=3) to embed",
     "p_tuning": "use llama\napply p_tuning(n=3) to embed",
     "prefix": "use llama\napply prefix(n=3) to layers.*.self_attn",

@@ -7,6 +7,7 @@ only talks to this interface, so adding a method never touches the pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -190,6 +191,17 @@ class Method:
                 )
             values[arg.name] = param.coerce(arg.value, arg.span)
         return values
+
+    def complete(self, args: dict[str, Any], modules: list[nn.Module]) -> dict[str, Any]:
+        """The bound arguments with those that depend on the whole selection (`modules`: the
+        selected modules) filled in, before any check; recorded as the edit's arguments. Most
+        methods' arguments do not: unchanged."""
+        return args
+
+    def building(self) -> contextlib.AbstractContextManager[None]:
+        """A context around the builds of one `apply` step, for a method whose edits of one
+        statement share one object (a frozen tensor held once). Most share nothing."""
+        return contextlib.nullcontext()
 
     # ---- what an edit is, for both placements (`host`: the wrapped module, or the model)
     def parameter_shapes(

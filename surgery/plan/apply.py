@@ -37,6 +37,7 @@ def apply(planner: Planner, st: ast.Apply, scope: Scope) -> None:
     matched = planner.resolve(st.selectors, modules_only=True, include_adapters=False)
     matched, parts = group_parts(matched, method.name, method.acts_on_parts)
     nodes = [node for node, _, _ in matched]
+    args = method.complete(args, [node.module for node in nodes])
     _check_selection(planner, st, method, args, edit, matched, parts)
     if st.expect is not None and len(nodes) != st.expect:
         raise PlanError(
