@@ -152,3 +152,20 @@ def test_peft_dir_without_projection_imports_by_regenerating_it(pair, tmp_path: 
 def test_a_projection_smaller_than_a_target_is_refused() -> None:
     with pytest.raises(PlanError, match="exceeds max_in=100"):
         rewrite(tiny("llama"), "apply vera(r=4, max_in=100) to **.down_proj")
+
+
+def test_a_torch_drawing_other_numbers_is_refused_at_plan_time(monkeypatch) -> None:
+    """A and B are regenerated from the seed: a torch whose CPU generator changed its stream
+    must be refused, not give a saved adapter other matrices."""
+    from surgery.methods import vera
+
+    model = tiny("llama")
+    vera.generator_problem.cache_clear()
+    monkeypatch.setattr(vera, "CANARY", (0.0, 0.0, 0.0, 0.0))
+    try:
+        with pytest.raises(PlanError, match="random generator"):
+            rewrite(model, "apply vera(r=4) to *.q_proj")
+    finally:
+        monkeypatch.undo()
+        vera.generator_problem.cache_clear()
+    assert vera.generator_problem() is None  # this torch draws the numbers VeRA was defined with

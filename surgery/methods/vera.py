@@ -62,6 +62,28 @@ def projection(seed: int, r: int, max_in: int, max_out: int) -> tuple[torch.Tens
     return A, kaiming((max_out, r))
 
 
+# The first draws of `torch.Generator("cpu").manual_seed(0).uniform_(-1, 1)` (torch 2.13): since
+# A and B are regenerated rather than stored, a torch whose CPU generator drew other numbers would
+# silently give a saved VeRA adapter other matrices. `generator_problem` refuses that at plan time.
+CANARY = (-0.007486820220947266, 0.5364435911178589, -0.8230451345443726, -0.7359390258789062)
+
+
+@functools.cache
+def generator_problem() -> Problem | None:
+    """Why this torch cannot regenerate VeRA's projections exactly, or None."""
+    draws = torch.empty(len(CANARY)).uniform_(
+        -1, 1, generator=torch.Generator(device="cpu").manual_seed(0)
+    )
+    if torch.equal(draws, torch.tensor(CANARY)):
+        return None
+    return Problem(
+        "this torch's CPU random generator draws other numbers than the one VeRA's shared "
+        "projections were defined with, so A and B (regenerated from the seed, never stored) "
+        "would differ from the trained ones",
+        hint="use a torch release whose CPU generator matches (surgery's tests pin it)",
+    )
+
+
 def sizes(module: nn.Module, args: dict[str, Any]) -> tuple[int, int]:
     """(max_in, max_out) of the projection: the arguments (`complete` fills them over the
     selection), a 0 left in them standing for this module's own size (a one-module selection)."""
@@ -129,6 +151,8 @@ class VeRA(SiteMethod):
         return args
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
+        if generator_problem() is not None:
+            return generator_problem()
         dims = projection_dims(module)
         if dims is None:
             problem = require_linear(self.name, module)
