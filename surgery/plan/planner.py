@@ -66,11 +66,10 @@ class Planner:
         self.steps: list[Step] = []
         self.statements: list[ast.Statement] = []
         self.params: dict[object, ParamState] = {}
+        self.param_paths: dict[int, list[str]] = {}  # every path of each tensor (tied weights)
         for node in self.tree.params():
             if node.key not in self.params:
                 self.params[node.key] = ParamState(node.numel, node.key.requires_grad, node.adapter)
-        self.param_paths: dict[int, list[str]] = {}  # every path of each tensor (tied weights)
-        for node in self.tree.params():
             self.param_paths.setdefault(id(node.key), []).append(node.path)
         self.trainable_before, self.total_before = self.totals()
         # the edits on the model as the statements run: those it has, then the planned ones

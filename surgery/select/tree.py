@@ -53,9 +53,13 @@ class TreeNode:
         return f"{self.path}.{name}" if self.path else name
 
     def walk(self) -> Iterator[TreeNode]:
-        yield self
-        for child in self.children.values():
-            yield from child.walk()
+        """This node and every node below it, in model order (pre-order). Iterative: nested
+        generators cost a frame per level for every node of a 7B skeleton's tree."""
+        stack = [self]
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(reversed(node.children.values()))
 
     def params(self) -> Iterator[TreeNode]:
         return (n for n in self.walk() if n.kind == "param")
