@@ -17,7 +17,7 @@ from surgery.edit import Edit
 from surgery.errors import ExecutionError, SurgeryError
 from surgery.graph.logical import (
     base_of,
-    iter_edits,
+    edit_adapters,
     logical_module,
     logical_parameter,
 )
@@ -117,7 +117,7 @@ def _apply(model: nn.Module, step: Step, tx: Transaction) -> None:
             tx.undo.append(method.placement.install(model, edit, adapter))
             adapters.append(adapter)
     # the base freezes; the new adapters train; earlier adapters keep their flags
-    adapter_ids = {id(p) for _, _, edit in iter_edits(model) for p in edit.parameters()}
+    adapter_ids = {id(p) for adapter in edit_adapters(model) for p in adapter.parameters()}
     for param in unique_parameters(model):
         if id(param) not in adapter_ids:
             tx.set_requires_grad(param, False)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from surgery import PlanError, rewrite
-from surgery.execute import iter_edits, logical_parameter
+from surgery.graph.logical import iter_edits, logical_parameter
 from surgery.graph.site import EditKey
 from surgery.io import write_adapter_dir
 from surgery.io.checkpoint import merge_checkpoint

@@ -73,6 +73,15 @@ def iter_edits(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
             yield path, name, adapter
 
 
+def edit_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Every edit's adapter module in `model`, in one flat pass over its modules (no logical
+    paths: for callers that only need the adapters, e.g. to tell adapter parameters apart)."""
+    for module in model.modules():
+        for placement in PLACEMENTS:
+            for _, adapter, _ in placement.edits(module):
+                yield adapter
+
+
 def logical_parameters(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Parameter]]:
     """(logical path, parameter) for every parameter below `module` (`...q_proj.weight`, not
     `...q_proj.base.weight`; adapters' as `...q_proj.lora.A`). A tied parameter is listed under
