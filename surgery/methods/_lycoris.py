@@ -10,20 +10,6 @@ from torch import nn
 
 from surgery.fused import is_conv1d, projection_dims
 from surgery.graph.site import EditKey, GraphBuilder
-from surgery.methods.base import Problem, require_linear
-
-
-def check_projection(method: str, module: nn.Module) -> Problem | None:
-    """The Problem for anything but a Linear (or subclass) or a Conv1D."""
-    if projection_dims(module) is not None:
-        return None
-    problem = require_linear(method, module)
-    assert problem is not None
-    return Problem(
-        f"{method} attaches to Linear layers (and their subclasses) and GPT-2's Conv1D, "
-        f"not {type(module).__name__}",
-        hint=problem.hint,
-    )
 
 
 def dims(module: nn.Module) -> tuple[int, int]:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from surgery.errors import PlanError, Span, did_you_mean
+from surgery.fused import projection_dims
 from surgery.graph.placement import MODEL, SITE, Placement, Undo
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.lang.ast import Argument, Value
@@ -121,6 +122,20 @@ def require_linear(method: str, module: nn.Module) -> Problem | None:
     return Problem(
         f"{method} attaches to Linear layers (and their subclasses), not {type(module).__name__}",
         hint="add a type filter to keep only Linear layers: `SELECTOR : Linear`",
+    )
+
+
+def require_projection(method: str, module: nn.Module) -> Problem | None:
+    """The Problem for a method on Linear layers and GPT-2's Conv1D asked to attach to anything
+    else."""
+    if projection_dims(module) is not None:
+        return None
+    problem = require_linear(method, module)
+    assert problem is not None
+    return Problem(
+        f"{method} attaches to Linear layers (and their subclasses) and GPT-2's Conv1D, "
+        f"not {type(module).__name__}",
+        hint=problem.hint,
     )
 
 

@@ -27,7 +27,7 @@ from surgery.methods.base import (
     SiteMethod,
     adapter_dtype,
     needs_cast,
-    require_linear,
+    require_projection,
 )
 
 
@@ -110,14 +110,9 @@ class IA3(SiteMethod):
     )
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
-        if projection_dims(module) is None:
-            problem = require_linear(self.name, module)
-            assert problem is not None
-            return Problem(
-                f"{self.name} attaches to Linear layers (and their subclasses) and GPT-2's "
-                f"Conv1D, not {type(module).__name__}",
-                hint=problem.hint,
-            )
+        problem = require_projection(self.name, module)
+        if problem is not None:
+            return problem
         if args.get("parts") is not None and args["on"] == "input":
             return Problem(
                 "on=input scales the module's input, which every part shares; a part has only "

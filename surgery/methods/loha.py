@@ -26,7 +26,6 @@ from surgery.methods import register
 from surgery.methods._lycoris import (
     add_update,
     cast_all,
-    check_projection,
     dims,
     storage_options,
 )
@@ -38,6 +37,7 @@ from surgery.methods.base import (
     at_least,
     needs_cast,
     positive,
+    require_projection,
 )
 
 FACTORS = ("w1_a", "w1_b", "w2_a", "w2_b")
@@ -81,7 +81,7 @@ class LoHa(SiteMethod):
     )
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
-        return check_projection(self.name, module)
+        return require_projection(self.name, module)
 
     def parameter_shapes(
         self, module: nn.Module, args: dict[str, Any]

@@ -30,7 +30,6 @@ from surgery.methods import register
 from surgery.methods._lycoris import (
     add_update,
     cast_all,
-    check_projection,
     dims,
     storage_options,
 )
@@ -42,6 +41,7 @@ from surgery.methods.base import (
     at_least,
     needs_cast,
     positive,
+    require_projection,
 )
 
 
@@ -142,7 +142,7 @@ class LoKr(SiteMethod):
     )
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
-        return check_projection(self.name, module)
+        return require_projection(self.name, module)
 
     def parameter_shapes(
         self, module: nn.Module, args: dict[str, Any]

@@ -43,7 +43,7 @@ from surgery.methods.base import (
     at_least,
     in_unit_interval,
     needs_cast,
-    require_linear,
+    require_projection,
 )
 
 
@@ -155,13 +155,7 @@ class VeRA(SiteMethod):
             return generator_problem()
         dims = projection_dims(module)
         if dims is None:
-            problem = require_linear(self.name, module)
-            assert problem is not None
-            return Problem(
-                f"{self.name} attaches to Linear layers (and their subclasses) and GPT-2's "
-                f"Conv1D, not {type(module).__name__}",
-                hint=problem.hint,
-            )
+            return require_projection(self.name, module)
         for size, name, limit in zip(dims, ("max_in", "max_out"), sizes(module, args), strict=True):
             if size > limit:
                 return Problem(
