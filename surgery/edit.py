@@ -34,6 +34,7 @@ class Edit:
     role: str = ""  # the alias the rule named the module by (`attn.q`), when it used one
     parts: tuple[str, ...] = ()  # a fused module: the parts (rows) the edit acts on
     layout: Layout | None = None  # and its layout
+    adapter: str = "default"  # the adapter (named unit of edits) it belongs to
 
     @property
     def params(self) -> int:
@@ -50,7 +51,7 @@ class Edit:
         return tensor_key(self.path, self.name)
 
     def key(self) -> EditKey:
-        return EditKey(self.name, self.method, self.options)
+        return EditKey(self.name, self.method, self.options, self.adapter)
 
     def args(self) -> dict[str, Any]:
         """The arguments as the method's hooks take them (`parts` added for an edit on parts)."""

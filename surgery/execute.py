@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from surgery.adapters.units import settle
 from surgery.edit import Edit
 from surgery.errors import ExecutionError, SurgeryError
 from surgery.graph.logical import (
@@ -101,6 +102,7 @@ def execute(model: nn.Module, plan: Plan) -> Report:
                 f"rewrite failed and the model was restored: {type(error).__name__}: {error}"
             ) from error
         raise
+    settle(model, [edit.adapter for edit in plan.edits])
     return Report(plan, *count_parameters(model))
 
 

@@ -24,6 +24,7 @@ class EditOn(NamedTuple):
 
     method: str
     options: tuple[tuple[str, Any], ...]
+    adapter: str = "default"
 
 
 # (name, module, the edit it is the adapter of or None): a plain tuple, as walks make one per
@@ -47,7 +48,7 @@ def logical_children(module: nn.Module) -> Iterator[Child]:
         if child is not None and name not in adapters:
             yield name, child, None
     for name, adapter, key in held:
-        yield name, adapter, EditOn(key.method, key.options)
+        yield name, adapter, EditOn(key.method, key.options, key.adapter)
 
 
 def walk(module: nn.Module, path: str = "") -> Iterator[tuple[str, Child]]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery.adapters.state import is_active
 from surgery.graph.site import EditKey
 from surgery.hf import Call, positional_names, without_scratch_cache
 
@@ -40,6 +41,8 @@ class ModelEditHook:
     def __call__(
         self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if not is_active(model, self.key.adapter):
+            return None  # an inactive adapter's virtual tokens are not added
         adapter = model._modules[self.edit]
         call = Call(model, bind_arguments(model, args, kwargs))
         adapter.prepare(model, call)

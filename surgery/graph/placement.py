@@ -56,7 +56,8 @@ class SitePlacement:
 
     def register(self, method: Any) -> None:
         """Site graphs are built from each method's `emit`, found by the method's name."""
-        register_emitter(method.name, method.emit)
+        routed = type(method).emit_routed
+        register_emitter(method.name, method.emit, None if routed is None else method.emit_routed)
 
     def host_path(self, path: str) -> str:
         return path

@@ -29,23 +29,16 @@ from torch import nn
 from torch.fx.graph import PythonCode
 from torch.fx.graph_module import _forward_from_src
 
+from surgery.graph.builder import (
+    EDIT_META,
+    REPLACES_META,
+    EditKey,
+    GraphBuilder,
+    Routed,
+    RoutedBuilder,
+)
 from surgery.graph.compare import same_structure
 from surgery.graph.state_dict import BASE, TransparentStateDict
-
-EDIT_META = "surgery_edit"  # node.meta key: the name of the edit that created the node
-REPLACES_META = "surgery_replaces"  # on an edit's output node: the name of the node it replaced
-
-
-@dataclass(frozen=True)
-class EditKey:
-    """What a graph needs to know about one edit: its name, method and static options."""
-
-    name: str
-    method: str
-    options: tuple[tuple[str, Any], ...] = ()
-
-    def option(self, key: str, default: Any = None) -> Any:
-        return dict(self.options).get(key, default)
 
 
 @dataclass(frozen=True)
@@ -73,70 +66,6 @@ def signature_of(cls: type[nn.Module]) -> Signature:
     return Signature(tuple(params))
 
 
-class GraphBuilder:
-    """What a method sees while it adds its nodes to a site graph.
-
-    `input` is the site's primary input, `value` the output so far; a method that transforms
-    the output calls `set_output(node)`. A method that transforms what the wrapped module
-    receives builds its nodes inside `before_base()` from `base_input` and calls
-    `set_base_input(node)`. Every node created here is tagged with the edit's name, which is what
-    lets `erase_edit` take it out again.
-    """
-
-    def __init__(
-        self, graph: fx.Graph, input: fx.Node, value: fx.Node, base: fx.Node, edit: EditKey
-    ):
-        self.graph, self.input, self.value, self.edit = graph, input, value, edit
-        self._base = base
-
-    @property
-    def base_input(self) -> fx.Node:
-        """What the wrapped module receives as its primary input so far."""
-        node = self._base.args[0]
-        assert isinstance(node, fx.Node)
-        return node
-
-    def before_base(self) -> Any:
-        """Context in which new nodes are placed before the call of the wrapped module."""
-        return self.graph.inserting_before(self._base)
-
-    def set_base_input(self, node: fx.Node) -> None:
-        node.meta[REPLACES_META] = self.base_input.name
-        self._base.update_arg(0, node)
-
-    def _tag(self, node: fx.Node) -> fx.Node:
-        node.meta[EDIT_META] = self.edit.name
-        return node
-
-    def attr(self, name: str) -> fx.Node:
-        """A tensor owned by this edit's adapter module, e.g. `attr("A")` -> self.lora.A."""
-        return self._tag(self.graph.get_attr(f"{self.edit.name}.{name}"))
-
-    def base_attr(self, name: str) -> fx.Node:
-        """A tensor of the wrapped module, e.g. `base_attr("weight")` -> self.base.weight."""
-        return self._tag(self.graph.get_attr(f"{BASE}.{name}"))
-
-    def module(self, name: str, *args: Any) -> fx.Node:
-        """Call a submodule `name` of this edit's module (`module("dropout", x)`), or with
-        `name=""` the edit's module itself (an edit that is a whole module, like a trained copy)."""
-        target = f"{self.edit.name}.{name}" if name else self.edit.name
-        return self._tag(self.graph.call_module(target, args))
-
-    def placeholders(self) -> list[fx.Node]:
-        """Every input of the site, in the wrapped module's signature order."""
-        return [node for node in self.graph.nodes if node.op == "placeholder"]
-
-    def function(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
-        return self._tag(self.graph.call_function(fn, args, kwargs))
-
-    def method(self, name: str, *args: Any) -> fx.Node:
-        return self._tag(self.graph.call_method(name, args))
-
-    def set_output(self, node: fx.Node) -> None:
-        node.meta[REPLACES_META] = self.value.name
-        self.value = node
-
-
 class Site(TransparentStateDict, fx.GraphModule):
     """A GraphModule standing in for one targeted module (`base`) plus its edits.
 
@@ -146,6 +75,7 @@ class Site(TransparentStateDict, fx.GraphModule):
 
     _surgery_signature: Signature
     _surgery_edits: tuple[EditKey, ...]
+    _surgery_emitted: Emitted  # what the graph computes; None: every edit, in order
     _surgery_graph: fx.Graph  # shared by every site of this template
     _surgery_code: PythonCode
 
@@ -182,8 +112,17 @@ class Site(TransparentStateDict, fx.GraphModule):
         # (GraphModule's own reduce would come back as a plain GraphModule, not a Site).
         return (
             _rebuild_site,
-            (self._surgery_signature, self._surgery_edits, dict(self._modules), self.training),
+            (
+                self._surgery_signature,
+                self._surgery_edits,
+                dict(self._modules),
+                self.training,
+                None if self._routed() else self._surgery_emitted,
+            ),
         )
+
+    def _routed(self) -> bool:
+        return any(isinstance(e, Routed) for e in self._surgery_emitted or ())
 
     def __str__(self) -> str:
         return nn.Module.__str__(self)
@@ -215,13 +154,26 @@ def is_reserved_edit_name(name: str) -> bool:
 # ---- templates --------------------------------------------------------------------------
 
 Emitter = Callable[[GraphBuilder], None]
+RoutedEmitter = Callable[[RoutedBuilder], None]
+# What a site's graph computes: None = every edit in order (the usual case); else the edits of
+# the active adapters (EditKeys) or, during a routed call, groups (`Routed`) and EditKeys.
+Emitted = tuple["EditKey | Routed", ...] | None
+TemplateKey = tuple[Signature, tuple[EditKey, ...], Emitted]
 _EMITTERS: dict[str, Emitter] = {}
-_TEMPLATES: dict[tuple[Signature, tuple[EditKey, ...]], type[Site]] = {}
+_ROUTED_EMITTERS: dict[str, RoutedEmitter] = {}
+_TEMPLATES: dict[TemplateKey, type[Site]] = {}
 
 
-def register_emitter(method: str, emit: Emitter) -> None:
+def register_emitter(method: str, emit: Emitter, emit_routed: RoutedEmitter | None = None) -> None:
     """Methods register how they add nodes; sites only know methods by name."""
     _EMITTERS[method] = emit
+    if emit_routed is not None:
+        _ROUTED_EMITTERS[method] = emit_routed
+
+
+def routes(method: str) -> bool:
+    """Whether a method's edits can be routed per row (it registered an `emit_routed`)."""
+    return method in _ROUTED_EMITTERS
 
 
 def _base_graph(signature: Signature) -> tuple[fx.Graph, fx.Node, fx.Node]:
@@ -233,24 +185,45 @@ def _base_graph(signature: Signature) -> tuple[fx.Graph, fx.Node, fx.Node]:
     return graph, placeholders[0], base
 
 
-def build_graph(signature: Signature, edits: tuple[EditKey, ...]) -> fx.Graph:
-    """The graph of a site over a base with `signature` carrying `edits`, built from scratch."""
+def build_graph(
+    signature: Signature, edits: tuple[EditKey, ...], emitted: Emitted = None
+) -> fx.Graph:
+    """The graph of a site over a base with `signature` carrying `edits`, built from scratch:
+    every edit's nodes, or only those `emitted` lists (inactive adapters' edits hold tensors but
+    compute nothing; routed groups compute for the rows routed to them)."""
     graph, primary, value = _base_graph(signature)
     base = value
-    for edit in edits:
-        builder = GraphBuilder(graph, primary, value, base, edit)
-        _EMITTERS[edit.method](builder)
+    for item in edits if emitted is None else emitted:
+        if isinstance(item, Routed):
+            builder: GraphBuilder = RoutedBuilder(graph, primary, value, base, item)
+            _ROUTED_EMITTERS[item.method](builder)  # type: ignore[arg-type]
+        else:
+            builder = GraphBuilder(graph, primary, value, base, item)
+            _EMITTERS[item.method](builder)
         value = builder.value
     graph.output(value)
     return graph
 
 
-def _template(signature: Signature, edits: tuple[EditKey, ...]) -> type[Site]:
-    key = (signature, edits)
-    return _TEMPLATES.get(key) or _publish(key, build_graph(signature, edits))
+def _template(
+    signature: Signature, edits: tuple[EditKey, ...], emitted: Emitted = None
+) -> type[Site]:
+    key = (signature, edits, emitted)
+    return _TEMPLATES.get(key) or _publish(key, build_graph(*key))
 
 
-def _publish(key: tuple[Signature, tuple[EditKey, ...]], graph: fx.Graph) -> type[Site]:
+def retemplate(site: Site, emitted: Emitted) -> None:
+    """Make `site` compute `emitted` (see `Emitted`), in place: its modules stay, its class
+    (and so its graph and compiled forward) becomes that template's. Cheap: templates are
+    cached, so switching between adapters or into a routed call builds nothing twice."""
+    if emitted == site._surgery_emitted:
+        return
+    cls = _template(site._surgery_signature, site._surgery_edits, emitted)
+    site.__class__ = cls
+    site.__dict__.update(_graph_module_state(cls, graph_only=True))
+
+
+def _publish(key: TemplateKey, graph: fx.Graph) -> type[Site]:
     graph.lint()
     code = graph.python_code(root_module="self")
     cls = type(
@@ -260,6 +233,7 @@ def _publish(key: tuple[Signature, tuple[EditKey, ...]], graph: fx.Graph) -> typ
             "forward": _forward_from_src(code.src, code.globals),
             "_surgery_signature": key[0],
             "_surgery_edits": key[1],
+            "_surgery_emitted": key[2],
             "_surgery_graph": graph,
             "_surgery_code": code,
         },
@@ -281,17 +255,22 @@ def _instantiate(cls: type[Site], base: nn.Module, adapters: dict[str, nn.Module
     return site
 
 
-def _graph_module_state(cls: type[Site]) -> dict[str, Any]:
+def _graph_module_state(cls: type[Site], graph_only: bool = False) -> dict[str, Any]:
     """The instance attributes `GraphModule.__init__` and `recompile` would set, for a site of
     template `cls`: sites skip both (the template already holds the graph and its compiled code),
     yet fx and dynamo read these (dynamo maps generated lines back to nodes via `_lineno_map`).
     `tests/test_compile.py` checks that this covers every attribute a real GraphModule has."""
     code = cls._surgery_code
-    return {
+    graph = {
         "_graph": cls._surgery_graph,
         "_code": code.src,
         "_lineno_map": code._lineno_map,
         "_prologue_start": code._prologue_start,
+    }
+    if graph_only:
+        return graph
+    return {
+        **graph,
         "_tracer_cls": None,
         "_tracer_extras": {},
         "meta": {},
@@ -304,12 +283,18 @@ def _graph_module_state(cls: type[Site]) -> dict[str, Any]:
 
 
 def _rebuild_site(
-    signature: Signature, edits: tuple[EditKey, ...], modules: dict[str, nn.Module], training: bool
+    signature: Signature,
+    edits: tuple[EditKey, ...],
+    modules: dict[str, nn.Module],
+    training: bool,
+    emitted: Emitted = None,
 ) -> Site:
     import surgery.methods  # noqa: F401  (registers the emitters the template needs)
 
     site = _instantiate(
-        _template(signature, edits), modules[BASE], {e.name: modules[e.name] for e in edits}
+        _template(signature, edits, emitted),
+        modules[BASE],
+        {e.name: modules[e.name] for e in edits},
     )
     site.training = training
     return site
@@ -335,7 +320,7 @@ def drop_edit(site: Site, name: str) -> Site | nn.Module:
     base = site._modules[BASE]
     if not remaining:
         return base
-    key = (site._surgery_signature, remaining)
+    key = (site._surgery_signature, remaining, None)
     cls = _TEMPLATES.get(key)
     if cls is None:
         erased = erase_edit(site.graph, name)

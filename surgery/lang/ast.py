@@ -183,6 +183,15 @@ class Unfreeze(Statement):
 
 
 @dataclass(frozen=True)
+class AdapterBlock(Statement):
+    """`adapter sql { apply ... }`: the statements inside make the edits of adapter `sql`."""
+
+    name: str
+    name_span: Span = field(compare=False)
+    statements: tuple[Statement, ...] = ()
+
+
+@dataclass(frozen=True)
 class Program:
     statements: tuple[Statement, ...]
     source: Source = field(compare=False)

@@ -241,6 +241,11 @@ class _Builder:
     def unfreeze_stmt(self, node: lark.Tree) -> ast.Unfreeze:
         return ast.Unfreeze(self.span(node), self.selector_list(node.children[0]))
 
+    def adapter_stmt(self, node: lark.Tree) -> ast.AdapterBlock:
+        name, *body = node.children
+        statements = tuple(getattr(self, child.data)(child) for child in body)
+        return ast.AdapterBlock(self.span(node), str(name), self.span(name), statements)
+
     # arguments and values
     def argument(self, node: lark.Tree) -> ast.Argument:
         name, value = node.children

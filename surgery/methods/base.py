@@ -248,6 +248,10 @@ class SiteMethod(Method):
 
     placement: ClassVar[Placement] = SITE
     merge_action: ClassVar[str] = FOLD
+    # `emit_routed(builder: RoutedBuilder)`: the edits of this method from several adapters as
+    # ONE batched computation, each row using its own (surgery.adapters.router). None: the
+    # method cannot serve mixed-adapter batches, and a routed call naming it is refused.
+    emit_routed: ClassVar[Callable[..., None] | None] = None
 
     def can_merge(self, options: dict[str, Any]) -> bool:
         """A site method merges when it defines `merged` (derived, never declared beside it); a
@@ -319,6 +323,9 @@ class ModelMethod(Method):
 
     placement: ClassVar[Placement] = MODEL
     merge_action: ClassVar[str] = BAKE
+    # whether the method's hook serves a routed call (each row its own adapter's virtual
+    # tokens, `surgery.adapters.router.current_route`); False: such a call is refused
+    routes: ClassVar[bool] = False
 
     def can_merge(self, options: dict[str, Any]) -> bool:
         return self.can_bake(options)

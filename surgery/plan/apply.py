@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from surgery.adapters.names import DEFAULT
 from surgery.edit import Edit
 from surgery.errors import PlanError, Span
 from surgery.fused import Parts, with_parts
@@ -26,7 +27,7 @@ Matched = list[tuple[TreeNode, Span, str]]
 def apply(planner: Planner, st: ast.Apply, scope: Scope) -> None:
     method = get_method(st.method, st.method_span)
     args = method.bind(st.arguments, st.method_span)
-    edit = st.name or method.name
+    edit = st.name or (planner.adapter if planner.adapter != DEFAULT else method.name)
     placement = method.placement
     if placement.reserves(edit):
         raise PlanError(
@@ -64,7 +65,7 @@ def apply(planner: Planner, st: ast.Apply, scope: Scope) -> None:
         targs = with_parts(args, selected)
         shapes = method.parameter_shapes(module, targs)
         options = method.edit_key(edit, module, targs).options
-        node.add_virtual_adapter(edit, method.name, shapes, dict(options))
+        node.add_virtual_adapter(edit, method.name, shapes, dict(options), planner.adapter)
         record = Edit(
             node.path,
             edit,
@@ -77,6 +78,7 @@ def apply(planner: Planner, st: ast.Apply, scope: Scope) -> None:
             ", ".join(sorted(node_roles - {""})),
             selected.names if selected else (),
             selected.layout if selected else None,
+            planner.adapter,
         )
         planner.edits[(node.path, edit)] = record
         records.append(record)

@@ -13,6 +13,7 @@ import math
 from dataclasses import fields
 from typing import Any
 
+from surgery.adapters.names import name_problem
 from surgery.edit import Edit
 from surgery.errors import PlanError, SurgeryError
 from surgery.fused import Layout
@@ -68,6 +69,7 @@ def edit_to_dict(edit: Edit) -> dict[str, Any]:
         "role": edit.role,
         "parts": list(edit.parts),
         "layout": None if layout is None else _plain(layout),
+        "adapter": edit.adapter,
     }
 
 
@@ -90,7 +92,7 @@ def _plain(value: Any) -> Any:
 _PLAN_KEYS = ("steps", "edits", "trainable_before", "total_before", "trainable", "total")
 _EDIT_KEYS = (
     "path", "name", "method", "arguments", "options", "shapes", "params", "module_type", "dtype",
-    "role", "parts", "layout",
+    "role", "parts", "layout", "adapter",
 )  # fmt: skip
 
 
@@ -184,6 +186,7 @@ def edit_from_dict(data: Any, at: str) -> Edit:
         _string(edit, "role", at),
         tuple(parts),
         layout,
+        _adapter_name(edit.get("adapter", "default"), f"{at}.adapter"),
     )
     if "params" in edit and edit["params"] != record.params:
         wanted = f"the size of its shapes ({record.params})"
@@ -272,6 +275,12 @@ def _method(name: str, at: str) -> str:
 
 
 # ---- field access ------------------------------------------------------------------------------
+
+
+def _adapter_name(value: Any, at: str) -> str:
+    if name_problem(value) is not None:
+        raise _malformed(at, "an adapter name", value)
+    return value
 
 
 def _object(data: Any, at: str, keys: tuple[str, ...]) -> dict[str, Any]:

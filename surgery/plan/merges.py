@@ -5,6 +5,7 @@ encoder into a plain, frozen table, and the edit stays with that table."""
 
 from __future__ import annotations
 
+from surgery.adapters.names import DEFAULT
 from surgery.edit import Edit
 from surgery.errors import PlanError, did_you_mean
 from surgery.lang import ast
@@ -30,6 +31,7 @@ def remove(planner: Planner, st: ast.Remove, scope: Scope) -> None:
 def take_out(planner: Planner, st: ast.Merge | ast.Remove, action: str) -> None:
     chosen = _chosen(planner, st, action)
     if action == "merge":
+        _check_alternatives(planner, st, chosen)
         for node, name, method_name in chosen:
             _check_mergeable(planner, st, node, name, method_name)
         chosen = _order_merges(st, chosen)
@@ -61,15 +63,18 @@ def _chosen(planner: Planner, st: ast.Merge | ast.Remove, action: str) -> Chosen
         if not edits:
             raise PlanError(f"nothing to {action}: the model has no edits", span=st.span)
         return edits
-    chosen = [e for e in edits if e[1] == st.target]
+    chosen = [e for e in edits if e[0].edit_adapters.get(e[1]) == st.target]
+    if not chosen:
+        chosen = [e for e in edits if e[1] == st.target]
     if not chosen:
         chosen = [e for e in edits if e[2] == st.target]
     if not chosen:
-        known = sorted({e[1] for e in edits} | {e[2] for e in edits})
+        units = {e[0].edit_adapters.get(e[1], DEFAULT) for e in edits} - {DEFAULT}
+        known = sorted({e[1] for e in edits} | {e[2] for e in edits} | units)
         if st.target in REGISTRY:
             message = f"nothing to {action}: the model has no {st.target} edit"
         else:
-            message = f"nothing to {action}: no edit or method is named '{st.target}'"
+            message = f"nothing to {action}: no adapter, edit or method is named '{st.target}'"
         raise PlanError(
             message,
             span=st.span,
@@ -123,4 +128,26 @@ def _check_not_shared(planner: Planner, st: ast.Merge, node: TreeNode, edit: str
             f"{others[0]} (tied weights), which the merge would change as well",
             span=st.span,
             hint=f"`remove {edit}` instead, or untie the weights before surgery",
+        )
+
+
+def _check_alternatives(planner: Planner, st: ast.Merge, chosen: Chosen) -> None:
+    """Merging writes an adapter into the base weights, which every other adapter (and every
+    `__base__` row) then runs on: exact only when the merged edits' adapter is the only one."""
+    merged = sorted({node.edit_adapters.get(name, DEFAULT) for node, name, _ in chosen})
+    others = sorted({edit.adapter for edit in planner.edits.values()} - set(merged))
+    quoted = lambda names: ", ".join(f"'{n}'" for n in names)  # noqa: E731
+    if len(merged) > 1:
+        raise PlanError(
+            f"this merge would write adapters {quoted(merged)} into the base together, but "
+            "adapters on one model are alternatives: the base would then hold their sum",
+            span=st.span,
+            hint=f"merge one adapter (`merge {merged[0]}`) after removing the others",
+        )
+    if others:
+        raise PlanError(
+            f"merging adapter '{merged[0]}' would change what adapter {quoted(others)} "
+            "computes: a merge writes into the base every adapter shares",
+            span=st.span,
+            hint=f"`remove {others[0]}` first" + (" (and the others)" if others[1:] else ""),
         )

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from surgery.adapters.names import DEFAULT
 from surgery.edit import Edit
 from surgery.errors import ResolveError, Span, did_you_mean
 from surgery.lang import ast
@@ -63,6 +64,7 @@ class Planner:
         self.model = model
         self.tree = build_tree(model)
         self.aliases: dict[str, Alias] = {}
+        self.adapter = DEFAULT  # the adapter the edits being planned belong to (`adapter X {}`)
         self.steps: list[Step] = []
         self.statements: list[ast.Statement] = []
         self.params: dict[object, ParamState] = {}
@@ -189,6 +191,7 @@ def existing_edit(node: TreeNode, name: str, method: str) -> Edit:
         shapes=shapes,
         module_type=node.type_names[0] if node.type_names else "",
         dtype=weight_dtype(node.module),
+        adapter=node.edit_adapters.get(name, "default"),
     )
 
 

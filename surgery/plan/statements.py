@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from surgery.adapters.names import name_problem
 from surgery.errors import PlanError, ResolveError, Span
 from surgery.families import family_index
 from surgery.fused import check_part_names, compute_layout, layout_spec
 from surgery.includes import include_path, parse_included
 from surgery.lang import ast
-from surgery.plan.planner import Planner, Scope, handles
+from surgery.plan.planner import HANDLERS, Planner, Scope, handles
 from surgery.resources import family_names
 from surgery.select import Alias
 
@@ -136,3 +137,17 @@ def set_trainable(
     for key in paths:
         planner.params[key].trainable = value
     planner.record(st, action, param_paths=tuple(paths.values()))
+
+
+@handles(ast.AdapterBlock)
+def adapter_block(planner: Planner, st: ast.AdapterBlock, scope: Scope) -> None:
+    """Plan the block's statements with their edits in adapter `st.name`."""
+    problem = name_problem(st.name)
+    if problem is not None:
+        raise PlanError(f"'{st.name}' cannot name an adapter: {problem}", span=st.name_span)
+    outer, planner.adapter = planner.adapter, st.name
+    try:
+        for statement in st.statements:
+            HANDLERS[type(statement)](planner, statement, scope)
+    finally:
+        planner.adapter = outer

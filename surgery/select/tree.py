@@ -30,6 +30,7 @@ class TreeNode:
     adapter: bool = False  # part of an adapter: never a target of `apply`
     edits: list[tuple[str, str]] = field(default_factory=list)  # (edit name, method)
     edit_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # EditKey options
+    edit_adapters: dict[str, str] = field(default_factory=dict)  # edit name -> its adapter
     layout: Layout | None = None  # a fused module's layout (declared by `fuse`)
     parts: dict[str, TreeNode] = field(default_factory=dict)  # its parts, by layout part name
     whole: TreeNode | None = None  # a part's fused module
@@ -70,6 +71,7 @@ class TreeNode:
         method: str,
         shapes: dict[str, tuple[int, ...]],
         options: dict[str, Any],
+        unit: str = "default",
     ) -> None:
         """Planning: show the adapter an `apply` will create, so later statements can select it.
 
@@ -98,10 +100,12 @@ class TreeNode:
         self.children[edit] = adapter
         self.edits.append((edit, method))
         self.edit_options[edit] = options
+        self.edit_adapters[edit] = unit
 
     def drop_adapter(self, edit: str) -> None:
         del self.children[edit]
         self.edit_options.pop(edit, None)
+        self.edit_adapters.pop(edit, None)
         self.edits = [e for e in self.edits if e[0] != edit]
 
 
@@ -133,6 +137,7 @@ def build_tree(model: nn.Module) -> TreeNode:
             if edit is not None:
                 node.edits.append((cname, edit.method))
                 node.edit_options[cname] = dict(edit.options)
+                node.edit_adapters[cname] = edit.adapter
         return node
 
     return visit(model, "", "", False)
