@@ -54,6 +54,12 @@ def statement_keywords() -> tuple[str, ...]:
     literals = {
         t.name: t.pattern.value for t in parser.terminals if isinstance(t.pattern, PatternStr)
     }
+    # a keyword written as a regex because it is one only before what follows (`adapter NAME {`)
+    literals |= {
+        t.name: word.group()
+        for t in parser.terminals
+        if not isinstance(t.pattern, PatternStr) and (word := re.match(r"[a-z]+", t.pattern.value))
+    }
     kinds = [r.expansion[0].name for r in parser.rules if r.origin.name == "_statement"]
     first = {
         r.origin.name: literals[r.expansion[0].name]
@@ -242,7 +248,7 @@ class _Builder:
         return ast.Unfreeze(self.span(node), self.selector_list(node.children[0]))
 
     def adapter_stmt(self, node: lark.Tree) -> ast.AdapterBlock:
-        name, *body = node.children
+        _, name, *body = node.children
         statements = tuple(getattr(self, child.data)(child) for child in body)
         return ast.AdapterBlock(self.span(node), str(name), self.span(name), statements)
 
