@@ -181,14 +181,16 @@ def _device(site: Site) -> torch.device:
 
 
 class RouteHook:
-    """The model's forward pre-hook: takes `adapter_names` out of the call and routes it."""
+    """The model's forward pre-hook: takes `adapter_names` out of the call and routes it.
+    Routing switches site classes, Python state that torch.compile must not trace: the hooks run
+    eagerly, outside any compiled frame."""
 
+    @torch.compiler.disable
     def __call__(
         self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         if ARGUMENT not in kwargs:
-            end(model)  # a call that raised inside a routed call left nothing behind
-            return None
+            return None  # a plain call: nothing to read or write (compiled graphs stay valid)
         rows = kwargs.pop(ARGUMENT)
         if rows is None:
             return args, kwargs
@@ -201,6 +203,7 @@ class RouteHook:
 class RouteEndHook:
     """The model's forward hook (always called, even on an error): the routed call is over."""
 
+    @torch.compiler.disable
     def __call__(self, model: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         end(model)
         return output
