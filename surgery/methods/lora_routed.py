@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.graph.builder import RoutedBuilder
-from surgery.graph.site import is_base_call
 from surgery.methods.lora_layers import CONV, CONV_FUNCTIONS, EMBEDDING
 from surgery.methods.routed import (
     banked,
@@ -93,11 +92,9 @@ def emit_lora_routed(b: RoutedBuilder) -> None:
 
 
 def emit_dora_routed(b: RoutedBuilder) -> None:
-    if not is_base_call(b.value) or b.base_input is not b.input:
-        raise refuse(
-            "dora", "another edit before it", "its norm reads the module's own weight, so it "
-            "must be the first edit on its module in every adapter"
-        )
+    """DoRA's rows read the site's value as base(x): exact, because DoRA is the first edit on
+    its module within its adapter (the planner refuses anything else), so every group before
+    this one belongs to other adapters and leaves DoRA's rows untouched (their none slot)."""
     layer = layer_static(b, "dora")
     scalings = tuple(float(k.option("scaling")) for k in b.keys)
     out = b.function(
