@@ -70,13 +70,15 @@ MIXES = (
 )
 
 
-def adapted(bodies: tuple[str, ...] | list[str], seed: int = 1) -> tuple[nn.Module, list[str]]:
-    """The tiny Llama with one adapter per body (u0, u1, ...), every adapter tensor moved away
+def adapted(
+    bodies: tuple[str, ...] | list[str], seed: int = 1, family: str = "llama", prelude: str = ""
+) -> tuple[nn.Module, list[str]]:
+    """A tiny model with one adapter per body (u0, u1, ...), every adapter tensor moved away
     from its identity initialization."""
-    model = tiny("llama").eval()
+    model = tiny(family).eval()
     names = [f"u{i}" for i in range(len(bodies))]
     blocks = (f"adapter {n} {{\n{b}\n}}" for n, b in zip(names, bodies, strict=True))
-    rewrite(model, "\n".join(blocks))
+    rewrite(model, "\n".join([prelude, *blocks]))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():

@@ -67,21 +67,100 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
     return found
 
 
-def _signature(tensors: list[torch.Tensor]) -> tuple[tuple[int, int], ...]:
-    """What changes when a tensor's values may have changed: its version or its storage."""
-    return tuple((t._version, t.data_ptr()) for t in tensors)
+def _signature(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """What changes when a tensor's values may have changed: its version (in-place writes:
+    optimizer steps, `copy_`, `load_state_dict`) or its storage (`.data = ...`, `.to()`)."""
+    return [(t._version, t.data_ptr()) for t in tensors]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+# Bumped whenever any module anywhere registers a parameter, buffer or submodule (replacing
+# `lora.A` by a new Parameter does): until it moves, the tensors a cached bank was stacked from
+# are still the ones its edits hold, and checking their versions is all a call needs to do.
+_registrations = [0]
+
+
+def _registered(*_: Any) -> None:
+    _registrations[0] += 1
+
+
+for _hook in (
+    nn.modules.module.register_module_parameter_registration_hook,
+    nn.modules.module.register_module_buffer_registration_hook,
+    nn.modules.module.register_module_module_registration_hook,
+):
+    _hook(_registered)
+
+
+class _Member:
+    """One edit in a cached bank: the module, its static options, its tensors and their state."""
+
+    def __init__(self, module: nn.Module, static: Hashable):
+        self.ref, self.static = weakref.ref(module), static
+        self.tensors = _tensors(module)
+        self.signature = _signature(self.tensors)
+
+    def current(self, module: nn.Module, static: Hashable) -> bool:
+        return (
+            self.ref() is module
+            and self.static == static
+            and _same(self.tensors, _tensors(module))
+            and _signature(self.tensors) == self.signature
+        )
+
+
+class _Group:
+    """A group of edits (one call's) looked up in a bank: its slots there, and the tensors to
+    check on the next call (the owner's and every edit's, flat)."""
+
+    def __init__(
+        self,
+        remap: torch.Tensor,
+        owner: nn.Module,
+        owner_tensors: list[torch.Tensor],
+        edits: Sequence[nn.Module],
+        statics: Sequence[Hashable],
+    ):
+        self.remap, self.statics = remap, tuple(statics)
+        self.refs = [weakref.ref(m) for m in (owner, *edits)]
+        self.tensors = owner_tensors + [t for m in edits for t in _tensors(m)]
+        self.signature = _signature(self.tensors)
+        self.registrations = _registrations[0]
+
+    def current(
+        self,
+        owner: nn.Module,
+        owner_tensors: list[torch.Tensor],
+        edits: Sequence[nn.Module],
+        statics: Sequence[Hashable],
+    ) -> bool:
+        """The fast check of every call: same modules, same tensors (re-walked only after a
+        registration anywhere), same versions and storage."""
+        if self.statics != tuple(statics):
+            return False
+        if not all(r() is m for r, m in zip(self.refs, (owner, *edits), strict=True)):
+            return False
+        if self.registrations != _registrations[0]:
+            now = owner_tensors + [t for m in edits for t in _tensors(m)]
+            if not _same(self.tensors, now):
+                return False
+            self.registrations = _registrations[0]
+        return _signature(self.tensors) == self.signature
 
 
 class _Bank:
     """The cached bank of one form at one wrapped module: every edit routed there, by slot."""
 
     def __init__(self) -> None:
-        self.members: list[tuple[weakref.ref[nn.Module], Hashable]] = []
-        self.signatures: list[tuple[tuple[int, int], ...]] = []
+        self.members: list[_Member] = []
         self.slots: dict[int, int] = {}  # id(edit module) -> slot
-        self.owner_signature: tuple[tuple[int, int], ...] = ()
+        self.owner_tensors: list[torch.Tensor] = []
+        self.owner_signature: list[tuple[int, int]] = []
         self.stacked: Any = None
-        self.remaps: dict[tuple[int, ...], torch.Tensor] = {}
+        self.groups: dict[tuple[int, ...], _Group] = {}
 
     def lookup(
         self,
@@ -94,29 +173,30 @@ class _Bank:
         device: torch.device,
     ) -> tuple[Any, torch.Tensor]:
         key = tuple(map(id, edits))
-        remap = self.remaps.get(key)
-        if remap is None or not self._current(owner_tensors, edits, statics):
+        group = self.groups.get(key)
+        if group is not None and group.current(owner, owner_tensors, edits, statics):
+            return self.stacked, group.remap
+        if not self._holds(owner_tensors, edits, statics):
             self._restack(owner, owner_tensors, edits, statics, prepare, stack)
-            slots = [self.slots[id(m)] for m in edits] + [len(self.members)]
-            remap = torch.tensor(slots, device=device)
-            self.remaps[key] = remap
+        slots = [self.slots[id(m)] for m in edits] + [len(self.members)]
+        remap = torch.tensor(slots, device=device)
+        self.groups[key] = _Group(remap, owner, owner_tensors, edits, statics)
         return self.stacked, remap
 
-    def _current(
+    def _holds(
         self,
         owner_tensors: list[torch.Tensor],
         edits: Sequence[nn.Module],
         statics: Sequence[Hashable],
     ) -> bool:
+        """Whether the bank holds every edit of the group as it is now."""
+        if not _same(self.owner_tensors, owner_tensors):
+            return False
         if _signature(owner_tensors) != self.owner_signature:
             return False
         for module, static in zip(edits, statics, strict=True):
             slot = self.slots.get(id(module))
-            if slot is None or self.members[slot][0]() is not module:
-                return False
-            if self.members[slot][1] != static:
-                return False
-            if _signature(_tensors(module)) != self.signatures[slot]:
+            if slot is None or not self.members[slot].current(module, static):
                 return False
         return True
 
@@ -132,18 +212,18 @@ class _Bank:
         """Every live member (and the new ones) stacked again from its current tensors."""
         wanted = {id(m): (m, s) for m, s in zip(edits, statics, strict=True)}
         members: list[tuple[nn.Module, Hashable]] = []
-        for ref, static in self.members:
-            module = ref()
+        for member in self.members:
+            module = member.ref()
             if module is not None and id(module) not in wanted:
-                members.append((module, static))
+                members.append((module, member.static))
         members += list(wanted.values())
         with torch.no_grad():
             self.stacked = stack([prepare(m, s, owner) for m, s in members])
-        self.members = [(weakref.ref(m), s) for m, s in members]
-        self.signatures = [_signature(_tensors(m)) for m, _ in members]
+        self.members = [_Member(m, s) for m, s in members]
         self.slots = {id(m): i for i, (m, _) in enumerate(members)}
+        self.owner_tensors = owner_tensors
         self.owner_signature = _signature(owner_tensors)
-        self.remaps = {}
+        self.groups = {}
 
 
 # owner (the wrapped module) -> (form, dtype, device, inference mode) -> bank
