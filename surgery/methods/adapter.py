@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import PlanError, Span
+from surgery.graph.builder import RoutedBuilder
 from surgery.graph.logical import base_of
 from surgery.graph.site import EditKey, GraphBuilder, signature_of
 from surgery.lang.ast import Argument
@@ -36,6 +37,14 @@ from surgery.methods.base import (
     at_least,
     in_unit_interval,
     needs_cast,
+)
+from surgery.methods.routed import (
+    banked,
+    base_module,
+    check_rows,
+    edit_modules,
+    row_dropout,
+    stack_padded,
 )
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -215,6 +224,11 @@ class Adapter(SiteMethod):
         y = b.value
         b.set_output(b.function(operator.add, y, branch(b, y)))
 
+    @staticmethod
+    def emit_routed(b: RoutedBuilder) -> None:
+        y = b.value
+        b.set_output(b.function(operator.add, y, routed_branch(b, y)))
+
 
 def branch(b: GraphBuilder, x: Any, scale: float = 1.0) -> Any:
     """scale · (W_up σ(W_down x + b_down) + b_up), the scale folded into W_up and b_up.
@@ -234,3 +248,62 @@ def branch(b: GraphBuilder, x: Any, scale: float = 1.0) -> Any:
     if scale != 1.0:
         W_up, b_up = b.function(operator.mul, W_up, scale), b.function(operator.mul, b_up, scale)
     return b.function(F.linear, h, W_up, b_up)
+
+
+def routed_branch(b: RoutedBuilder, x: Any, scale: str | None = None) -> Any:
+    """Each row's bottleneck on `x`: W_down, b_down, W_up, b_up gathered from a bank of every
+    adapter's (bottlenecks zero-padded to the largest: σ(0) = 0 for every activation here, and
+    the none slot is all zeros), two bmms, and σ per row (one pass per distinct activation)."""
+    statics = tuple(
+        (k.option("activation"), 1.0 if scale is None else float(k.option(scale))) for k in b.keys
+    )
+    args = (x, b.route(), base_module(b), edit_modules(b), statics, b.edit.method)
+    return b.function(bottleneck_rows, *args)
+
+
+def bottleneck_rows(
+    x: torch.Tensor,
+    route: torch.Tensor,
+    owner: nn.Module,
+    edits: tuple[nn.Module, ...],
+    statics: tuple[tuple[str, float], ...],
+    method: str,
+) -> torch.Tensor:
+    check_rows(x, route, method)
+
+    def prepare(module: nn.Module, static: tuple[str, float], _: nn.Module) -> tuple[Any, ...]:
+        activation, s = static
+        dropout = module._modules.get("dropout")
+        return (
+            module.W_down.t().to(x.dtype),
+            module.b_down.to(x.dtype),
+            (s * module.W_up).t().to(x.dtype),
+            (s * module.b_up).to(x.dtype),
+            0.0 if dropout is None else float(dropout.p),
+            activation,
+        )
+
+    def stack(forms: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+        tensors = tuple(stack_padded([f[i] for f in forms]) for i in range(4))
+        p = torch.tensor([f[4] for f in forms] + [0.0], device=tensors[0].device)
+        names = [f[5] for f in forms]
+        kinds = tuple(dict.fromkeys(names))
+        act = torch.tensor([kinds.index(a) for a in names] + [0], device=p.device)
+        return (*tensors, p, kinds, act)
+
+    bank, rows = banked(owner, method, edits, statics, route, prepare, stack, x)
+    W_down, b_down, W_up, b_up, p, kinds, act = bank
+    n = x.shape[0]
+    xs = x.reshape(n, -1, x.shape[-1])
+    pre = torch.baddbmm(b_down.index_select(0, rows).unsqueeze(1), xs, W_down.index_select(0, rows))
+    if len(kinds) == 1:
+        h = ACTIVATIONS[kinds[0]](pre)
+    else:  # each row through its own edit's σ
+        row_kind = act.index_select(0, rows).view(n, 1, 1)
+        h = torch.zeros_like(pre)
+        for i, kind in enumerate(kinds):
+            h = torch.where(row_kind == i, ACTIVATIONS[kind](pre), h)
+    if any(m.training for m in edits):
+        h = row_dropout(h, p.index_select(0, rows))
+    out = torch.baddbmm(b_up.index_select(0, rows).unsqueeze(1), h, W_up.index_select(0, rows))
+    return out.view(*x.shape[:-1], out.shape[-1])

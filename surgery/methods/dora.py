@@ -29,6 +29,7 @@ from surgery.graph.site import EditKey, GraphBuilder, is_base_call
 from surgery.methods import register
 from surgery.methods.lora import LoRA, LoRAAdapter
 from surgery.methods.lora_layers import layer_kind
+from surgery.methods.lora_routed import emit_dora_routed
 
 
 def direction(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
@@ -149,6 +150,9 @@ class DoRA(LoRA):
         h = b.function(F.linear, lowrank, B, *([bias] if bias is not None else []))
         out = b.function(operator.add, base, h)
         b.set_output(b.function(torch.addcmul, out, base, g1))
+
+    # per row: LoRA's bmms with g·s·B in the bank, plus (g - 1) ⊙ base per row (lora_routed.py)
+    emit_routed = staticmethod(emit_dora_routed)
 
     def merged(
         self, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], key: EditKey

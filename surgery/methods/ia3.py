@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from surgery.fused import Parts, merge_options, projection_dims, with_rows
+from surgery.graph.builder import RoutedBuilder
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
 from surgery.methods.base import (
@@ -28,6 +29,14 @@ from surgery.methods.base import (
     adapter_dtype,
     needs_cast,
     require_projection,
+)
+from surgery.methods.routed import (
+    banked,
+    base_module,
+    check_rows,
+    edit_modules,
+    per_row,
+    stack_padded,
 )
 
 
@@ -166,6 +175,22 @@ class IA3(SiteMethod):
         else:
             b.set_output(b.function(operator.mul, b.value, _scale(b, b.value)))
 
+    @staticmethod
+    def emit_routed(b: RoutedBuilder) -> None:
+        """Per row: the input and/or output multiplied by the row's vector, gathered from a bank
+        of every adapter's vector (ones for rows of no adapter, and on the side an edit does not
+        scale): one multiply per side, as the single-adapter graph."""
+        ons = tuple(k.option("on") for k in b.keys)
+        if "input" in ons:
+            with b.before_base():
+                edits, owner, route = edit_modules(b), base_module(b), b.route()
+                scaled = b.function(ia3_rows, b.base_input, route, owner, edits, ons, "input")
+                b.set_base_input(scaled)
+        else:
+            edits, owner, route = edit_modules(b), base_module(b), b.route()
+        if "output" in ons:
+            b.set_output(b.function(ia3_rows, b.value, route, owner, edits, ons, "output"))
+
     def merged(
         self, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], key: EditKey
     ) -> dict[str, torch.Tensor]:
@@ -208,3 +233,30 @@ def _scale(b: GraphBuilder, like: Any) -> Any:
     if b.edit.option("cast"):
         l = b.method("to", l, b.function(getattr, like, "dtype"))  # noqa: E741
     return l
+
+
+def ia3_rows(
+    x: torch.Tensor,
+    route: torch.Tensor,
+    owner: nn.Module,
+    edits: tuple[nn.Module, ...],
+    ons: tuple[str, ...],
+    side: str,
+) -> torch.Tensor:
+    """`x` (the module's input or output, by `side`) times each row's vector on that side."""
+    check_rows(x, route, "ia3")
+    n_in, n_out = projection_dims(owner) or (owner.in_features, owner.out_features)
+    size = n_in if side == "input" else n_out
+
+    def prepare(module: nn.Module, on: str, _: nn.Module) -> torch.Tensor:
+        if on != side:  # the other side's edit leaves this side unscaled
+            return torch.ones(size, dtype=x.dtype, device=x.device)
+        if isinstance(module, FusedIA3Adapter):
+            vectors = [(module.part(n).l, module.rows(n)) for n in module.names]
+            return full_vector(vectors, module.ones).to(x.dtype)
+        return module.l.to(x.dtype)
+
+    bank, rows = banked(
+        owner, ("ia3", side), edits, ons, route, prepare, lambda ls: stack_padded(ls, 1.0), x
+    )
+    return x * per_row(bank.index_select(0, rows), x)

@@ -63,6 +63,7 @@ from surgery.methods.lora_layers import (
     layer_shapes,
     merged_layer,
 )
+from surgery.methods.lora_routed import emit_lora_routed
 
 
 class LoRAAdapter(nn.Module):
@@ -336,6 +337,9 @@ class LoRA(SiteMethod):
         bias = branch_bias(b, dtype)
         h = b.function(F.linear, b.function(F.linear, x, A), B, bias)
         b.set_output(b.function(operator.add, b.value, h))
+
+    # per row: two bmms over a bank of every adapter's A and s·B (surgery/methods/lora_routed.py)
+    emit_routed = staticmethod(emit_lora_routed)
 
     def merged(
         self, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], key: EditKey

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from surgery.graph.builder import RoutedBuilder
 from surgery.graph.site import GraphBuilder
 from surgery.methods import register
-from surgery.methods.adapter import Adapter, branch, common_params, size_params
+from surgery.methods.adapter import Adapter, branch, common_params, routed_branch, size_params
 from surgery.methods.base import Param, positive
 
 
@@ -47,4 +48,9 @@ class ParallelAdapter(Adapter):
     @staticmethod
     def emit(b: GraphBuilder) -> None:
         h = branch(b, b.input, b.edit.option("scale"))
+        b.set_output(b.function(operator.add, b.value, h))
+
+    @staticmethod
+    def emit_routed(b: RoutedBuilder) -> None:
+        h = routed_branch(b, b.input, "scale")
         b.set_output(b.function(operator.add, b.value, h))

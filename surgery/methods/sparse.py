@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery.graph.builder import RoutedBuilder
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
 from surgery.methods.base import (
@@ -27,6 +28,13 @@ from surgery.methods.base import (
     adapter_dtype,
     needs_cast,
     require_linear,
+)
+from surgery.methods.routed import (
+    banked,
+    base_module,
+    check_rows,
+    edit_modules,
+    stack_padded,
 )
 
 
@@ -116,6 +124,18 @@ class Sparse(SiteMethod):
             delta = b.method("to", delta, b.function(getattr, x, "dtype"))
         b.set_output(b.function(operator.add, b.value, b.function(F.linear, x, delta)))
 
+    @staticmethod
+    def emit_routed(b: RoutedBuilder) -> None:
+        """Per row: only the row's chosen entries, never a dense [out, in] difference per row:
+        each row gathers its input at its edit's columns, multiplies by values - W there, and
+        scatter-adds into its output rows (O(rows · tokens · entries), the dense single-adapter
+        branch costs O(rows · tokens · in · out)). Entries are padded with zero differences."""
+        out = b.function(
+            sparse_rows, b.input, b.value, b.route(), base_module(b), edit_modules(b),
+            tuple(k.option("shape") for k in b.keys),
+        )
+        b.set_output(out)
+
     def merged(
         self, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], key: EditKey
     ) -> dict[str, torch.Tensor]:
@@ -123,3 +143,34 @@ class Sparse(SiteMethod):
         weight = weights["weight"]
         flat = weight.reshape(-1).index_put((tensors["index"],), tensors["values"])
         return {"weight": flat.view(weight.shape)}
+
+
+def sparse_rows(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    route: torch.Tensor,
+    owner: nn.Module,
+    edits: tuple[nn.Module, ...],
+    shapes: tuple[tuple[int, int], ...],
+) -> torch.Tensor:
+    """y + each row's sparse difference applied to its input."""
+    check_rows(x, route, "sparse")
+
+    def prepare(module: nn.Module, shape: tuple[int, int], base: nn.Module) -> tuple[Any, ...]:
+        flat = base.weight.detach().reshape(-1).to(module.values.dtype)
+        difference = (module.values - flat[module.index]).to(x.dtype)
+        return module.index // shape[1], module.index % shape[1], difference
+
+    def stack(forms: list[tuple[Any, ...]]) -> tuple[torch.Tensor, ...]:
+        return tuple(stack_padded([f[i] for f in forms]) for i in range(3))
+
+    bank, rows = banked(owner, "sparse", edits, shapes, route, prepare, stack, x, reads_owner=True)
+    out_rows, in_cols, difference = (t.index_select(0, rows) for t in bank)
+    n, k = x.shape[0], out_rows.shape[1]
+    xs = x.reshape(n, -1, x.shape[-1])
+    tokens = xs.shape[1]
+    taken = torch.gather(xs, 2, in_cols.unsqueeze(1).expand(n, tokens, k))
+    h = xs.new_zeros(n, tokens, y.shape[-1]).scatter_add(
+        2, out_rows.unsqueeze(1).expand(n, tokens, k), taken * difference.unsqueeze(1)
+    )
+    return y + h.view(y.shape)
