@@ -5,6 +5,10 @@ the rule says, and the planner checks, where the tokens go: the input embedding 
 prompts, every layer's attention (`attn`) for prefixes. `merge` bakes (`ModelMethod.bake`) a
 reparameterization (P-tuning's encoder, prefix tuning's MLP) into a plain table and drops it: the
 edit stays, as cheap at inference as its plain-table variant.
+
+Each adapter says what its tokens are (`entries`) and where they go (`goes_to`: the prompt slots
+or the cache prefix); `prepare_rows` places them for a whole call, a row at a time in one
+batched gather, so that a routed call mixes adapters, methods and lengths in one batch.
 """
 
 from __future__ import annotations
@@ -184,6 +188,8 @@ class VirtualTokenMethod(ModelMethod):
 class VirtualTokenAdapter(nn.Module):
     """A table of `n` virtual tokens, optionally produced by an encoder while training."""
 
+    goes_to: ClassVar[str]  # PROMPT or PREFIX
+
     def __init__(self, table: nn.Parameter, encoder: nn.Module | None, options: dict[str, Any]):
         super().__init__()
         self.embedding = table
@@ -203,8 +209,6 @@ class VirtualTokenAdapter(nn.Module):
             table = self.table().detach().clone()
         options = self.options | {"encoder": ""}
         return type(self)(nn.Parameter(table, requires_grad=False), None, options)
-
-    goes_to: ClassVar[str]  # PROMPT or PREFIX
 
     def entries(self, dtype: torch.dtype) -> torch.Tensor:
         """The tokens as they are placed: `[n, hidden]` for a PROMPT, `[2 * layers, kv_heads,

@@ -6,7 +6,8 @@ mask with ones and the labels with -100 (a virtual position is never a target; t
 predicts the user's first token), and moves
 position ids right by `n`. During `generate()` it prepends only at prefill: the cache holds the
 virtual tokens afterwards. Outputs keep the virtual positions (logits are `[B, n + L, V]`, as
-in PEFT).
+in PEFT). In a routed call (`adapter_names=`) each row gets its own adapter's prompt, shorter
+ones padded in front and masked (`VirtualTokenAdapter.prepare_rows`, docs/routing_tokens.md).
 """
 
 from __future__ import annotations
