@@ -87,6 +87,19 @@ def alone(model: nn.Module, adapter: str, run, *args, **kwargs):
         set_active(model, before)
 
 
+def assert_rows_alone(model: nn.Module, rows: list[str], lengths: list[int], seed: int) -> None:
+    """A routed forward of left-padded rows: each row's logits over its real tokens equal
+    running that row (same padding and mask) alone with its adapter."""
+    ids, mask = left_padded(lengths, seed)
+    with torch.no_grad():
+        together = model(ids, attention_mask=mask, adapter_names=rows).logits
+        for row, adapter in enumerate(rows):
+            own = {"attention_mask": mask[row : row + 1]}
+            one = alone(model, adapter, model, ids[row : row + 1], **own).logits
+            real = lengths[row]  # the row's own tokens are the last ones
+            torch.testing.assert_close(together[row, -real:], one[0, -real:], atol=1e-5, rtol=1e-5)
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     rows=st.lists(ROWS, min_size=1, max_size=5),
@@ -96,17 +109,7 @@ def alone(model: nn.Module, adapter: str, run, *args, **kwargs):
 def test_property_each_row_equals_the_row_alone(rows: list[str], data, seed: int) -> None:
     model = llama()
     lengths = data.draw(st.lists(st.integers(1, 6), min_size=len(rows), max_size=len(rows)))
-    ids, mask = left_padded(lengths, seed)
-    with torch.no_grad():
-        together = model(ids, attention_mask=mask, adapter_names=rows).logits
-        for row, adapter in enumerate(rows):
-            one = alone(
-                model, adapter, model, ids[row : row + 1], attention_mask=mask[row : row + 1]
-            )
-            real = lengths[row]  # the row's own tokens are the last ones
-            torch.testing.assert_close(
-                together[row, -real:], one.logits[0, -real:], atol=1e-5, rtol=1e-5
-            )
+    assert_rows_alone(model, rows, lengths, seed)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -252,15 +255,7 @@ def test_prompt_and_lora_in_one_adapter_route_together() -> None:
         "adapter l { apply lora(r=2) to *.v_proj }",
     )
     randomized(model, seed=9)
-    ids, mask = left_padded([4, 2, 3, 4], seed=9)
-    rows = ["m", "l", BASE_ROW, "c"]
-    with torch.no_grad():
-        together = model(ids, attention_mask=mask, adapter_names=rows).logits
-        for row, adapter in enumerate(rows):
-            one = alone(
-                model, adapter, model, ids[row : row + 1], attention_mask=mask[row : row + 1]
-            )
-            torch.testing.assert_close(together[row, -4:], one.logits[0, -4:], atol=1e-5, rtol=1e-5)
+    assert_rows_alone(model, ["m", "l", BASE_ROW, "c"], [4, 2, 3, 4], seed=9)
 
 
 def test_a_row_without_a_prompt_keeps_its_first_label_out_of_the_loss() -> None:
