@@ -225,11 +225,27 @@ def position_limit(model: nn.Module) -> int | None:
 
     A learned absolute position table (GPT-2's `wpe`, BERT's and RoBERTa's
     `position_embeddings`, OPT's `embed_positions`) has one row per position: a longer sequence
-    indexes past its end. It is found as an embedding other than the input embedding whose
-    size is the config's `max_position_embeddings` (or that plus the table's own offset, as
-    OPT's); a padding row (RoBERTa numbers positions after `padding_idx`) and the offset are not
-    usable. Rotary and ALiBi models compute positions, so their config's value is the length
-    they were trained on, not a limit: None.
+    indexes past its end. The usable rows are the table's less its padding row and offset
+    (`position_table`). Rotary and ALiBi models compute positions, so their config's value is
+    the length they were trained on, not a limit: None.
+    """
+    found = position_table(model)
+    return None if found is None else found[0] - found[1]
+
+
+def position_offset(model: nn.Module) -> int:
+    """The first position the model numbers a sequence from (RoBERTa numbers positions after
+    its padding index, from the input ids), 0 for most models."""
+    found = position_table(model)
+    return 0 if found is None else found[1]
+
+
+def position_table(model: nn.Module) -> tuple[int, int] | None:
+    """(positions declared, rows before the first usable one) of a learned position table.
+
+    The table is found as an embedding other than the input embedding whose size is the
+    config's `max_position_embeddings` (or that plus the table's own offset, as OPT's); a
+    padding row (RoBERTa numbers positions after `padding_idx`) is not usable.
     """
     config = getattr(model, "config", None)
     declared = getattr(config, "max_position_embeddings", None)
@@ -246,6 +262,15 @@ def position_limit(model: nn.Module) -> int | None:
         offset = offset if isinstance(offset, int) else 0
         if module.num_embeddings - offset != declared:
             continue
-        padding = module.padding_idx + 1 if module.padding_idx is not None else 0
-        return declared - padding
+        return declared, module.padding_idx + 1 if module.padding_idx is not None else 0
     return None
+
+
+def shifts_labels(model: nn.Module) -> bool:
+    """Whether the model's loss scores the label at position t with the logits at t - 1 (a
+    causal LM's): the loss transformers picks by the class's `loss_type`, whose fallback for
+    a type it does not know is the causal one (read here without its warning)."""
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    causal = LOSS_MAPPING["ForCausalLM"]
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None) or "", causal) is causal

@@ -5,20 +5,34 @@ the rule says, and the planner checks, where the tokens go: the input embedding 
 prompts, every layer's attention (`attn`) for prefixes. `merge` bakes (`ModelMethod.bake`) a
 reparameterization (P-tuning's encoder, prefix tuning's MLP) into a plain table and drops it: the
 edit stays, as cheap at inference as its plain-table variant.
+
+Each adapter says what its tokens are (`entries`) and where they go (`goes_to`: the prompt slots
+or the cache prefix); `prepare_rows` places them for a whole call, a row at a time in one
+batched gather, so that a routed call mixes adapters, methods and lengths in one batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from surgery.adapters.names import DEFAULT
 from surgery.edit import Edit
+from surgery.graph.model_edit import RowLayout, RowLayoutError, extend_rows
 from surgery.graph.placement import MODEL, Undo
 from surgery.graph.site import EditKey
-from surgery.hf import Call, position_limit
+from surgery.hf import (
+    Call,
+    new_cache,
+    position_limit,
+    position_offset,
+    shifts_labels,
+    wants_cache,
+)
 from surgery.methods.base import (
     ModelMethod,
     Param,
@@ -29,6 +43,9 @@ from surgery.methods.base import (
     at_least,
 )
 
+IGNORE_INDEX = -100  # the label value HF losses skip
+# where an adapter's tokens go: in front of the input embeddings, or of every layer's cache
+PROMPT, PREFIX = "prompt slots", "cache prefix"
 N_PARAM = Param("n", int, 20, "number of virtual tokens", check=at_least(1))
 
 
@@ -54,6 +71,7 @@ class VirtualTokenMethod(ModelMethod):
     """A model-level method: its adapter is `model.<edit>` and acts through a forward pre-hook."""
 
     merge_refusal: ClassVar[str] = ": it has no encoder to bake into its table"
+    routes: ClassVar[bool] = True  # a routed call gives each row its adapter's tokens
 
     def can_bake(self, options: dict[str, Any]) -> bool:
         return bool(options.get("encoder"))
@@ -73,17 +91,21 @@ class VirtualTokenMethod(ModelMethod):
         return MODEL.replace(model, self.baked(edit), adapter)
 
     def check_apply(self, selection: Selection) -> list[Refusal]:
-        """Also: a model takes one virtual-token edit (each one shifts every position)."""
+        """Also: an adapter takes one virtual-token edit (each one shifts every position, and
+        a row gets the virtual tokens of its one adapter); other adapters may have theirs."""
         present = [
-            (e, m) for e, m in selection.model_edits if isinstance(m, VirtualTokenMethod)
+            (e, m)
+            for e, m, adapter in selection.model_edits
+            if isinstance(m, VirtualTokenMethod) and adapter == selection.adapter
         ]
         if not present:
             return super().check_apply(selection)
         edit, other = present[0]
+        unit = "the model" if selection.adapter == DEFAULT else f"adapter '{selection.adapter}'"
         problem = Problem(
-            f"the model already has a virtual-token edit, '{edit}' ({other.name}); "
-            "a model takes one prompt, P-tuning or prefix edit at a time",
-            hint=f"`remove {edit}` first",
+            f"{unit} already has a virtual-token edit, '{edit}' ({other.name}); "
+            "an adapter takes one prompt, P-tuning or prefix edit",
+            hint=f"`remove {edit}` first, or declare the new one in its own `adapter NAME {{ }}`",
         )
         return [(None, problem)]
 
@@ -166,6 +188,8 @@ class VirtualTokenMethod(ModelMethod):
 class VirtualTokenAdapter(nn.Module):
     """A table of `n` virtual tokens, optionally produced by an encoder while training."""
 
+    goes_to: ClassVar[str]  # PROMPT or PREFIX
+
     def __init__(self, table: nn.Parameter, encoder: nn.Module | None, options: dict[str, Any]):
         super().__init__()
         self.embedding = table
@@ -186,9 +210,106 @@ class VirtualTokenAdapter(nn.Module):
         options = self.options | {"encoder": ""}
         return type(self)(nn.Parameter(table, requires_grad=False), None, options)
 
-    def prepare(self, model: nn.Module, call: Call) -> None:
-        """Rewrite a forward call's arguments (in place) for the virtual tokens."""
+    def entries(self, dtype: torch.dtype) -> torch.Tensor:
+        """The tokens as they are placed: `[n, hidden]` for a PROMPT, `[2 * layers, kv_heads,
+        n, head_dim]` (each layer's keys then values) for a PREFIX."""
         raise NotImplementedError
+
+    def prepare(self, model: nn.Module, call: Call) -> None:
+        """Rewrite a forward call's arguments (in place): every row gets these tokens."""
+        self.prepare_rows(model, call, [self] * call.sequence.shape[0])
+
+    @staticmethod
+    def prepare_rows(
+        model: nn.Module, call: Call, rows: Sequence[VirtualTokenAdapter | None]
+    ) -> None:
+        """Rewrite a call's arguments (in place) so that each row gets its own adapter's virtual
+        tokens (`rows[i]`, None: none): a routed call (`adapter_names=`) mixes adapters, with
+        prompts and prefixes of different lengths. Each part of the batch (prompt slots, cache
+        prefix) is as wide as its longest row needs; shorter rows are padded in front and
+        masked (`surgery.graph.model_edit.RowLayout`). At prefill only: the cache is filled and
+        the prompts prepended; every call: the mask and positions extended."""
+        layout = RowLayout(
+            tuple(a.n if a is not None and a.goes_to == PREFIX else 0 for a in rows),
+            tuple(a.n if a is not None and a.goes_to == PROMPT else 0 for a in rows),
+        )
+        if layout.padded and position_offset(model):
+            raise RowLayoutError(
+                f"{type(model).__name__} numbers positions from {position_offset(model)} and "
+                "derives them from the input ids, so rows with different numbers of virtual "
+                "tokens cannot each be given the positions they would have alone",
+                hint="route rows with the same number of virtual tokens together",
+            )
+        prefill = call.cached_length == 0
+        if prefill and layout.cache_width:
+            call.cache = filled_cache(model, call, rows, layout.cache_width)
+        if prefill and layout.input_width:
+            prepend_prompts(model, call, rows, layout)
+        extend_rows(call, layout, prefill=prefill)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, width={self.options.get('width')}"
+
+
+def per_row(
+    rows: Sequence[VirtualTokenAdapter | None], goes_to: str, dtype: torch.dtype, width: int
+) -> torch.Tensor:
+    """Each row's `goes_to` tokens, left-padded with zeros to `width`: `[B, *entries]`, one
+    gather over the adapters' padded tables (a row without such tokens gets only padding)."""
+    mine = [a if a is not None and a.goes_to == goes_to else None for a in rows]
+    distinct = list(dict.fromkeys(a for a in mine if a is not None))
+    if len(distinct) == 1 and all(a is distinct[0] for a in mine):  # every row alike
+        table = distinct[0].entries(dtype)
+        return table.unsqueeze(0).expand(len(rows), *table.shape)
+    axis = 0 if goes_to == PROMPT else 2  # the token axis of `entries`
+    tables = []
+    for adapter in distinct:
+        table = adapter.entries(dtype)
+        shape = list(table.shape)
+        shape[axis] = width - shape[axis]
+        tables.append(torch.cat([table.new_zeros(shape), table], dim=axis))
+    bank = torch.stack([*tables, torch.zeros_like(tables[0])])
+    slots = [distinct.index(a) if a is not None else len(distinct) for a in mine]
+    return bank[torch.tensor(slots, device=bank.device)]
+
+
+def filled_cache(
+    model: nn.Module, call: Call, rows: Sequence[VirtualTokenAdapter | None], width: int
+) -> Any:
+    """The call's cache holding each row's prefix: a new one when it has none, which the output
+    leaves out when the caller asked for no cache (the base model returns none then)."""
+    cache = call.cache
+    if cache is None:
+        cache = new_cache(model, returned=wants_cache(model, call))
+    dtype = model.get_input_embeddings().weight.dtype
+    entries = per_row(rows, PREFIX, dtype, width)  # [B, 2 * layers, kv_heads, width, head_dim]
+    for layer in range(entries.shape[1] // 2):
+        cache.update(entries[:, 2 * layer], entries[:, 2 * layer + 1], layer)
+    return cache
+
+
+def prepend_prompts(
+    model: nn.Module, call: Call, rows: Sequence[VirtualTokenAdapter | None], layout: RowLayout
+) -> None:
+    """Put each row's prompt in front of its input embeddings, and in front of the labels
+    (never a target) and token types (segment A) as many positions."""
+    embeds = call.inputs_embeds
+    if embeds is None:
+        embeds = model.get_input_embeddings()(call.input_ids)
+    width = layout.input_width
+    call.inputs_embeds = torch.cat([per_row(rows, PROMPT, embeds.dtype, width), embeds], dim=1)
+    call.input_ids = None
+    labels = call.labels
+    if isinstance(labels, torch.Tensor) and labels.shape[-1] == embeds.shape[1]:
+        ignored = labels.new_full((labels.shape[0], width), IGNORE_INDEX)
+        labels = torch.cat([ignored, labels], dim=1)
+        if layout.padded and embeds.shape[1] and shifts_labels(model):
+            # a causal loss scores a token from the position before it: for a row without a
+            # prompt that is padding, and alone its first token is never scored
+            unprompted = torch.tensor([n == 0 for n in layout.input], device=labels.device)
+            labels[:, width] = labels[:, width].masked_fill(unprompted, IGNORE_INDEX)
+        call.labels = labels
+    token_types = call.token_type_ids
+    if isinstance(token_types, torch.Tensor):
+        front = token_types.new_zeros(token_types.shape[0], width)
+        call.token_type_ids = torch.cat([front, token_types], dim=1)

@@ -152,7 +152,9 @@ class Selection:
     site_problem: Callable[[int], Problem | None]
     shared: Callable[[int], dict[str, list[str]]]
     graph_problem: Callable[[int, EditKey], Problem | None]
-    model_edits: tuple[tuple[str, Method], ...]  # the edits already on the model itself
+    # the edits already on the model itself: (edit name, method, its adapter)
+    model_edits: tuple[tuple[str, Method, str], ...]
+    adapter: str = "default"  # the adapter the new edit belongs to
 
 
 FOLD = "fold"  # `merge` writes the edit into the base tensors; the edit leaves the model

@@ -8,6 +8,8 @@ that cache. Prefix tuning trains the table through a two-layer tanh MLP (`repara
 paper); `merge` bakes the MLP's output into the table. P-tuning v2 is the same deep prompt
 without the reparameterization. Table layout per virtual token: for each layer its key then
 its value, each `kv_heads × head_dim` wide (PEFT's layout, so tables convert as they are).
+In a routed call (`adapter_names=`) each row's cache holds its own adapter's prefix, shorter ones
+padded in front and masked (`VirtualTokenAdapter.prepare_rows`, docs/routing_tokens.md).
 """
 
 from __future__ import annotations
@@ -17,18 +19,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from surgery.graph.model_edit import extend_inputs
-from surgery.hf import (
-    Call,
-    cache_argument,
-    cache_geometry,
-    cache_names,
-    new_cache,
-    wants_cache,
-)
+from surgery.hf import cache_argument, cache_geometry, cache_names
 from surgery.methods import register
 from surgery.methods._virtual_tokens import (
     N_PARAM,
+    PREFIX,
     VirtualTokenAdapter,
     VirtualTokenMethod,
     hidden_param,
@@ -37,31 +32,13 @@ from surgery.methods.base import Param, Problem
 
 
 class PrefixAdapter(VirtualTokenAdapter):
-    def prepare(self, model: nn.Module, call: Call) -> None:
-        if call.cached_length == 0:
-            call.cache = self.fill(model, call)
-        extend_inputs(call, self.n, prepended=0)
+    goes_to = PREFIX
 
-    def fill(self, model: nn.Module, call: Call) -> Any:
-        """The call's cache holding the prefix: a new one when it has none, which the output
-        leaves out when the caller asked for no cache (the base model returns none then)."""
-        cache = call.cache
-        if cache is None:
-            cache = new_cache(model, returned=wants_cache(model, call))
-        batch = call.sequence.shape[0]
-        dtype = model.get_input_embeddings().weight.dtype
+    def entries(self, dtype: torch.dtype) -> torch.Tensor:
         layers, kv_heads, head_dim = (self.options[k] for k in ("layers", "kv_heads", "head_dim"))
         # [n, layers * 2 * kv_heads * head_dim] -> [layers * 2, kv_heads, n, head_dim]
         table = self.table().to(dtype).view(self.n, 2 * layers, kv_heads, head_dim)
-        table = table.permute(1, 2, 0, 3)
-        for layer in range(layers):
-            keys, values = table[2 * layer], table[2 * layer + 1]
-            cache.update(
-                keys.unsqueeze(0).expand(batch, -1, -1, -1),
-                values.unsqueeze(0).expand(batch, -1, -1, -1),
-                layer,
-            )
-        return cache
+        return table.permute(1, 2, 0, 3)
 
 
 @register

@@ -6,7 +6,8 @@ mask with ones and the labels with -100 (a virtual position is never a target; t
 predicts the user's first token), and moves
 position ids right by `n`. During `generate()` it prepends only at prefill: the cache holds the
 virtual tokens afterwards. Outputs keep the virtual positions (logits are `[B, n + L, V]`, as
-in PEFT).
+in PEFT). In a routed call (`adapter_names=`) each row gets its own adapter's prompt, shorter
+ones padded in front and masked (`VirtualTokenAdapter.prepare_rows`, docs/routing_tokens.md).
 """
 
 from __future__ import annotations
@@ -18,40 +19,21 @@ from torch import nn
 
 from surgery.errors import PlanError
 from surgery.graph.logical import base_of
-from surgery.graph.model_edit import extend_inputs
-from surgery.hf import Call
 from surgery.methods import register
 from surgery.methods._virtual_tokens import (
     N_PARAM,
+    PROMPT,
     VirtualTokenAdapter,
     VirtualTokenMethod,
 )
 from surgery.methods.base import Param, Problem, positive
 
-IGNORE_INDEX = -100  # the label value HF losses skip
-
 
 class PromptAdapter(VirtualTokenAdapter):
-    def prepare(self, model: nn.Module, call: Call) -> None:
-        if call.cached_length > 0:  # decoding: the prompt is in the cache already
-            extend_inputs(call, self.n, prepended=0)
-            return
-        embeds = call.inputs_embeds
-        if embeds is None:
-            embeds = model.get_input_embeddings()(call.input_ids)
-        batch = embeds.shape[0]
-        prompt = self.table().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-        call.inputs_embeds = torch.cat([prompt, embeds], dim=1)
-        call.input_ids = None
-        labels = call.labels
-        if isinstance(labels, torch.Tensor) and labels.shape[-1] == embeds.shape[1]:
-            ignored = labels.new_full((labels.shape[0], self.n), IGNORE_INDEX)
-            call.labels = torch.cat([ignored, labels], dim=1)
-        token_types = call.token_type_ids  # BERT-like encoders: segment A
-        if isinstance(token_types, torch.Tensor):
-            front = token_types.new_zeros(token_types.shape[0], self.n)
-            call.token_type_ids = torch.cat([front, token_types], dim=1)
-        extend_inputs(call, self.n, prepended=self.n)
+    goes_to = PROMPT
+
+    def entries(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.table().to(dtype)
 
 
 def input_embedding_problem(

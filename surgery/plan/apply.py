@@ -114,7 +114,11 @@ def _check_selection(
         lambda i: _site_problem(planner, nodes[i]),
         lambda i: planner.shared(nodes[i]),
         lambda i, key: _graph_problem(nodes[i], key),
-        tuple((e, REGISTRY[m]) for e, m in planner.tree.edits),
+        tuple(
+            (e, REGISTRY[m], planner.tree.edit_adapters.get(e, DEFAULT))
+            for e, m in planner.tree.edits
+        ),
+        planner.adapter,
     )
     refusals = method.check_apply(selection)
     if not refusals:
