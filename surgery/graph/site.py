@@ -323,7 +323,10 @@ def drop_edit(site: Site, name: str) -> Site | nn.Module:
     key = (site._surgery_signature, remaining, None)
     cls = _TEMPLATES.get(key)
     if cls is None:
-        erased = erase_edit(site.graph, name)
+        # erase from the graph of every edit, not the site's current one (which may emit only
+        # the active adapters' edits, or routed groups)
+        full = _template(site._surgery_signature, site._surgery_edits)._surgery_graph
+        erased = erase_edit(full, name)
         # Once per new structure: the erased graph must be exactly what the remaining edits
         # build on their own; anything else is a bug in an emitter's tagging.
         if not same_structure(erased, build_graph(*key)):
