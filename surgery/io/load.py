@@ -108,7 +108,12 @@ def load_saved(
         undo()
         raise
     return LoadReport(
-        report.plan, report.trainable, report.total, loading.naming.name, loading.rules_text
+        report.plan,
+        report.trainable,
+        report.total,
+        loading.naming.name,
+        loading.rules_text,
+        len(saved.shapes) + len(saved.base_shapes),
     )
 
 
@@ -119,7 +124,7 @@ class LoadReport(Report):
 
     adapter: str = DEFAULT
     rules_text: str = ""
-
+    tensors: int = 0  # how many tensors were loaded
 
 @dataclass(frozen=True)
 class Loading:

@@ -121,9 +121,8 @@ def renaming(plan: Plan, name: str | None, where: str) -> Renaming:
 
 def renamed_rules(program: ast.Program, naming: Renaming) -> str:
     """The program's text with its adapter and edits under their new names (see the module
-    docstring); the text itself when nothing is renamed."""
-    if naming.identity:
-        return program.source.text
+    docstring), every statement that makes or selects edits inside an `adapter NAME { }`
+    block: the text says which adapter it makes even among the rules of others."""
     text = program.source.text
     changes: list[tuple[int, int, str]] = []
     old_names = {naming.adapter, *naming.edits}
@@ -144,14 +143,14 @@ def renamed_rules(program: ast.Program, naming: Renaming) -> str:
             _, end = offsets(statement.span)
             expect = f" expect {statement.expect}" if statement.expect is not None else ""
             changes.append((tail, end, f" as {naming.edits.get(old, old)}{expect}"))
-            if block is None:
-                start, _ = offsets(statement.span)
-                changes.append((start, start, f"adapter {naming.name} {{ "))
-                changes.append((end, end, " }"))
         elif isinstance(statement, (ast.Freeze, ast.Unfreeze, ast.Let)):
             for selector in statement.selectors:
                 for segment in selector.segments:
                     changes.extend(_segment_change(text, segment, old_names, new_name))
+        if block is None and isinstance(statement, (ast.Apply, ast.Freeze, ast.Unfreeze)):
+            start, end = offsets(statement.span)
+            changes.append((start, start, f"adapter {naming.name} {{ "))
+            changes.append((end, end, " }"))
         elif isinstance(statement, (ast.Merge, ast.Remove)) and statement.target in old_names:
             start, end = offsets(statement.span)
             at = text.rindex(statement.target, start, end)
@@ -248,8 +247,6 @@ def rules_of(
 ) -> tuple[str, Plan]:
     """The loaded adapter's rules and their plan on `model` alone: `program`'s text renamed and
     planned again, checked against `saved`, the plan of `program` alone (`check_renamed`)."""
-    if naming.identity:
-        return program.source.text, saved
     from surgery.lang import parse
 
     text = renamed_rules(program, naming)

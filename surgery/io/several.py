@@ -117,19 +117,29 @@ def _cannot_split(name: str, why: str) -> OutputError:
 
 def rules_for(rules_text: str, name: str) -> str:
     """The statements of `rules_text` that make adapter `name`: its `adapter name { }` blocks
-    (or, for "default", the `apply` statements outside any block), and every statement that
-    makes no edit (`use`, `let`, `fuse`, `freeze`, ...). The text itself when it makes no
-    other adapter."""
+    (for "default", also the `apply`, `freeze` and `unfreeze` statements outside any block),
+    and those that make no edit (`use`, `let`, `fuse`, `merge`, `remove`: the plan of the result
+    is checked). The text itself when it makes no other adapter. A `freeze` or `unfreeze`
+    outside the blocks, after an `apply`, may set any adapter's parameters: refused for a named
+    adapter (before any `apply` it touches the base only, which every adapter shares)."""
     program = parse(rules_text, "<rules>")
     text = program.source.text
+    loose = (ast.Apply, ast.Freeze, ast.Unfreeze)
 
     def mine(statement: ast.Statement) -> bool:
         if isinstance(statement, ast.AdapterBlock):
             return statement.name == name
-        return name == DEFAULT or not isinstance(statement, ast.Apply)
+        return name == DEFAULT or not isinstance(statement, loose)
 
     if all(mine(statement) for statement in program):
         return rules_text
+    applied = False
+    for statement in program:
+        applied = applied or isinstance(statement, (ast.Apply, ast.AdapterBlock))
+        if applied and isinstance(statement, (ast.Freeze, ast.Unfreeze)) and name != DEFAULT:
+            raise _cannot_split(
+                name, f"`{statement.span.text}`, outside the blocks, may set its parameters"
+            )
     pieces = [text[slice(*offsets(s.span))] for s in program if mine(s)]
     return "\n".join(pieces) + "\n"
 
