@@ -16,7 +16,7 @@ from torch import nn
 from surgery import load_adapter, rewrite
 from surgery.adapters.units import active_adapters, adapter_names, set_active
 from surgery.cli import main
-from surgery.errors import OutputError
+from surgery.errors import OutputError, PlanError
 from surgery.io import write_adapter_dir
 from surgery.io.adapters import AdapterError
 from surgery.io.naming import unit_edit_name
@@ -176,6 +176,19 @@ def test_an_adapter_that_trains_the_base_is_refused_beside_others(two_dirs, tmp_
     before = snapshot(model)
     with pytest.raises(AdapterError, match=r"trained base-model parameters.*share"):
         load_adapter(model, folder, name="norms")
+    assert_same(before, snapshot(model))
+
+
+def test_what_a_rewrite_refuses_beside_other_adapters_loading_refuses(two_dirs, tmp_path):
+    prompt, _ = saved(tmp_path, "prompt", "apply prompt(n=4) to model.embed_tokens", 9)
+    folds, _ = saved(tmp_path, "folds", f"{QV}\napply ia3 to *.mlp.down_proj\nmerge ia3", 10)
+    model = tiny("llama").eval()
+    load_adapter(model, prompt)
+    before = snapshot(model)
+    with pytest.raises(PlanError, match="already has a virtual-token edit"):
+        load_adapter(model, prompt, name="again")
+    with pytest.raises(AdapterError, match="merge 'ia3' into the base weights"):
+        load_adapter(model, folds, name="folds")
     assert_same(before, snapshot(model))
 
 

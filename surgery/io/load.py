@@ -168,7 +168,10 @@ def prepare(
         _check_base_untouched(saved, own, present)
     text, plan = rules_of(program, own, naming, model, str(saved.path))
     if present:  # the checks a rewrite makes with the other adapters there
-        make_plan(model, parse(text, str(saved.path / RULES_FILE), confined_to=saved.path))
+        where = str(saved.path / RULES_FILE)
+        if not naming.identity:
+            where += f" (as adapter '{naming.name}')"
+        make_plan(model, parse(text, where, confined_to=saved.path))
     return Loading(plan, naming, text, own)
 
 
