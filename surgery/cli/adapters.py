@@ -119,7 +119,13 @@ def cmd_import(args: argparse.Namespace) -> int:
     )
     cli.out.print(rules, markup=False, highlight=False)
     checked = f"checked against {args.model}" if model is not None else "not checked: no --model"
-    cli.out.print(f"wrote a surgery adapter to {args.out}/ ({checked})")
+    from surgery.io.several import is_several, saved_adapters
+
+    what = "a surgery adapter"
+    if is_several(args.out):  # a PEFT directory of several: one surgery adapter each
+        names = [name or "default" for name, _ in saved_adapters(args.out)]
+        what = f"{len(names)} surgery adapters ({', '.join(names)})"
+    cli.out.print(f"wrote {what} to {args.out}/ ({checked})", markup=False)
     return 0
 
 

@@ -238,13 +238,13 @@ def import_peft(
     are returned, one after the other."""
     peft_dir = Path(peft_dir)
     inputs = {"PEFT directory": peft_dir}
-    check_output(out, kind=ADAPTER_OUTPUT, force=force, inputs=inputs)
     if adapter is None and peft_dir.is_dir():
         found = peft_adapters(peft_dir)
         if len(found) > 1 or (found and DEFAULT not in found):
             return _import_several(peft_dir, found, Path(out), model, force)
     name, folder = choose_adapter(peft_dir, adapter)
     rules, weights, plan, info, kind = _import_one(peft_dir, name, folder, model)
+    check_output(out, kind=ADAPTER_OUTPUT, force=force, inputs=inputs)
     write_adapter_files(
         Path(out),
         tensors=weights,
