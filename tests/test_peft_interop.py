@@ -269,8 +269,9 @@ def test_import_refuses_lora_bias_other_methods_and_pickles(tmp_path: Path) -> N
     lora.save_pretrained(tmp_path / "bin", safe_serialization=False)
     with pytest.raises(PeftFormatError, match=r"adapter_model\.bin, a pickle"):
         import_peft(tmp_path / "bin", tmp_path / "out")
+    (tmp_path / "none").mkdir()  # (tmp_path itself now holds adapters in subdirectories)
     with pytest.raises(PeftFormatError, match=r"no adapter_config\.json"):
-        import_peft(tmp_path, tmp_path / "out")
+        import_peft(tmp_path / "none", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

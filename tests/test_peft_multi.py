@@ -62,7 +62,7 @@ def test_peft_writes_default_at_the_root_and_the_others_beside_it(two_adapters) 
     assert sorted(peft_adapters(folder)) == ["default", "other"]
 
 
-@pytest.mark.parametrize("adapter", [None, "default", "other"])
+@pytest.mark.parametrize("adapter", ["default", "other"])  # None: test_peft_multi_adapters.py
 def test_import_reads_the_chosen_adapter_with_the_same_logits(
     two_adapters, adapter: str | None, tmp_path: Path
 ) -> None:
@@ -71,7 +71,7 @@ def test_import_reads_the_chosen_adapter_with_the_same_logits(
     assert ("v_proj" in rules) == (adapter == "other")
     model = tiny("llama")
     load_adapter(model, tmp_path / "s")
-    torch.testing.assert_close(logits(model), expected[adapter or "default"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(model), expected[adapter], rtol=1e-5, atol=1e-5)
 
 
 def test_a_wrong_adapter_name_lists_the_names_found(two_adapters, tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ def test_a_wrong_adapter_name_lists_the_names_found(two_adapters, tmp_path: Path
     assert not (tmp_path / "s").exists()
 
 
-def test_without_a_root_adapter_the_choice_is_required(two_adapters, tmp_path: Path) -> None:
+def test_without_a_root_adapter_every_adapter_is_imported(two_adapters, tmp_path: Path) -> None:
     folder, _ = two_adapters
     only = tmp_path / "only"
     only.mkdir()
@@ -94,9 +94,9 @@ def test_without_a_root_adapter_the_choice_is_required(two_adapters, tmp_path: P
     (only / "task").mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (only / "task" / name).write_bytes((folder / "other" / name).read_bytes())
-    with pytest.raises(PeftFormatError, match=r"no adapter at its root.*holds the adapters task\n"):
-        import_peft(only, tmp_path / "s")
-    import_peft(only, tmp_path / "s", adapter="task")
+    import_peft(only, tmp_path / "s")  # each adapter in a folder of its name; no link followed
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["surgery-output.json", "task"]
+    import_peft(only, tmp_path / "t", adapter="task")
 
 
 def test_subdirectory_reads_stay_inside_the_directory(two_adapters, tmp_path: Path) -> None:
@@ -154,7 +154,9 @@ def test_several_surgery_adapters_export_as_one_multi_adapter_directory(tmp_path
         theirs.set_adapter(name)
         torch.testing.assert_close(logits(theirs), expected[name], rtol=1e-5, atol=1e-5)
 
-    with pytest.raises(OutputError, match="other is not a regular file"):  # as the docs say
+    export_peft(dirs, tmp_path / "p", names=["default", "other"], force=True)  # its marker
+    (tmp_path / "p" / "other" / "extra").write_text("not surgery's")  # lists every file
+    with pytest.raises(OutputError, match="other/extra, which surgery did not write"):
         export_peft(dirs, tmp_path / "p", names=["default", "other"], force=True)
     with pytest.raises(PeftFormatError, match="needs their adapter names"):
         export_peft(dirs, tmp_path / "q")

@@ -1,42 +1,80 @@
-"""The adapter commands: `load` (re-apply a saved adapter to a fresh model), `export` (write it
-as a PEFT adapter), `import` (read a PEFT adapter into a surgery one) and `merge` (stream a
-Hugging Face checkpoint with the adapter merged in). The io modules load only when a command runs.
+"""The adapter commands: `load` (re-apply saved adapters to a model, each under a name),
+`export` (write them as PEFT adapters), `import` (read PEFT adapters into surgery ones) and
+`merge` (stream a Hugging Face checkpoint with the adapter merged in). The io modules load only
+when a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import warnings
+from dataclasses import replace
+from pathlib import Path
 
 from surgery import cli
 from surgery.cli.inputs import _config_warnings, _inputs, _model, _print_warnings, _refuse_output
 from surgery.cli.table import plan_table
 
 
+def adapter_specs(texts: list[str]) -> list[tuple[str | None, Path]]:
+    """`--adapter` values: `NAME=DIR` (load DIR as adapter NAME) or `DIR` (under its own name
+    or names). Text before the first `=` that cannot name an adapter belongs to the path (write
+    `./a=b` for a directory called `a=b`)."""
+    from surgery.adapters.names import name_problem
+
+    specs: list[tuple[str | None, Path]] = []
+    for text in texts:
+        name, sep, path = text.partition("=")
+        if sep and path and name_problem(name) is None:
+            specs.append((name, Path(path)))
+        else:
+            specs.append((None, Path(text)))
+    return specs
+
+
+def _spec_inputs(specs: list[tuple[str | None, Path]]) -> dict[str, Path]:
+    if len(specs) == 1:
+        return {"adapter directory": specs[0][1]}
+    return {f"adapter directory {i + 1}": path for i, (_, path) in enumerate(specs)}
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     from surgery.io.adapters import ADAPTER_OUTPUT, write_adapter_dir
     from surgery.io.load import load_adapter, read_adapter_dir
+    from surgery.io.several import ADAPTERS_OUTPUT, is_several, load_adapters, saved_adapters
 
-    inputs = _inputs(args, **{"adapter directory": args.adapter})
+    specs = adapter_specs(args.adapter)
+    inputs = _inputs(args, **_spec_inputs(specs))
+    several = [name is None and is_several(path) for name, path in specs]
     if args.out is not None:
-        _refuse_output(args, inputs, ADAPTER_OUTPUT)
-    saved = read_adapter_dir(args.adapter)  # a bad directory fails before the model loads
+        kind = ADAPTERS_OUTPUT if len(specs) > 1 or any(several) else ADAPTER_OUTPUT
+        _refuse_output(args, inputs, kind)
+    for (name, path), many in zip(specs, several, strict=True):  # bad directories fail first
+        for _, folder in saved_adapters(path) if many else [(name, path)]:
+            read_adapter_dir(folder)
     model = _model(args)
+    reports = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = load_adapter(model, args.adapter)
+        for (name, path), many in zip(specs, several, strict=True):
+            loaded = load_adapters(model, path) if many else [load_adapter(model, path, name)]
+            reports += [(path, report) for report in loaded]
     _print_warnings(caught)
-    cli.out.print(plan_table(report.plan, full=False))
-    cli.out.print(report.totals_line())
-    cli.out.print(
-        f"loaded {len(saved.shapes) + len(saved.base_shapes)} tensor(s) from {args.adapter}/"
-    )
+    for path, report in reports:
+        cli.out.print(plan_table(report.plan, full=False))
+        cli.out.print(f"loaded {report.tensors} tensor(s) from {path}/ as '{report.adapter}'")
+    cli.out.print(reports[-1][1].totals_line())
     if args.out is not None:
+        plans = [report.plan for _, report in reports]
         written = write_adapter_dir(
             model,
             args.out,
-            rules_text=saved.rules_text,
-            plan=report.plan,
+            rules_text="\n".join(report.rules_text for _, report in reports),
+            plan=replace(
+                plans[-1],
+                steps=tuple(s for p in plans for s in p.steps),
+                edits=tuple(e for p in plans for e in p.edits),
+            ),
             force=args.force,
             inputs=inputs,
         )
@@ -45,14 +83,27 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from surgery.io.peft_format import PEFT_OUTPUT, export_peft
+    from surgery.io.peft_format import PEFT_OUTPUT, export_peft, exported_names
 
-    _refuse_output(args, _inputs(args, **{"adapter directory": args.adapter}), PEFT_OUTPUT)
+    specs = adapter_specs(args.adapter)
+    _refuse_output(args, _inputs(args, **_spec_inputs(specs)), PEFT_OUTPUT)
+    if len(specs) == 1 and specs[0][0] is None:
+        source: Path | list[Path] = specs[0][1]
+        names = exported_names(source)
+    else:
+        source = [path for _, path in specs]
+        names = [name or "default" for name, _ in specs]
     config = export_peft(
-        args.adapter, args.out, force=args.force, base_model_name_or_path=args.base_model
+        source,
+        args.out,
+        names=names if isinstance(source, list) else None,
+        force=args.force,
+        base_model_name_or_path=args.base_model,
     )
     targets = config.get("target_modules")  # virtual-token types have none
     what = f" (target_modules: {', '.join(targets)})" if targets else ""
+    if len(names) > 1:
+        what = f" and {len(names) - 1} more ({', '.join(names)})"
     cli.out.print(f"wrote a PEFT {config['peft_type']} adapter to {args.out}/{what}", markup=False)
     return 0
 
@@ -68,7 +119,13 @@ def cmd_import(args: argparse.Namespace) -> int:
     )
     cli.out.print(rules, markup=False, highlight=False)
     checked = f"checked against {args.model}" if model is not None else "not checked: no --model"
-    cli.out.print(f"wrote a surgery adapter to {args.out}/ ({checked})")
+    from surgery.io.several import is_several, saved_adapters
+
+    what = "a surgery adapter"
+    if is_several(args.out):  # a PEFT directory of several: one surgery adapter each
+        names = [name or "default" for name, _ in saved_adapters(args.out)]
+        what = f"{len(names)} surgery adapters ({', '.join(names)})"
+    cli.out.print(f"wrote {what} to {args.out}/ ({checked})", markup=False)
     return 0
 
 

@@ -56,14 +56,36 @@ def build_parser() -> argparse.ArgumentParser:
     with_rules(apply)
     with_model(apply, required=True)
     with_out(apply, True, "the adapter directory to write")
+    apply.add_argument(
+        "--adapter",
+        metavar="NAME",
+        help="write only this adapter of the rules' adapters (default: all; several are "
+        "written one folder each, in PEFT's multi-adapter layout)",
+    )
 
     load = commands.add_parser("load", help="re-apply a saved adapter to a fresh base model")
     with_model(load, required=True, meta=False)
-    load.add_argument("--adapter", "-a", required=True, type=Path, metavar="DIR")
+    load.add_argument(
+        "--adapter",
+        "-a",
+        required=True,
+        action="append",
+        metavar="[NAME=]DIR",
+        help="an adapter directory, loaded as adapter NAME (default: the name it was saved "
+        "under; a directory of several loads them all); repeat to load several",
+    )
     with_out(load, False, "write the loaded adapter again (checked, current versions)")
 
     export = commands.add_parser("export", help="write an adapter in another format (PEFT)")
-    export.add_argument("--adapter", "-a", required=True, type=Path, metavar="DIR")
+    export.add_argument(
+        "--adapter",
+        "-a",
+        required=True,
+        action="append",
+        metavar="[NAME=]DIR",
+        help="a surgery adapter directory (a directory of several exports them all); repeat "
+        "with NAME=DIR to export several under PEFT adapter names",
+    )
     export.add_argument("--format", choices=["peft"], default="peft", help="the output format")
     export.add_argument(
         "--base-model", metavar="NAME", help="base_model_name_or_path to record in the config"
@@ -75,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument(
         "--adapter",
         metavar="NAME",
-        help="which adapter of a multi-adapter PEFT directory (default: the one at its root)",
+        help="which adapter of a multi-adapter PEFT directory (default: all of them, each "
+        "as a surgery adapter of that name; one at the root alone: that one)",
     )
     with_model(imp, required=False)
     with_out(imp, True, "the surgery adapter directory to write")

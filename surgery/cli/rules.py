@@ -65,7 +65,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     with cli.err.status("writing adapter"):
         written = write_adapter_dir(
-            model, args.out, rules_text=text, plan=report.plan, force=args.force, inputs=inputs
+            model,
+            args.out,
+            rules_text=text,
+            plan=report.plan,
+            adapter=args.adapter,
+            force=args.force,
+            inputs=inputs,
         )
     cli.out.print(plan_table(report.plan, full=False))
     cli.out.print(report.totals_line())

@@ -13,6 +13,7 @@ An adapter directory holds what is needed to recreate the edited model from a fr
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import surgery
+from surgery.edit import tensor_key
 from surgery.errors import ModelLoadError, OutputError
-from surgery.graph.logical import iter_edits, logical_parameters
+from surgery.graph.logical import iter_edits, logical_parameters, walk
 from surgery.io.safe import Inputs, OutputKind, atomic_directory
 from surgery.plan import Plan
 
@@ -47,21 +49,31 @@ ADAPTER_OUTPUT = OutputKind(
 )
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every adapter tensor, keyed `<site path>.<edit>.<name>` (e.g. `...q_proj.lora.A`)."""
+def adapter_state_dict(
+    model: nn.Module, adapters: Collection[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every adapter tensor (of the named `adapters` only, when given), keyed
+    `<site path>.<edit>.<name>` (e.g. `...q_proj.lora.A`)."""
     return {
         key: tensor.detach().contiguous().cpu()
-        for key, tensor in live_adapter_tensors(model).items()
+        for key, tensor in live_adapter_tensors(model, adapters).items()
     }
 
 
-def live_adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors themselves (not copies), keyed as in `adapter_state_dict`."""
+def live_adapter_tensors(
+    model: nn.Module, adapters: Collection[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The adapter tensors themselves (not copies), keyed as in `adapter_state_dict`; with
+    `adapters`, only the tensors of those adapters' edits."""
     tensors: dict[str, torch.Tensor] = {}
-    for path, edit, adapter in iter_edits(model):
-        prefix = f"{path}.{edit}" if path else edit
-        for name, tensor in adapter.state_dict(keep_vars=True).items():
-            tensors[f"{prefix}.{name}"] = tensor
+    seen: set[int] = set()
+    for path, (name, module, edit) in walk(model):
+        if edit is None or id(module) in seen:
+            continue
+        seen.add(id(module))
+        if adapters is None or edit.adapter in adapters:
+            for tensor_name, tensor in module.state_dict(keep_vars=True).items():
+                tensors[tensor_key(path, name, tensor_name)] = tensor
     return tensors
 
 
@@ -94,7 +106,7 @@ def unfrozen_base_parameters(model: nn.Module, plan: Plan) -> dict[str, nn.Param
     return {first_name[key]: param for key, param in unfrozen.items()}
 
 
-def _check_nothing_trains_unsaved(model: nn.Module, unfrozen: dict[str, nn.Parameter]) -> None:
+def check_nothing_trains_unsaved(model: nn.Module, unfrozen: dict[str, nn.Parameter]) -> None:
     """Refuse a model whose base parameters train without the rules having unfrozen them (a
     model that was never frozen: `unfreeze **.bias` alone): training would change them, and the
     adapter, which saves only what the rules unfreeze, would silently drop those changes."""
@@ -154,6 +166,7 @@ def write_adapter_dir(
     *,
     rules_text: str,
     plan: Plan,
+    adapter: str | None = None,
     force: bool = False,
     inputs: Inputs | None = None,
 ) -> int:
@@ -165,11 +178,34 @@ def write_adapter_dir(
     without tensors would not reproduce a trained model. An `out` that is, contains, or lies
     inside one of `inputs` (what the caller read: the adapter it loaded) is refused, even with
     `force`; an existing `out` is replaced (with `force`) only when surgery wrote it as an
-    adapter directory."""
+    adapter directory.
+
+    A model with several adapters: `adapter` names the one to write (its rules, taken from
+    `rules_text`, and its tensors only); without it, every adapter is written, in PEFT's
+    multi-adapter layout (`surgery.io.several`)."""
     if not isinstance(plan, Plan):
         raise TypeError(
             f"write_adapter_dir: `plan` must be the Plan of the rules (report.plan), "
             f"not {type(plan).__name__}"
+        )
+    from surgery.adapters.units import adapter_names
+    from surgery.io.several import one_adapter, write_adapters
+
+    names = adapter_names(model)
+    if adapter is None and len(names) > 1:
+        return write_adapters(
+            model, out, rules_text=rules_text, plan=plan, force=force, inputs=inputs
+        )
+    if adapter is not None and names != [adapter]:
+        tensors, rules, own = one_adapter(model, adapter, rules_text, plan)
+        return write_adapter_files(
+            out,
+            tensors=tensors,
+            rules_text=rules,
+            plan=own.to_dict(),
+            model=model_info(model),
+            force=force,
+            inputs=inputs,
         )
     tensors = adapter_state_dict(model)
     unfrozen = unfrozen_base_parameters(model, plan)
@@ -181,7 +217,7 @@ def write_adapter_dir(
             hint="apply a method (`apply lora(r=8) to ...`), or `unfreeze` the base parameters "
             "to train (`freeze **` then `unfreeze **.bias`)",
         )
-    _check_nothing_trains_unsaved(model, unfrozen)
+    check_nothing_trains_unsaved(model, unfrozen)
     return write_adapter_files(
         out,
         tensors=tensors,
@@ -208,19 +244,36 @@ def write_adapter_files(
 ) -> int:
     """The files of an adapter directory, written all at once or not at all (never over one
     of `inputs`)."""
-    recorded = versions()
     with atomic_directory(Path(out), kind=ADAPTER_OUTPUT, force=force, inputs=inputs) as temp:
-        metadata = {"format": "pt", **recorded}
-        save_file(tensors, str(temp / ADAPTER_FILE), metadata=metadata)
-        if base:
-            save_file(base, str(temp / BASE_FILE), metadata=metadata)
-        (temp / RULES_FILE).write_text(rules_text, encoding="utf-8")
-        document = {
-            "format": FORMAT,
-            "versions": recorded,
-            "model": model,
-            "plan": plan,
-            **(extra or {}),
-        }
-        (temp / PLAN_FILE).write_text(json.dumps(document, indent=2), encoding="utf-8")
+        fill_adapter_dir(
+            temp, tensors=tensors, rules_text=rules_text, plan=plan, model=model, base=base,
+            extra=extra,
+        )
     return len(tensors) + len(base or {})
+
+
+def fill_adapter_dir(
+    folder: Path,
+    *,
+    tensors: dict[str, torch.Tensor],
+    rules_text: str,
+    plan: dict[str, Any] | None,
+    model: dict[str, Any] | None,
+    base: dict[str, torch.Tensor] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write an adapter directory's files into `folder` (a temporary one the caller renames)."""
+    recorded = versions()
+    metadata = {"format": "pt", **recorded}
+    save_file(tensors, str(folder / ADAPTER_FILE), metadata=metadata)
+    if base:
+        save_file(base, str(folder / BASE_FILE), metadata=metadata)
+    (folder / RULES_FILE).write_text(rules_text, encoding="utf-8")
+    document = {
+        "format": FORMAT,
+        "versions": recorded,
+        "model": model,
+        "plan": plan,
+        **(extra or {}),
+    }
+    (folder / PLAN_FILE).write_text(json.dumps(document, indent=2), encoding="utf-8")

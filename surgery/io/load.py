@@ -1,4 +1,4 @@
-"""Re-applying a saved adapter directory to a fresh base model: `surgery.load_adapter`.
+"""Re-applying a saved adapter directory to a model: `surgery.load_adapter`.
 
 The saved rules are planned against the model, and every saved tensor's name and shape is
 checked against that plan *before* the model changes; only then does the rewrite run and the
@@ -7,158 +7,61 @@ tensors load. Should anything still fail, the model is put back as it was.
 
 from __future__ import annotations
 
-import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 import surgery
+from surgery.adapters.names import DEFAULT
+from surgery.adapters.units import adapter_names
 from surgery.api import _paused_gc
 from surgery.edit import tensor_key
-from surgery.errors import PICKLE_SUFFIXES, pickle_hint
-from surgery.execute import Report, execute, logical_module, logical_parameter
-from surgery.files import check_inside, read_text
-from surgery.graph.logical import base_of
+from surgery.execute import Report, execute, logical_parameter
 from surgery.io.adapters import (
     ADAPTER_FILE,
     BASE_FILE,
-    FORMAT,
     PLAN_FILE,
     RULES_FILE,
     AdapterError,
     live_adapter_tensors,
 )
-from surgery.io.plan_document import check_agrees, check_document, malformed
+from surgery.io.naming import Renaming, plain_plan, renaming, rules_of
+from surgery.io.plan_document import check_agrees
+from surgery.io.saved import (
+    FLOAT_DTYPES,
+    SavedAdapter,
+    check_float,
+    read_adapter_dir,
+    read_safetensors,
+    safetensors_header,
+    safetensors_shapes,
+)
+from surgery.io.undo import Undo
 from surgery.lang import ast, parse
+from surgery.methods import REGISTRY
+from surgery.methods.base import FOLD
 from surgery.plan import Plan, make_plan
+
+# read_safetensors, safetensors_header and safetensors_shapes are read from here by other modules
+__all__ = [
+    "AdapterError",
+    "LoadReport",
+    "SavedAdapter",
+    "check_float",
+    "load_adapter",
+    "read_adapter_dir",
+    "read_safetensors",
+    "safetensors_header",
+    "safetensors_shapes",
+]
 
 
 class VersionWarning(UserWarning):
     """The adapter was written by another surgery version (it loads; the plan may differ)."""
-
-
-@dataclass
-class SavedAdapter:
-    """An adapter directory as read from disk; the tensors stay on disk until `tensors()`."""
-
-    path: Path
-    rules_text: str
-    document: dict[str, Any]
-    shapes: dict[str, tuple[int, ...]]
-    base_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    dtypes: dict[str, str] = field(default_factory=dict)  # adapter tensor -> safetensors dtype
-    base_dtypes: dict[str, str] = field(default_factory=dict)
-    plan: Plan | None = None  # the plan saved with it, validated (None: none, or format 1)
-
-    @property
-    def model(self) -> dict[str, Any]:
-        return self.document.get("model") or {}
-
-    def tensors(self, base: bool = False) -> dict[str, torch.Tensor]:
-        file = self.path / (BASE_FILE if base else ADAPTER_FILE)
-        if base and not file.exists():
-            return {}
-        return read_safetensors(file)
-
-
-def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; a corrupt or truncated file is a clear error."""
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as error:
-        raise AdapterError(f"cannot read {file}: {error}") from None
-
-
-def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    """Names and shapes from a safetensors header, without reading the tensors."""
-    return {key: shape for key, (shape, _) in safetensors_header(file).items()}
-
-
-def safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Name -> (shape, dtype code such as "F32") from a safetensors header, without reading the
-    tensors."""
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            slices = {key: handle.get_slice(key) for key in handle.keys()}
-            return {k: (tuple(v.get_shape()), str(v.get_dtype())) for k, v in slices.items()}
-    except Exception as error:
-        raise AdapterError(
-            f"cannot read {file}: {error}", hint="the file is truncated or not safetensors"
-        ) from None
-
-
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-
-
-def check_float(file: Path, name: str, dtype: str) -> None:
-    """A tensor that must hold floating-point values (a trained parameter) is refused when the
-    file stores it as integers or booleans: copying would silently cast it."""
-    if dtype not in FLOAT_DTYPES:
-        raise AdapterError(
-            f"tensor {name} in {file} is stored as {dtype}, but it is a trained parameter: "
-            f"it must be floating point ({', '.join(FLOAT_DTYPES)})",
-            hint="the file was not written by surgery, or was converted; save the adapter again",
-        )
-
-
-def read_adapter_dir(path: Path | str) -> SavedAdapter:
-    """Read an adapter directory's rules, plan document and tensor shapes (not the tensors)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise AdapterError(f"no adapter directory at {path}")
-    missing = [n for n in (RULES_FILE, PLAN_FILE, ADAPTER_FILE) if not (path / n).is_file()]
-    if missing:
-        hint = None
-        if (path / "adapter_config.json").is_file():
-            hint = (
-                f"this is a PEFT adapter: convert it with `surgery import --peft {path} --out DIR`"
-            )
-        elif pickles := sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES):
-            hint = f"surgery never loads pickles ({', '.join(pickles)}): " + pickle_hint(
-                pickles[0], ADAPTER_FILE
-            )
-        raise AdapterError(
-            f"{path} is not a surgery adapter directory (no {', '.join(missing)})", hint=hint
-        )
-    plan_text = read_text(path / PLAN_FILE, "plan file", AdapterError, inside=path)
-    try:
-        document = json.loads(plan_text)
-        if not isinstance(document, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, RecursionError) as error:  # not JSON, or nested past Python's stack
-        raise AdapterError(f"cannot read {path / PLAN_FILE}: {error}") from None
-    written = document.get("format", 1)
-    if not isinstance(written, int) or isinstance(written, bool) or written < 1:
-        raise malformed(path / PLAN_FILE, "format", "a positive integer", written)
-    if written > FORMAT:
-        raise AdapterError(
-            f"{path} has adapter format {written!r}; this surgery reads format {FORMAT} and older",
-            hint="upgrade surgery",
-        )
-    plan = check_document(path / PLAN_FILE, document, written)
-    rules_text = read_text(path / RULES_FILE, "rule file", AdapterError, inside=path)
-    base = path / BASE_FILE
-    for tensors in (path / ADAPTER_FILE, base):
-        if tensors.exists() or tensors.is_symlink():
-            check_inside(tensors, path, "tensor file", AdapterError)
-    header = safetensors_header(path / ADAPTER_FILE)
-    base_header = safetensors_header(base) if base.is_file() else {}
-    return SavedAdapter(
-        path,
-        rules_text,
-        document,
-        {k: shape for k, (shape, _) in header.items()},
-        {k: shape for k, (shape, _) in base_header.items()},
-        {k: dtype for k, (_, dtype) in header.items()},
-        {k: dtype for k, (_, dtype) in base_header.items()},
-        plan,
-    )
 
 
 def adapter_rules(saved: SavedAdapter) -> ast.Program:
@@ -167,10 +70,16 @@ def adapter_rules(saved: SavedAdapter) -> ast.Program:
     return parse(saved.rules_text, str(saved.path / RULES_FILE), confined_to=saved.path)
 
 
-def load_adapter(model: nn.Module, adapter_dir: Path | str) -> Report:
+def load_adapter(
+    model: nn.Module, adapter_dir: Path | str, name: str | None = None
+) -> LoadReport:
     """Re-apply the adapter saved in `adapter_dir` (by `surgery apply --out` or
-    `write_adapter_dir`) to `model`, a fresh base model, so that it computes what the saving
-    model computed.
+    `write_adapter_dir`) to `model`, so that it computes what the saving model computed.
+
+    `model` is a fresh base model, or one that holds other adapters: the loaded one joins them
+    (inactive, as PEFT loads a second adapter, when they are there). `name`: the adapter's name
+    on the model (default: the name it was saved under); its edits are renamed by
+    `surgery.io.naming.unit_edit_name`. A name the model already holds is an error.
 
     Raises `AdapterError` naming the first mismatching tensor (expected vs found shape) when the
     model's family or shapes differ; the model is then unchanged.
@@ -180,28 +89,90 @@ def load_adapter(model: nn.Module, adapter_dir: Path | str) -> Report:
     check_arguments(load_adapter, locals())
     saved = read_adapter_dir(adapter_dir)
     _check_versions(saved)
+    return load_saved(model, saved, name)
+
+
+def load_saved(
+    model: nn.Module, saved: SavedAdapter, name: str | None = None, *, shared: bool = False
+) -> LoadReport:
+    """`load_adapter` of an adapter directory already read; `shared`: more adapters will join
+    this one (what it may not change in the base, other adapters would run on)."""
     with _paused_gc():
-        plan = plan_adapter(saved, model)
-        undo = _Undo(model, plan, saved)
-        report = execute(model, plan)
+        loading = prepare(saved, model, name, shared=shared)
+        undo = Undo(model, loading.plan, saved)
+        report = execute(model, loading.plan)
     try:
-        _copy_tensors(saved, check_built(saved, model), model)
+        live = check_built(saved, model, loading)
+        _copy_tensors(saved, live, model)
     except BaseException:
         undo()
         raise
-    return report
+    return LoadReport(
+        report.plan,
+        report.trainable,
+        report.total,
+        loading.naming.name,
+        loading.rules_text,
+        len(saved.shapes) + len(saved.base_shapes),
+    )
 
+
+@dataclass
+class LoadReport(Report):
+    """What `load_adapter` did, with the adapter's name on the model and its rules there (the
+    saved rules, renamed when it was loaded under another name: what saving it again writes)."""
+
+    adapter: str = DEFAULT
+    rules_text: str = ""
+    tensors: int = 0  # how many tensors were loaded
+
+@dataclass(frozen=True)
+class Loading:
+    """A saved adapter planned onto a model: the plan to run, its names there, its rules."""
+
+    plan: Plan
+    naming: Renaming
+    rules_text: str
+    saved: Plan  # the plan of the saved rules, under their names
 
 def plan_adapter(saved: SavedAdapter, model: nn.Module) -> Plan:
+    """The plan that loads `saved` onto `model` under its own name (see `prepare`)."""
+    return prepare(saved, model, None).plan
+
+
+def prepare(
+    saved: SavedAdapter, model: nn.Module, name: str | None, *, shared: bool = False
+) -> Loading:
     """The one check of an adapter directory against a model that `load`, `export` and `merge`
-    share, before anything changes: the family it was made for, its rules planned on `model`,
-    and every saved tensor's name, shape and dtype against that plan. Return the plan; run it,
-    then `check_built` compares what the built edits hold (buffers too) with the file."""
+    share, before anything changes: the family it was made for, its rules planned on `model`
+    as if the model held no other adapter, every saved tensor's name, shape and dtype against
+    that plan, its name (free on the model) and the renamed rules, and, when other adapters are
+    there, that it leaves the base they share alone and that the rules plan with them there.
+    Run the plan, then `check_built` compares what the built edits hold (buffers too) with the
+    file."""
     check_family(saved, model)
-    plan = make_plan(model, adapter_rules(saved))
-    _check_tensors(saved, plan, model)
-    check_agrees(saved.path / PLAN_FILE, saved.plan, plan)  # what the shapes cannot tell
-    return plan
+    program = adapter_rules(saved)
+    own = plain_plan(model, program)
+    _check_tensors(saved, own, model)
+    check_agrees(saved.path / PLAN_FILE, saved.plan, own)  # what the shapes cannot tell
+    naming = renaming(own, name, str(saved.path))
+    present = adapter_names(model)
+    if naming.name in present:
+        raise AdapterError(
+            f"the model already holds an adapter named '{naming.name}' (adapters there: "
+            f"{', '.join(present)})",
+            hint="load this one under another name: load_adapter(model, dir, name=NEW) "
+            "(surgery load --adapter NEW=DIR)",
+        )
+    if present or shared:
+        _check_base_untouched(saved, own, present)
+    text, plan = rules_of(program, own, naming, model, str(saved.path))
+    if present:  # the checks a rewrite makes with the other adapters there
+        where = str(saved.path / RULES_FILE)
+        if not naming.identity:
+            where += f" (as adapter '{naming.name}')"
+        make_plan(model, parse(text, where, confined_to=saved.path))
+    return Loading(plan, naming, text, own)
 
 
 def built_adapter(saved: SavedAdapter, model: nn.Module) -> Plan:
@@ -212,6 +183,28 @@ def built_adapter(saved: SavedAdapter, model: nn.Module) -> Plan:
         execute(model, plan)
     check_built(saved, model)
     return plan
+
+
+def _check_base_untouched(saved: SavedAdapter, plan: Plan, present: list[str]) -> None:
+    """Adapters on one model are alternatives over one base: an adapter that writes into it
+    (trained base parameters, a `merge` that folds) would change what the others compute."""
+    others = f"the other adapters ({', '.join(present)})" if present else "the other adapters"
+    what = None
+    if saved.base_shapes:
+        what = f"it holds trained base-model parameters ({next(iter(saved.base_shapes))}, ...)"
+    folds = [
+        t.name for s in plan.steps if s.action == "merge" for t in s.targets
+        if REGISTRY[t.method].merge_action == FOLD
+    ]
+    if folds:
+        what = f"its rules merge '{folds[0]}' into the base weights"
+    if what is not None:
+        raise AdapterError(
+            f"cannot load the adapter in {saved.path} beside other adapters: {what}, which "
+            f"{others} share",
+            hint="load it alone onto a fresh model; to train a module per adapter, use "
+            "trained_copy",
+        )
 
 
 def _check_versions(saved: SavedAdapter) -> None:
@@ -294,11 +287,21 @@ def _check_tensors(saved: SavedAdapter, plan: Plan, model: nn.Module) -> None:
             raise _mismatch(saved, name, tuple(param.shape), shape)
 
 
-def check_built(saved: SavedAdapter, model: nn.Module) -> dict[str, torch.Tensor]:
+def check_built(
+    saved: SavedAdapter, model: nn.Module, loading: Loading | None = None
+) -> dict[str, torch.Tensor]:
     """After the adapter's plan ran on `model`: every tensor its edits hold (buffers such as a
     sparse index: only now do we know them) is saved with its shape and a fitting dtype, and
-    every saved tensor belongs to one. Return the edits' live tensors by saved name."""
-    live = live_adapter_tensors(model)
+    every saved tensor belongs to one. Only the loaded adapter's edits count (`loading`: its
+    names on the model; None: the model holds only it). Return its live tensors by saved name."""
+    if loading is None:
+        live = live_adapter_tensors(model)
+    else:
+        saved_edits = list(loading.saved.edits)
+        live = {
+            loading.naming.saved_key(key, saved_edits): tensor
+            for key, tensor in live_adapter_tensors(model, [loading.naming.name]).items()
+        }
     for name, tensor in live.items():
         if saved.shapes.get(name) != tuple(tensor.shape):
             raise _mismatch(saved, name, tuple(tensor.shape), saved.shapes.get(name))
@@ -328,39 +331,3 @@ def _copy_tensors(saved: SavedAdapter, live: dict[str, torch.Tensor], model: nn.
             tensor.copy_(values[name])
         for name, value in base.items():
             logical_parameter(model, name).copy_(value)
-
-
-class _Undo:
-    """What `execute` changed, to put back if loading the tensors fails after it: the module
-    tree, requires_grad flags, and the weights a `merge` step writes and a loaded base
-    parameter overwrites."""
-
-    _HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks")
-
-    def __init__(self, model: nn.Module, plan: Plan, saved: SavedAdapter):
-        self.children = [(m, dict(m._modules)) for m in model.modules()]
-        self.hooks = [(m, n, dict(getattr(m, n))) for m in model.modules() for n in self._HOOKS]
-        self.flags = [(p, p.requires_grad) for p in model.parameters()]
-        self.weights: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for step in plan.steps:
-            if step.action == "merge":
-                for target in step.targets:
-                    module = base_of(logical_module(model, target.path))
-                    for p in module.parameters(recurse=False):
-                        self.weights.append((p, p.detach().clone()))
-        for name in saved.base_shapes:
-            p = logical_parameter(model, name)
-            self.weights.append((p, p.detach().clone()))
-
-    def __call__(self) -> None:
-        for module, children in self.children:
-            module._modules.clear()
-            module._modules.update(children)
-        for module, name, hooks in self.hooks:
-            getattr(module, name).clear()
-            getattr(module, name).update(hooks)
-        for p, flag in self.flags:
-            p.requires_grad_(flag)
-        with torch.no_grad():
-            for p, value in self.weights:
-                p.copy_(value)

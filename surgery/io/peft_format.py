@@ -4,8 +4,9 @@ options become is its codec's business (surgery/methods/*_peft.py, see surgery.m
 A PEFT adapter directory is `adapter_config.json` plus `adapter_model.safetensors`, its keys
 under `base_model.model.`; `PeftModel.save_pretrained` of several adapters writes "default" at
 the root and every other adapter in a subdirectory named after it. `export_peft` writes one (or,
-given several surgery adapter directories, one multi-adapter directory); `import_peft` turns one
-adapter of it into a surgery adapter directory (a `.surg` program whose anchored selectors and
+given several surgery adapter directories or a surgery directory of several, one multi-adapter
+directory); `import_peft` turns one adapter of it, or each of several, into a surgery adapter
+directory (a `.surg` program whose anchored selectors and
 `expect` guards name exactly the modules PEFT adapted, plus the weights). Nothing PEFT cannot
 express exactly is written or read: a method with no codec, several methods with adapter types
 of their own in one adapter (the methods PEFT keeps in fields of the host's config ride along,
@@ -47,6 +48,7 @@ from surgery.io.peft_fields import (
     import_parts,
 )
 from surgery.io.safe import OutputKind, atomic_directory, check_output
+from surgery.io.several import is_several, saved_adapters
 from surgery.lang import parse
 from surgery.methods.codec import (
     BY_PEFT_TYPE,
@@ -91,8 +93,13 @@ def export_peft(
     PEFT's multi-adapter layout (as `save_pretrained` does): the one named "default" at the
     root, each other in `out/<name>/` (`PeftModel.load_adapter(out/<name>, adapter_name=...)`);
     return the root adapter's config (or the first one's when none is "default")."""
+    several = isinstance(adapter_dir, list)
     dirs = adapter_dir if isinstance(adapter_dir, list) else [adapter_dir]
-    chosen = _adapter_names(len(dirs), names, isinstance(adapter_dir, list))
+    if not several and names is None and is_several(adapter_dir):  # surgery's multi layout
+        found = saved_adapters(adapter_dir)
+        dirs = [path for _, path in found]
+        names = [DEFAULT if name is None else name for name, _ in found]
+    chosen = _adapter_names(len(dirs), names, several)
     inputs = {f"adapter directory {i + 1}": d for i, d in enumerate(dirs)}
     check_output(out, kind=PEFT_OUTPUT, force=force, inputs=inputs)
     written = [_export_one(read_adapter_dir(d), base_model_name_or_path) for d in dirs]
@@ -104,6 +111,13 @@ def export_peft(
             (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     root = chosen.index(DEFAULT) if DEFAULT in chosen else 0
     return written[root][0]
+
+
+def exported_names(adapter_dir: Path | str) -> list[str]:
+    """The PEFT adapter names `export_peft(adapter_dir, ...)` writes (for what to print)."""
+    if not is_several(adapter_dir):
+        return [DEFAULT]
+    return [DEFAULT if name is None else name for name, _ in saved_adapters(adapter_dir)]
 
 
 def _adapter_names(count: int, names: list[str] | None, several: bool) -> list[str]:
@@ -216,11 +230,69 @@ def import_peft(
     """Convert one adapter of the PEFT directory `peft_dir` (`adapter`: its name in PEFT's
     multi-adapter layout; None: the one at the root) into a surgery adapter directory `out`;
     return the rules text. With `model` (its base model), the rules are resolved and every
-    tensor's shape checked against it now; without, `load_adapter` checks them later."""
+    tensor's shape checked against it now; without, `load_adapter` checks them later.
+
+    A PEFT directory of several adapters, without `adapter`: every one of them, into a
+    surgery directory of several adapters (`surgery.io.several`: "default" at the root, each
+    other in `out/<name>/`, loaded by `load_adapters` under its PEFT name); the rules of each
+    are returned, one after the other."""
     peft_dir = Path(peft_dir)
+    inputs = {"PEFT directory": peft_dir}
+    if adapter is None and peft_dir.is_dir():
+        found = peft_adapters(peft_dir)
+        if len(found) > 1 or (found and DEFAULT not in found):
+            return _import_several(peft_dir, found, Path(out), model, force)
     name, folder = choose_adapter(peft_dir, adapter)
+    rules, weights, plan, info, kind = _import_one(peft_dir, name, folder, model)
+    check_output(out, kind=ADAPTER_OUTPUT, force=force, inputs=inputs)
+    write_adapter_files(
+        Path(out),
+        tensors=weights,
+        rules_text=rules,
+        plan=plan,
+        model=info,
+        force=force,
+        extra={"imported_from": {"format": "peft", "peft_type": kind}},
+        inputs=inputs,
+    )
+    return rules
+
+
+def _import_several(
+    peft_dir: Path, found: dict[str, Path], out: Path, model: nn.Module | None, force: bool
+) -> str:
+    """Every adapter of a PEFT multi-adapter directory, into one surgery directory of several."""
+    from surgery.adapters.names import name_problem
+    from surgery.io.adapters import fill_adapter_dir
+    from surgery.io.several import ADAPTERS_OUTPUT
+
+    for name in found:
+        if (problem := name_problem(name)) is not None:
+            raise PeftFormatError(
+                f"the PEFT adapter {json.dumps(name)} in {peft_dir} cannot be a surgery "
+                f"adapter: {problem}",
+                hint=f"import it alone: surgery import --peft {peft_dir} --adapter {name} "
+                "--out DIR, then load it under a name (--adapter NAME=DIR)",
+            )
+    converted = {name: _import_one(peft_dir, name, folder, model) for name, folder in found.items()}
+    inputs = {"PEFT directory": peft_dir}
+    with atomic_directory(out, kind=ADAPTERS_OUTPUT, force=force, inputs=inputs) as temp:
+        for name, (rules, weights, plan, info, kind) in converted.items():
+            folder = temp if name == DEFAULT else temp / name
+            folder.mkdir(exist_ok=True)
+            extra = {"imported_from": {"format": "peft", "peft_type": kind, "adapter": name}}
+            fill_adapter_dir(
+                folder, tensors=weights, rules_text=rules, plan=plan, model=info, extra=extra
+            )
+    return "\n".join(rules for rules, *_ in converted.values())
+
+
+def _import_one(
+    peft_dir: Path, name: str, folder: Path, model: nn.Module | None
+) -> tuple[str, dict[str, Any], dict[str, Any] | None, dict[str, Any], str]:
+    """One PEFT adapter -> (its rules, surgery-keyed tensors, plan and model records (with
+    `model`), its PEFT type)."""
     config, tensors = read_peft_dir(folder, inside=peft_dir)
-    check_output(out, kind=ADAPTER_OUTPUT, force=force, inputs={"PEFT directory": peft_dir})
     kind = config.get("peft_type")
     codec = codec_for(config)
     if codec is None:
@@ -259,17 +331,7 @@ def import_peft(
                     f"[{', '.join(map(str, shape))}]"
                 )
         plan, info = plan_value.to_dict(), model_info(model)
-    write_adapter_files(
-        Path(out),
-        tensors=weights,
-        rules_text=rules,
-        plan=plan,
-        model=info,
-        force=force,
-        extra={"imported_from": {"format": "peft", "peft_type": kind}},
-        inputs={"PEFT directory": peft_dir},
-    )
-    return rules
+    return rules, weights, plan, info, str(kind)
 
 
 __all__ = [

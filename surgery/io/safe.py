@@ -155,13 +155,27 @@ def _why_not(target: Path, kind: OutputKind) -> tuple[str | None, list[str]]:
         written = set(listed)
     written.add(kind.metadata)
     names = []
-    for entry in sorted(target.iterdir()):
-        if entry.name not in written:
-            return f"it holds {entry.name}, which surgery did not write there", []
-        if not stat.S_ISREG(entry.lstat().st_mode):
-            return f"its {entry.name} is not a regular file", []
-        names.append(entry.name)
+    for entry in _entries(target):
+        name = entry.relative_to(target).as_posix()
+        mode = entry.lstat().st_mode
+        if stat.S_ISDIR(mode) and kind.files is None:
+            continue  # a folder of a layout with folders: its files are listed one by one
+        if name not in written:
+            return f"it holds {name}, which surgery did not write there", []
+        if not stat.S_ISREG(mode):
+            return f"its {name} is not a regular file", []
+        names.append(name)
     return None, names
+
+
+def _entries(folder: Path) -> list[Path]:
+    """Everything in `folder`, and below the real folders in it (links are not followed)."""
+    found = []
+    for entry in sorted(folder.iterdir()):
+        found.append(entry)
+        if stat.S_ISDIR(entry.lstat().st_mode):
+            found.extend(_entries(entry))
+    return found
 
 
 def _read_metadata(file: Path) -> dict[str, Any] | None:
@@ -225,7 +239,7 @@ def atomic_directory(
 def _write_marker(folder: Path, kind: OutputKind) -> None:
     import surgery
 
-    files = sorted(p.name for p in folder.iterdir())
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     document = {"kind": kind.name, "surgery": surgery.__version__, "files": files}
     (folder / MARKER_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
@@ -237,6 +251,15 @@ def _remove_output(folder: Path, names: list[str], replaced: Path) -> None:
         path = folder / name
         if path.is_file() and not path.is_symlink():
             path.unlink()
+    # then the folders those files were in, deepest first (each only when empty)
+    for sub in sorted(
+        {p for n in names for p in (folder / n).parents if folder in p.parents},
+        key=lambda p: -len(p.parts),
+    ):
+        try:
+            sub.rmdir()
+        except OSError:
+            pass
     try:
         folder.rmdir()
     except OSError:
