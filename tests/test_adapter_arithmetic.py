@@ -210,9 +210,9 @@ def test_the_combined_adapter_routes_and_survives_save_and_load(tmp_path) -> Non
          "density=0.5"),
         ("adapter m = combine(sql: 1) using svd(rank=65)", "exceeds", "rank=65"),
         ("adapter m = combine(sql: 1, odd: 1) using linear", "need one rank", "linear"),
-        ("adapter m = combine(sql: 1, ia: 1) using cat", "not a plain LoRA: it is a ia3 edit",
+        ("adapter m = combine(sql: 1, ia: 1) using cat", "not a plain LoRA: its method is ia3",
          "ia: 1"),
-        ("adapter m = combine(sql: 1, dora: 1) using cat", "it is a dora edit", "dora: 1"),
+        ("adapter m = combine(sql: 1, dora: 1) using cat", "its method is dora", "dora: 1"),
     ],
 )  # fmt: skip
 def test_refusals_are_located_and_change_nothing(statement: str, message: str, caret: str):
@@ -234,3 +234,28 @@ def test_refusals_are_located_and_change_nothing(statement: str, message: str, c
 def test_a_weight_that_is_not_a_number_is_a_syntax_error() -> None:
     with pytest.raises(SurgeryError, match="the weight of 'sql' must be a number"):
         rewrite(tiny("llama"), "adapter m = combine(sql: fast) using cat")
+
+
+def test_the_api_runs_the_same_statement_and_the_plan_round_trips() -> None:
+    from surgery.adapters.combine import combine_adapters
+    from surgery.plan import Plan
+
+    model = tiny("llama")
+    rewrite(model, SOURCES)
+    randomize(model)
+    report = combine_adapters(
+        model, "mix", ["sql", "chat"], [0.7, -0.4], how="ties", density=0.5, sign="frequency"
+    )
+    (step,) = report.plan.steps
+    assert step.action == "combine" and dict(step.arguments)["source.chat"] == -0.4
+    assert Plan.from_dict(report.plan.to_dict()) == report.plan
+    twin = tiny("llama")
+    rewrite(twin, SOURCES)
+    randomize(twin)
+    rewrite(twin, "adapter mix = combine(sql: 0.7, chat: -0.4) using ties(density=0.5, "
+                  "sign=frequency)")  # fmt: skip
+    torch.testing.assert_close(ours_delta(model, "mix"), ours_delta(twin, "mix"), rtol=0, atol=0)
+    with pytest.raises(PlanError, match="one weight per source"):
+        combine_adapters(model, "x", ["sql", "chat"], [1.0], how="cat")
+    with pytest.raises(PlanError, match="must be a finite number"):
+        combine_adapters(model, "x", ["sql"], [float("nan")], how="cat")

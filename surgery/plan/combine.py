@@ -88,11 +88,7 @@ def takes(how: str) -> tuple[str, ...]:
 
 @handles(ast.Combine)
 def combine(planner: Planner, st: ast.Combine, scope: Scope) -> None:
-    how = _combination(st)
-    options = _bind(how, st)
-    problem = name_problem(st.name)
-    if problem is not None:
-        raise PlanError(f"'{st.name}' cannot name an adapter: {problem}", span=st.name_span)
+    how, options = check_combination(st)
     present = {edit.adapter for edit in planner.edits.values()}
     if st.name in present:
         raise PlanError(
@@ -125,9 +121,16 @@ def combine(planner: Planner, st: ast.Combine, scope: Scope) -> None:
         shapes = method.parameter_shapes(module, args)
         node.add_virtual_adapter(st.name, METHOD, shapes, dict(key.options), st.name)
         record = Edit(
-            path, st.name, METHOD, tuple(sorted(args.items())), key.options,
-            tuple(shapes.items()), type(module).__name__, weight_dtype(module), adapter=st.name,
-        )  # fmt: skip
+            path,
+            st.name,
+            METHOD,
+            tuple(sorted(args.items())),
+            key.options,
+            tuple(shapes.items()),
+            type(module).__name__,
+            weight_dtype(module),
+            adapter=st.name,
+        )
         planner.edits[(path, st.name)] = record
         records.append(record)
         for pnode in planner.node(record.prefix).params():  # frozen, as PEFT leaves it
@@ -142,6 +145,27 @@ def combine(planner: Planner, st: ast.Combine, scope: Scope) -> None:
     )
 
 
+def check_combination(st: ast.Combine) -> tuple[str, dict[str, Any]]:
+    """What can be checked without a model (also by `surgery check`): the combination and its
+    options, the new name, and each source named once with a finite weight."""
+    how = _combination(st)
+    options = _bind(how, st)
+    problem = name_problem(st.name)
+    if problem is not None:
+        raise PlanError(f"'{st.name}' cannot name an adapter: {problem}", span=st.name_span)
+    names = [s.name for s in st.sources]
+    for i, source in enumerate(st.sources):
+        if source.name in names[:i]:
+            raise PlanError(
+                f"'{source.name}' is named twice",
+                span=source.span,
+                hint="give each source once, with its total weight",
+            )
+        if not math.isfinite(source.weight):
+            raise PlanError(f"the weight of '{source.name}' must be finite", span=source.span)
+    return how, options
+
+
 def step_sources(arguments: tuple[tuple[str, Any], ...]) -> dict[str, float]:
     """A combine step's sources and their weights, in the statement's order."""
     return {k.removeprefix(SOURCE): v for k, v in arguments if k.startswith(SOURCE)}
@@ -150,9 +174,10 @@ def step_sources(arguments: tuple[tuple[str, Any], ...]) -> dict[str, float]:
 def _combination(st: ast.Combine) -> str:
     if st.how not in COMBINATIONS:
         raise PlanError(
-            f"no combination named '{st.how}'", span=st.how_span,
+            f"no combination named '{st.how}'",
+            span=st.how_span,
             hint=did_you_mean(st.how, COMBINATIONS) or "combinations: " + ", ".join(COMBINATIONS),
-        )  # fmt: skip
+        )
     return st.how
 
 
@@ -164,15 +189,17 @@ def _bind(how: str, st: ast.Combine) -> dict[str, Any]:
         if arg.name not in accepted:
             known = ", ".join(accepted) or "no options"
             raise PlanError(
-                f"{how} has no option '{arg.name}'", span=arg.span,
+                f"{how} has no option '{arg.name}'",
+                span=arg.span,
                 hint=did_you_mean(arg.name, accepted) or f"{how} takes {known}",
-            )  # fmt: skip
+            )
         values[arg.name] = PARAMS[arg.name].coerce(arg.value, arg.span)
     if "density" in accepted and values["density"] is None:
         raise PlanError(
             f"{how} needs density=D: the fraction of each tensor's entries it keeps, in (0, 1]",
-            span=st.how_span, hint=f"e.g. using {how}(density=0.5)",
-        )  # fmt: skip
+            span=st.how_span,
+            hint=f"e.g. using {how}(density=0.5)",
+        )
     return values
 
 
@@ -183,15 +210,16 @@ def _source_rank(planner: Planner, source: ast.CombineSource, present: set[str])
         there = ", ".join(sorted(present)) or "none"
         raise PlanError(
             f"no adapter named '{source.name}' is on the model (adapters: {there})",
-            span=source.span, hint=did_you_mean(source.name, present),
-        )  # fmt: skip
+            span=source.span,
+            hint=did_you_mean(source.name, present),
+        )
     edits = [e for e in planner.edits.values() if e.adapter == source.name]
     ranks, paths = set(), set()
     for edit in edits:
         options = dict(edit.options)
         why = next((w for o, w in _UNSUPPORTED.items() if options.get(o)), None)
         if edit.method != METHOD or why is not None or "layout" in options:
-            why = why or f"it is a {edit.method} edit"
+            why = why or f"its method is {edit.method}"
             raise PlanError(
                 f"adapter '{source.name}' cannot be combined: its edit at "
                 f"{edit.where or 'the model'} ({edit.name}) is not a plain LoRA: {why}",
@@ -201,8 +229,9 @@ def _source_rank(planner: Planner, source: ast.CombineSource, present: set[str])
         if edit.path in paths:
             raise PlanError(
                 f"adapter '{source.name}' has two LoRA edits on {edit.path}; a combination "
-                "takes one LoRA per adapter and module", span=source.span,
-            )  # fmt: skip
+                "takes one LoRA per adapter and module",
+                span=source.span,
+            )
         paths.add(edit.path)
         ranks.add(dict(edit.shapes)["A"][0])
     if len(ranks) > 1:
@@ -217,24 +246,14 @@ def _source_rank(planner: Planner, source: ast.CombineSource, present: set[str])
 def _new_rank(how: str, st: ast.Combine, ranks: dict[str, int], options: dict[str, Any]) -> int:
     """linear, ties, dare, magnitude_prune: the sources' one rank; cat: their sum; svd: the
     `rank` option, else the largest."""
-    if len(ranks) < len(st.sources):
-        names = [s.name for s in st.sources]
-        twice = next(s for i, s in enumerate(st.sources) if s.name in names[:i])
-        raise PlanError(
-            f"'{twice.name}' is named twice",
-            span=twice.span,
-            hint="give each source once, with its total weight",
-        )
-    for source in st.sources:
-        if not math.isfinite(source.weight):
-            raise PlanError(f"the weight of '{source.name}' must be finite", span=source.span)
     if how in FACTORED and len(set(ranks.values())) > 1:
         shown = ", ".join(f"{name} r={r}" for name, r in ranks.items())
         raise PlanError(
             f"{how} combines the factors A and B entry by entry, so the sources need one rank "
-            f"({shown})", span=st.how_span,
+            f"({shown})",
+            span=st.how_span,
             hint=f"use cat (exact, rank {sum(ranks.values())}) or svd (rank of your choice)",
-        )  # fmt: skip
+        )
     if how == "cat":
         return sum(ranks.values())
     if how in REFACTORED:
@@ -259,6 +278,7 @@ def _check_svd_rank(
     if rank > limit:
         span = next((a.span for a in st.arguments if a.name == "rank"), st.how_span)
         raise PlanError(
-            f"rank={rank} exceeds what an SVD of the update at {path} has: min(out, in) = "
-            f"{limit}", span=span, hint=f"use rank={limit} or less",
-        )  # fmt: skip
+            f"rank={rank} exceeds what an SVD of the update at {path} has: min(out, in) = {limit}",
+            span=span,
+            hint=f"use rank={limit} or less",
+        )
