@@ -259,3 +259,36 @@ def test_the_api_runs_the_same_statement_and_the_plan_round_trips() -> None:
         combine_adapters(model, "x", ["sql", "chat"], [1.0], how="cat")
     with pytest.raises(PlanError, match="must be a finite number"):
         combine_adapters(model, "x", ["sql"], [float("nan")], how="cat")
+
+
+def test_cat_and_full_rank_svd_are_exact_on_gpt2_conv1d_and_an_embedding() -> None:
+    """GPT-2's Conv1D stores its weight [in, out] and an Embedding's LoRA is transposed: the
+    combined adapter computes what both sources active together compute."""
+    model = tiny("gpt2")
+    rewrite(model, "adapter a { apply lora(r=2) to *.attn.c_attn, ^transformer.wte }\n"
+                   "adapter b { apply lora(r=3, alpha=5) to *.attn.c_attn }")  # fmt: skip
+    randomize(model)
+    rewrite(model, "adapter s = combine(a: 1, b: 1) using cat\n"
+                   "adapter v = combine(a: 1, b: 1) using svd(rank=5)")  # fmt: skip
+    logits = {}
+    for active in (("a", "b"), ("s",), ("v",)):
+        set_active(model, active)
+        with torch.no_grad():
+            logits[active] = model(IDS).logits
+    torch.testing.assert_close(logits[("s",)], logits[("a", "b")], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[("v",)], logits[("a", "b")], rtol=1e-4, atol=1e-4)
+
+
+def test_surgery_check_finds_what_needs_no_model() -> None:
+    from surgery.lang.parser import parse
+    from surgery.plan import lint
+
+    assert lint(parse("adapter m = combine(a: 1) using cat\nmerge m")) == []
+    for text, message in (
+        ("adapter m = combine(a: 1) using tie", "no combination named 'tie'"),
+        ("adapter m = combine(a: 1, a: 2) using cat", "named twice"),
+        ("adapter m = combine(a: 1e999) using cat", "must be finite"),
+        ("adapter m = combine(a: 1) using dare_ties(density=0.5, seed=-1)", "must be in"),
+    ):
+        with pytest.raises(PlanError, match=message):
+            lint(parse(text))

@@ -254,6 +254,10 @@ class _Builder:
                     span=self.span(weight),
                     hint="write each source as NAME: WEIGHT, e.g. combine(sql: 0.7, chat: 0.3)",
                 )
+            if isinstance(value, int) and abs(value) > 2**53:
+                raise SurgerySyntaxError(
+                    f"the weight of '{source}' is too large to be exact", span=self.span(weight)
+                )
             end = self.span(weight)
             span = Span(self.source, source.line, source.column, end.end_line, end.end_column)
             sources.append(ast.CombineSource(str(source), float(value), span))
