@@ -49,12 +49,16 @@ def _quantile(v: float) -> str | None:
     return None if 0.0 < v <= 1.0 else "must be a quantile in (0, 1]"
 
 
+def _seed_problem(v: int) -> str | None:
+    return None if 0 <= v < 2**63 else "must be in [0, 2**63)"
+
+
 PARAMS = {
     p.name: p
     for p in (
         Param("density", float, None, "fraction of each tensor's entries kept", check=_density),
         Param("sign", str, "total", "TIES' sign election", choices=SIGN_METHODS),
-        Param("seed", int, 0, "seed of the DARE masks", check=lambda v: _seed_problem(v)),
+        Param("seed", int, 0, "seed of the DARE masks", check=_seed_problem),
         Param(
             "rank",
             int,
@@ -65,10 +69,6 @@ PARAMS = {
         Param("clamp", float, None, "quantile the SVD factors are clamped to", check=_quantile),
     )
 }
-
-
-def _seed_problem(v: int) -> str | None:
-    return None if 0 <= v < 2**63 else "must be in [0, 2**63)"
 
 
 def takes(how: str) -> tuple[str, ...]:
