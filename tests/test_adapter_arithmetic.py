@@ -125,6 +125,13 @@ def test_each_combination_equals_peft_add_weighted_adapter(
     assert sorted(mine) == sorted(peft_result) and len(mine) == 8  # q and v of 4 layers
     for path in mine:
         torch.testing.assert_close(mine[path], peft_result[path], rtol=1e-5, atol=1e-5)
+        # the same operations in the same order: the factors themselves are bit-identical
+        edit, layer = (
+            sites(ours)[path].edit_module(name),
+            theirs.get_submodule("base_model.model." + path),
+        )
+        assert torch.equal(edit.A, layer.lora_A[name].weight)
+        assert torch.equal(edit.B, layer.lora_B[name].weight)
     if kind in ("cat", "linear", "ties", "dare_ties"):  # the adapter's logits, through the model
         set_active(ours, name)
         theirs.set_adapter(name)
