@@ -188,12 +188,51 @@ def _set_trainable(model: nn.Module, step: Step, tx: Transaction, value: bool) -
         tx.set_requires_grad(logical_parameter(model, path), value)
 
 
+def _combine(model: nn.Module, step: Step, tx: Transaction) -> None:
+    """Add the combined adapter's edits (frozen LoRA, scaling 1), their factors computed from
+    the sources' tensors as they are now (`surgery.adapters.arithmetic`); the DARE masks drawn
+    from one generator per device seeded with the step's seed, module by module in model order."""
+    from surgery.adapters.arithmetic import Options, Source, combined_factors
+    from surgery.plan.combine import step_sources
+
+    args = dict(step.arguments)
+    how, weights = args["how"], step_sources(step.arguments)
+    options = Options(args.get("density", 1.0), args.get("sign", "total"), None, args.get("clamp"))
+    generators: dict[torch.device, torch.Generator] = {}
+    for edit in step.targets:
+        site = logical_module(model, edit.path)
+        assert isinstance(site, Site), edit.path
+        sources = []
+        for name, weight in weights.items():
+            key = next((k for k in site.edits if k.adapter == name), None)
+            if key is not None:
+                tensors = site.edit_module(key.name).state_dict()
+                A, B = tensors["A"].detach().float(), tensors["B"].detach().float()
+                sources.append(Source(A, B, key.option("scaling"), weight))
+        method = REGISTRY[edit.method]
+        adapter = method.build(base_of(site), edit.args())
+        tx.undo.append(method.placement.install(model, edit, adapter))
+        adapter.requires_grad_(False)
+        if sources[0].A.is_meta:
+            continue
+        device = sources[0].A.device
+        if device not in generators:
+            generators[device] = torch.Generator(device).manual_seed(args.get("seed", 0))
+        A, B = combined_factors(
+            how, sources, dict(edit.shapes)["A"][0], options, generators[device]
+        )
+        with torch.no_grad():
+            adapter.A.copy_(A)
+            adapter.B.copy_(B)
+
+
 _STEP_RUNNERS: dict[str, Callable[[nn.Module, Step, Transaction], None]] = {
     "apply": _apply,
     "merge": lambda m, s, t: _take_out(m, s, t, merge=True),
     "remove": lambda m, s, t: _take_out(m, s, t, merge=False),
     "freeze": lambda m, s, t: _set_trainable(m, s, t, False),
     "unfreeze": lambda m, s, t: _set_trainable(m, s, t, True),
+    "combine": _combine,
 }
 
 STEP_ACTIONS = tuple(_STEP_RUNNERS)  # the actions a plan's steps may have

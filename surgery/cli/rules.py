@@ -22,7 +22,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         cli.out.print(f"{program.source.name}: ok ({len(program)} statement(s))")
         return 0
     plan = rewrite(_model(args), program, dry_run=True)
-    sites = sum(len(s.targets) for s in plan.steps if s.action == "apply")
+    sites = sum(len(s.targets) for s in plan.steps if s.action in ("apply", "combine"))
     cli.out.print(
         f"{program.source.name}: ok ({len(plan.steps)} step(s), {sites} site edit(s) "
         f"on {args.model})"

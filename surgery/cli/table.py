@@ -127,7 +127,7 @@ def _add_step_rows(table: Table, step: Step, full: bool) -> None:
             )
         return
     groups: dict[tuple[str, ...], list[Edit]] = defaultdict(list)
-    adds = step.action == "apply"  # merge/remove rows name the edits and modules, no sizes
+    adds = step.action in ("apply", "combine")  # merge/remove rows name edits and modules only
     where = {id(t): t.where if adds else t.path for t in step.targets}
     for target in step.targets:
         if full:
@@ -148,7 +148,7 @@ def _add_step_rows(table: Table, step: Step, full: bool) -> None:
         else:
             ((text, _),) = group_paths(paths)
         text = text or "(the model)"  # a model-level edit (prompt, prefix)
-        name = label if step.action == "apply" else f"{label} {edit}"
+        name = label if adds else f"{label} {edit}"
         params = sum(t.params for t in targets) if adds else 0
         table.add_row(
             step.location if i == 0 else "",

@@ -201,3 +201,25 @@ class Program:
 
     def __len__(self) -> int:
         return len(self.statements)
+
+
+@dataclass(frozen=True)
+class CombineSource:
+    """`sql: 0.7` in `combine(...)`: a source adapter and its weight."""
+
+    name: str
+    weight: float
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Combine(Statement):
+    """`adapter mix = combine(sql: 0.7, chat: 0.3) using ties(density=0.5)`: a new adapter made
+    from existing ones (surgery.adapters.arithmetic)."""
+
+    name: str
+    name_span: Span = field(compare=False)
+    sources: tuple[CombineSource, ...] = ()
+    how: str = "linear"
+    how_span: Span | None = field(default=None, compare=False)
+    arguments: tuple[Argument, ...] = ()

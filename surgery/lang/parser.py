@@ -220,21 +220,11 @@ class _Builder:
 
     def apply_stmt(self, node: lark.Tree) -> ast.Apply:
         method, arguments, selectors, name, expect = node.children
-        args = (
-            tuple(self.argument(a) for a in arguments.children if a is not None)
-            if arguments
-            else ()
-        )
-        seen: dict[str, ast.Argument] = {}
-        for arg in args:
-            if arg.name in seen:
-                raise SurgerySyntaxError(f"parameter '{arg.name}' is given twice", span=arg.span)
-            seen[arg.name] = arg
         return ast.Apply(
             self.span(node),
             method=str(method),
             method_span=self.span(method),
-            arguments=args,
+            arguments=self.arguments(arguments),
             selectors=self.selector_list(selectors),
             name=str(name) if name is not None else None,
             expect=self.int(expect) if expect is not None else None,
@@ -259,7 +249,46 @@ class _Builder:
         statements = tuple(getattr(self, child.data)(child) for child in body)
         return ast.AdapterBlock(self.span(node), str(name), self.span(name), statements)
 
+    def combine_stmt(self, node: lark.Tree) -> ast.Combine:
+        _, name, *pairs, how, arguments = node.children
+        pairs = [child for child in pairs if child is not None]  # the optional trailing comma
+        sources = []
+        for source, weight in zip(pairs[::2], pairs[1::2], strict=True):
+            value = self.value(weight)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise SurgerySyntaxError(
+                    f"the weight of '{source}' must be a number, got {value!r}",
+                    span=self.span(weight),
+                    hint="write each source as NAME: WEIGHT, e.g. combine(sql: 0.7, chat: 0.3)",
+                )
+            if isinstance(value, int) and abs(value) > 2**53:
+                raise SurgerySyntaxError(
+                    f"the weight of '{source}' is too large to be exact", span=self.span(weight)
+                )
+            end = self.span(weight)
+            span = Span(self.source, source.line, source.column, end.end_line, end.end_column)
+            sources.append(ast.CombineSource(str(source), float(value), span))
+        return ast.Combine(
+            self.span(node),
+            str(name),
+            self.span(name),
+            tuple(sources),
+            str(how),
+            self.span(how),
+            self.arguments(arguments),
+        )
+
     # arguments and values
+    def arguments(self, node: lark.Tree | None) -> tuple[ast.Argument, ...]:
+        """`(name=value, ...)` (None: not written), each name at most once."""
+        args = tuple(self.argument(a) for a in node.children if a is not None) if node else ()
+        seen: dict[str, ast.Argument] = {}
+        for arg in args:
+            if arg.name in seen:
+                raise SurgerySyntaxError(f"parameter '{arg.name}' is given twice", span=arg.span)
+            seen[arg.name] = arg
+        return args
+
     def argument(self, node: lark.Tree) -> ast.Argument:
         name, value = node.children
         return ast.Argument(str(name), self.value(value), self.span(node))

@@ -9,6 +9,7 @@ from surgery.fused import check_part_names, layout_spec
 from surgery.includes import include_path, parse_included
 from surgery.lang import ast
 from surgery.methods import REGISTRY, get_method
+from surgery.plan.combine import check_combination
 from surgery.plan.planner import source_key
 
 
@@ -45,6 +46,9 @@ def lint(program: ast.Program) -> list[LintWarning]:
                         )
                     )
                 trainability.clear()
+            elif isinstance(st, ast.Combine):
+                check_combination(st)
+                edit_names.add(st.name)
             elif isinstance(st, ast.Fuse):
                 check_part_names(st.parts, layout_spec(st.layout, st.layout_span), st.span)
             elif isinstance(st, (ast.Freeze, ast.Unfreeze)):
