@@ -112,6 +112,15 @@ def test_requests_run_per_adapter_when_a_method_cannot_route(monkeypatch) -> Non
     assert active_adapters(model) == ("sql",)  # the first adapter added stays the active one
 
 
+def test_base_rows_share_one_routed_batch_on_a_model_with_adapters() -> None:
+    model = adapted(TWO)
+    lines = [line for line in LINES if line["adapter"] in (None, "__base__")]
+    requests = parse_requests(jsonl(lines), "r.jsonl", ["sql", "chat"], tokenizer=False)
+    run = generate_requests(model, requests, batch_size=8, max_new_tokens=NEW)
+    assert run.mode == MIXED and run.batches == 1
+    check_alone(model, lines, run.results)
+
+
 @needs_lora_routing
 def test_mixed_batches_equal_each_request_alone() -> None:
     model = adapted(TWO_LORAS)
