@@ -9,6 +9,7 @@ say so in their skip reason: per-row LoRA routing (`rsite`) and `load_adapter(..
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import string
 from pathlib import Path
@@ -225,7 +226,9 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_text_prompts_through_the_model_directory_tokenizer(model_dir, tmp_path, capsys) -> None:
+def test_text_prompts_through_the_model_directory_tokenizer(
+    model_dir, tmp_path, capsys, monkeypatch
+) -> None:
     from surgery.serve import load_tokenizer
 
     requests = tmp_path / "requests.jsonl"
@@ -253,6 +256,12 @@ def test_text_prompts_through_the_model_directory_tokenizer(model_dir, tmp_path,
         "--no-progress",
     )
     assert code == 0 and stdout == out.read_text() and "generate:" not in stderr
+    # and with the requests on standard input
+    monkeypatch.setattr("sys.stdin", io.StringIO(requests.read_text()))
+    code, piped, _ = cli(
+        capsys, "--model", str(model_dir), "--input", "-", "--max-new-tokens", "4", "--no-progress"
+    )
+    assert code == 0 and piped == stdout
 
 
 def load_model_dir(directory: Path) -> nn.Module:
@@ -325,3 +334,45 @@ def test_generate_with_saved_adapters(tmp_path, capsys) -> None:
         expected = alone(model, line["adapter"], line["input_ids"], eos_token_id=tiny_eos)
         end = expected.index(tiny_eos) + 1 if tiny_eos in expected else len(expected)
         assert result["generated_ids"] == expected[:end]
+
+
+def test_a_tokenizer_is_untrusted_input(model_dir, tmp_path, capsys) -> None:
+    import shutil
+
+    from surgery.errors import ModelLoadError
+    from surgery.model_files import IgnoredCodeWarning
+    from surgery.serve import load_tokenizer
+
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / name, tokenizer / name)
+    config = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    # its own code next to a built-in class: the built-in class, with a warning
+    own_code = {"AutoTokenizer": [None, "tokenization_mine.MineTokenizer"]}
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(config | {"auto_map": own_code}))
+    with pytest.warns(IgnoredCodeWarning, match="never runs it"):
+        assert load_tokenizer(tokenizer)("ab")["input_ids"] == [1, 4, 5]
+    # its own code and no built-in class: refused before transformers reads it
+    mine = config | {"auto_map": own_code, "tokenizer_class": "MineTokenizer"}
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(mine))
+    with pytest.raises(ModelLoadError, match="never runs"):
+        load_tokenizer(tokenizer)
+    # a file that links out of the directory
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(config))
+    (tokenizer / "tokenizer.json").unlink()
+    (tokenizer / "tokenizer.json").symlink_to(model_dir / "tokenizer.json")
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"prompt": "ab"}\n')
+    code, stdout, stderr = cli(
+        capsys, "--model", "tiny-llama", "--tokenizer", str(tokenizer), "--input", str(requests)
+    )
+    assert code == 1 and "a link to a file outside" in stderr and not stdout
+    # --tokenizer gives a preset text prompts
+    (tokenizer / "tokenizer.json").unlink()
+    shutil.copy(model_dir / "tokenizer.json", tokenizer / "tokenizer.json")
+    code, stdout, _ = cli(
+        capsys, "--model", "tiny-llama", "--tokenizer", str(tokenizer), "--input", str(requests),
+        "--max-new-tokens", "2", "--no-progress",
+    )
+    assert code == 0 and json.loads(stdout)["text"] is not None

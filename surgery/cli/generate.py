@@ -83,7 +83,7 @@ def _probability(text: str) -> float:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from surgery.serve import Sampling, generate_requests, parse_requests
+    from surgery.serve import Sampling, generate_requests, parse_requests, read_requests
 
     given = [o for o in ("temperature", "top_k", "top_p") if getattr(args, o) is not None]
     if given and not args.sample:
@@ -91,12 +91,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     adapters = _adapter_specs(args)
     _check_output(args, adapters)
     tokenizer_dir = _tokenizer_dir(args)
-    where = "<stdin>" if args.input == STDIN else args.input
-    text = sys.stdin.read() if args.input == STDIN else _read_input(args.input)
-    requests = parse_requests(text, where, list(adapters), tokenizer=tokenizer_dir is not None)
+    text_ok = tokenizer_dir is not None
+    if args.input == STDIN:
+        where = "<stdin>"
+        requests = parse_requests(sys.stdin.read(), where, list(adapters), tokenizer=text_ok)
+    else:
+        where = args.input
+        requests = read_requests(args.input, list(adapters), tokenizer=text_ok)
 
-    model = _loaded_model(args, adapters)
     tokenizer = _tokenizer(tokenizer_dir)
+    model = _loaded_model(args, adapters)
     sampling = Sampling(args.sample, args.temperature or 1.0, args.top_k, args.top_p, args.seed)
     with _progress(len(requests), enabled=not args.no_progress) as progress:
         run = generate_requests(
@@ -182,13 +186,6 @@ def _tokenizer_dir(args: argparse.Namespace) -> Path | None:
         return args.tokenizer
     model = Path(args.model)
     return model if has_tokenizer(model) else None
-
-
-def _read_input(path: str) -> str:
-    from surgery.files import read_text
-    from surgery.serve import RequestError
-
-    return read_text(Path(path), "requests file", RequestError)
 
 
 def _loaded_model(args: argparse.Namespace, adapters: dict[str, Path]):
