@@ -5,9 +5,9 @@ Exit codes: 0 success, 1 a SurgeryError (its message, no traceback), 2 a usage e
 
 The package by job: `parser` (the arguments), `inputs` (reading rules and the model, checking
 --out), `rules` (check/plan/apply), `adapters` (load/export/import/merge), `listing`
-(families/methods/presets), `table` (the plan table). The two consoles live here, and the
-commands read them as `cli.out` / `cli.err` when they print, so replacing `surgery.cli.out`
-(as tests do) redirects every command.
+(families/methods/presets), `generate` (requests through named adapters), `table` (the plan
+table). The two consoles live here, and the commands read them as `cli.out` / `cli.err` when
+they print, so replacing `surgery.cli.out` (as tests do) redirects every command.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 from rich.console import Console
 
 from surgery.cli.adapters import cmd_export, cmd_import, cmd_load, cmd_merge
+from surgery.cli.generate import cmd_generate
 from surgery.cli.inputs import DTYPES
 from surgery.cli.listing import cmd_families, cmd_methods, cmd_presets
 from surgery.cli.parser import build_parser
@@ -78,6 +79,7 @@ COMMANDS = {
     "export": cmd_export,
     "import": cmd_import,
     "merge": cmd_merge,
+    "generate": cmd_generate,
     "methods": cmd_methods,
     "presets": cmd_presets,
     "families": cmd_families,

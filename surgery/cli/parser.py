@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from surgery import __version__
+from surgery.cli.generate import add_generate
 from surgery.cli.inputs import DTYPES
 
 
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", "-a", required=True, type=Path, metavar="DIR")
     merge.add_argument("--no-progress", action="store_true", help="no progress bar")
     with_out(merge, True, "the merged checkpoint directory to write")
+
+    add_generate(commands)
 
     commands.add_parser("methods", help="list the methods and their parameters")
     commands.add_parser("presets", help="list the built-in model presets")
