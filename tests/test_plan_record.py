@@ -180,7 +180,7 @@ def test_statement_keywords_are_the_grammars() -> None:
         or terminals[re.search(rf"^{rule}: ([A-Z]+) ", grammar, flags=re.M).group(1)]
         for rule in rules
     ]
-    assert statement_keywords() == tuple(firsts)
+    assert statement_keywords() == tuple(dict.fromkeys(firsts))  # `adapter` starts two
     documented = (Path(__file__).parents[1] / "docs" / "language.md").read_text()
     (line,) = [line for line in documented.splitlines() if line.startswith("- Keywords (`")]
     assert set(firsts) <= set(line.split("`")[1].split())
