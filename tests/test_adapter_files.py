@@ -159,6 +159,16 @@ def test_rules_that_select_their_edits_by_name_keep_their_meaning(two_dirs, tmp_
     torch.testing.assert_close(logits(model), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_a_model_level_edit_and_a_merge_by_method_rename_too(tmp_path: Path) -> None:
+    rules = f"{QV}\napply p_tuning(n=3) to model.embed_tokens\nmerge p_tuning"
+    folder, expected = saved(tmp_path, "baked", rules, 12)
+    model = tiny("llama").eval()
+    report = load_adapter(model, folder, name="t")
+    assert "merge p_tuning" in report.rules_text  # a method: the adapter's own p_tuning edit
+    assert {"t.embedding", "model.layers.0.self_attn.q_proj.t.A"} <= set(model.state_dict())
+    torch.testing.assert_close(logits(model), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_a_renaming_that_would_change_the_rules_is_refused(tmp_path: Path) -> None:
     folder, _ = saved(tmp_path, "pattern", f"{QV}\nfreeze **\nunfreeze **.lo*.A", 5)
     model = tiny("llama").eval()

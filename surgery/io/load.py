@@ -136,12 +136,18 @@ class Loading:
     saved: Plan  # the plan of the saved rules, under their names
 
 def plan_adapter(saved: SavedAdapter, model: nn.Module) -> Plan:
-    """The plan that loads `saved` onto `model` under its own name (see `prepare`)."""
-    return prepare(saved, model, None).plan
+    """The plan that loads `saved` onto `model` under its own name (see `prepare`; its rules
+    text is not wanted: export and merge read the plan)."""
+    return prepare(saved, model, None, rules=False).plan
 
 
 def prepare(
-    saved: SavedAdapter, model: nn.Module, name: str | None, *, shared: bool = False
+    saved: SavedAdapter,
+    model: nn.Module,
+    name: str | None,
+    *,
+    shared: bool = False,
+    rules: bool = True,
 ) -> Loading:
     """The one check of an adapter directory against a model that `load`, `export` and `merge`
     share, before anything changes: the family it was made for, its rules planned on `model`
@@ -149,7 +155,7 @@ def prepare(
     that plan, its name (free on the model) and the renamed rules, and, when other adapters are
     there, that it leaves the base they share alone and that the rules plan with them there.
     Run the plan, then `check_built` compares what the built edits hold (buffers too) with the
-    file."""
+    file. `rules`: also the adapter's rules as the model holds it (`LoadReport.rules_text`)."""
     check_family(saved, model)
     program = adapter_rules(saved)
     own = plain_plan(model, program)
@@ -166,7 +172,10 @@ def prepare(
         )
     if present or shared:
         _check_base_untouched(saved, own, present)
-    text, plan = rules_of(program, own, naming, model, str(saved.path))
+    if rules or not naming.identity:
+        text, plan = rules_of(program, own, naming, model, str(saved.path))
+    else:
+        text, plan = saved.rules_text, own
     if present:  # the checks a rewrite makes with the other adapters there
         where = str(saved.path / RULES_FILE)
         if not naming.identity:

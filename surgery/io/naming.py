@@ -25,6 +25,7 @@ from surgery.edit import Edit, split_tensor_key, tensor_key
 from surgery.errors import Span, SurgeryError
 from surgery.io.adapters import AdapterError
 from surgery.lang import ast
+from surgery.methods import REGISTRY
 from surgery.plan import Plan
 from surgery.plan.planner import Planner, source_key
 
@@ -151,7 +152,11 @@ def renamed_rules(program: ast.Program, naming: Renaming) -> str:
             start, end = offsets(statement.span)
             changes.append((start, start, f"adapter {naming.name} {{ "))
             changes.append((end, end, " }"))
-        elif isinstance(statement, (ast.Merge, ast.Remove)) and statement.target in old_names:
+        elif (
+            isinstance(statement, (ast.Merge, ast.Remove))
+            and statement.target in old_names
+            and statement.target not in REGISTRY  # `merge lora`: still the adapter's LoRA edits
+        ):
             start, end = offsets(statement.span)
             at = text.rindex(statement.target, start, end)
             changes.append((at, at + len(statement.target), new_name(statement.target)))
