@@ -188,3 +188,9 @@ def test_surgery_errors_are_located(llama) -> None:
     with pytest.raises(SurgeryError) as caught:
         rewrite(llama, "adapter a {\n  apply lora(r=2) to *.nothing\n}")
     assert caught.value.span.line == 2
+
+
+def test_an_adapter_cannot_take_a_name_its_sites_use(llama) -> None:
+    with pytest.raises(PlanError, match="'code' cannot name an adapter") as caught:
+        rewrite(llama, "adapter code { apply lora(r=2) to *.q_proj }")
+    assert caught.value.span.column == len("adapter ") + 1

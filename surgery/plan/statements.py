@@ -10,6 +10,7 @@ from surgery.adapters.names import name_problem
 from surgery.errors import PlanError, ResolveError, Span
 from surgery.families import family_index
 from surgery.fused import check_part_names, compute_layout, layout_spec
+from surgery.graph.placement import SITE
 from surgery.includes import include_path, parse_included
 from surgery.lang import ast
 from surgery.plan.planner import HANDLERS, Planner, Scope, handles
@@ -143,6 +144,8 @@ def set_trainable(
 def adapter_block(planner: Planner, st: ast.AdapterBlock, scope: Scope) -> None:
     """Plan the block's statements with their edits in adapter `st.name`."""
     problem = name_problem(st.name)
+    if problem is None and SITE.reserves(st.name):  # it names the block's edits (`q_proj.NAME`)
+        problem = "its edits take its name, and a site uses that name itself"
     if problem is not None:
         raise PlanError(f"'{st.name}' cannot name an adapter: {problem}", span=st.name_span)
     outer, planner.adapter = planner.adapter, st.name
