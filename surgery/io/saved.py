@@ -97,6 +97,13 @@ def read_adapter_dir(path: Path | str) -> SavedAdapter:
             hint = (
                 f"this is a PEFT adapter: convert it with `surgery import --peft {path} --out DIR`"
             )
+        elif nested := sorted(
+            p.name for p in path.iterdir() if p.is_dir() and (p / PLAN_FILE).is_file()
+        ):
+            hint = (
+                f"it holds several adapters ({', '.join(nested)}): load them all with "
+                f"load_adapters, or name one folder ({path / nested[0]})"
+            )
         elif pickles := sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES):
             hint = f"surgery never loads pickles ({', '.join(pickles)}): " + pickle_hint(
                 pickles[0], ADAPTER_FILE
