@@ -16,7 +16,7 @@ from torch import nn
 from surgery import load_adapter, rewrite
 from surgery.adapters.units import active_adapters, adapter_names, set_active
 from surgery.cli import main
-from surgery.errors import OutputError, PlanError
+from surgery.errors import OutputError
 from surgery.io import write_adapter_dir
 from surgery.io.adapters import AdapterError
 from surgery.io.naming import unit_edit_name
@@ -194,9 +194,8 @@ def test_what_a_rewrite_refuses_beside_other_adapters_loading_refuses(two_dirs, 
     folds, _ = saved(tmp_path, "folds", f"{QV}\napply ia3 to *.mlp.down_proj\nmerge ia3", 10)
     model = tiny("llama").eval()
     load_adapter(model, prompt)
+    load_adapter(model, prompt, name="again")  # one virtual-token edit per adapter: allowed
     before = snapshot(model)
-    with pytest.raises(PlanError, match="already has a virtual-token edit"):
-        load_adapter(model, prompt, name="again")
     with pytest.raises(AdapterError, match="merge 'ia3' into the base weights"):
         load_adapter(model, folds, name="folds")
     assert_same(before, snapshot(model))
