@@ -194,3 +194,11 @@ def test_an_adapter_cannot_take_a_name_its_sites_use(llama) -> None:
     with pytest.raises(PlanError, match="'code' cannot name an adapter") as caught:
         rewrite(llama, "adapter code { apply lora(r=2) to *.q_proj }")
     assert caught.value.span.column == len("adapter ") + 1
+
+
+def test_two_adapters_with_virtual_tokens_cannot_both_be_active(llama) -> None:
+    rewrite(llama, "adapter p { apply prompt(n=2) to model.embed_tokens }\n"
+                   "adapter q { apply prefix(n=2) to model.layers.* }")
+    with pytest.raises(AdapterNameError, match="'p', 'q' both add virtual tokens"):
+        set_active(llama, ["p", "q"])
+    assert active_adapters(llama) == ("p",)

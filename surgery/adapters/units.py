@@ -73,6 +73,13 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     check_names(model, wanted)
     order = adapter_names(model)
     active = tuple(sorted(set(wanted), key=order.index))
+    tokens = sorted({key.adapter for holder, key, _ in held_edits(model) if holder is model})
+    if len(set(tokens) & set(active)) > 1:
+        both = ", ".join(f"'{a}'" for a in tokens if a in active)
+        raise AdapterNameError(
+            f"adapters {both} both add virtual tokens to the input; summing them has no meaning",
+            hint="activate one of them (or route each row to its own with adapter_names=)",
+        )
     model.__dict__[STATE] = AdapterState(order, active)
     emit_active(model)
 
