@@ -254,29 +254,18 @@ class _Builder:
         pairs = [child for child in pairs if child is not None]  # the optional trailing comma
         sources = []
         for source, weight in zip(pairs[::2], pairs[1::2], strict=True):
-            value = self.value(weight)
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            value, at = self.value(weight), self.span(weight)
+            inexact = isinstance(value, int) and abs(value) > 2**53  # no float holds it
+            if isinstance(value, bool) or not isinstance(value, int | float) or inexact:
                 raise SurgerySyntaxError(
-                    f"the weight of '{source}' must be a number, got {value!r}",
-                    span=self.span(weight),
-                    hint="write each source as NAME: WEIGHT, e.g. combine(sql: 0.7, chat: 0.3)",
+                    f"the weight of '{source}' must be a number, got {value!r}"[:80], span=at
                 )
-            if isinstance(value, int) and abs(value) > 2**53:
-                raise SurgerySyntaxError(
-                    f"the weight of '{source}' is too large to be exact", span=self.span(weight)
-                )
-            end = self.span(weight)
-            span = Span(self.source, source.line, source.column, end.end_line, end.end_column)
+            span = Span(self.source, source.line, source.column, at.end_line, at.end_column)
             sources.append(ast.CombineSource(str(source), float(value), span))
         return ast.Combine(
-            self.span(node),
-            str(name),
-            self.span(name),
-            tuple(sources),
-            str(how),
-            self.span(how),
-            self.arguments(arguments),
-        )
+            self.span(node), str(name), self.span(name), tuple(sources), str(how),
+            self.span(how), self.arguments(arguments),
+        )  # fmt: skip
 
     # arguments and values
     def arguments(self, node: lark.Tree | None) -> tuple[ast.Argument, ...]:
