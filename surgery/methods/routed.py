@@ -77,14 +77,18 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
-# Bumped whenever any module anywhere registers a parameter, buffer or submodule (replacing
-# `lora.A` by a new Parameter does): until it moves, the tensors a cached bank was stacked from
-# are still the ones its edits hold, and checking their versions is all a call needs to do.
+# Bumped whenever a module registers a parameter, buffer or submodule (replacing `lora.A` by a
+# new Parameter does): until it moves, the tensors a cached bank was stacked from are still the
+# ones its edits hold, and checking their versions is all a call needs to do. Containers are
+# left out: transformers slices its ModuleList of layers on every forward (a new ModuleList),
+# and no edit module is a container.
 _registrations = [0]
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential, nn.ParameterList, nn.ParameterDict)
 
 
-def _registered(*_: Any) -> None:
-    _registrations[0] += 1
+def _registered(module: nn.Module, *_: Any) -> None:
+    if not isinstance(module, _CONTAINERS):
+        _registrations[0] += 1
 
 
 for _hook in (
@@ -256,12 +260,17 @@ def banked(
     if fresh:
         stacked = stack([prepare(m, s, owner) for m, s in zip(edits, statics, strict=True)])
         return stacked, route
-    key = (form, like.dtype, like.device, torch.is_inference_mode_enabled())
-    bank = _BANKS.setdefault(owner, {}).setdefault(key, _Bank())
+    key = (form, like.dtype, route.device, torch.is_inference_mode_enabled())
+    banks = _BANKS.get(owner)
+    if banks is None:
+        banks = _BANKS[owner] = {}
+    bank = banks.get(key)
+    if bank is None:
+        bank = banks[key] = _Bank()
     stacked, remap = bank.lookup(
-        owner, owner_tensors, edits, statics, prepare, stack, like.device
+        owner, owner_tensors, edits, statics, prepare, stack, route.device
     )
-    return stacked, remap[route]
+    return stacked, remap.index_select(0, route)
 
 
 def stack_padded(tensors: Sequence[torch.Tensor | None], none: float = 0.0) -> torch.Tensor:
