@@ -4,6 +4,8 @@ from surgery import rewrite
 report = rewrite(model, "apply lora(r=8) to *.self_attn.<q,v>_proj")
 """
 
+from surgery.adapters.lifecycle import HotSwapError, delete_adapter, hot_swap, merge_adapter
+from surgery.adapters.units import active_adapters, adapter_names, disabled, set_active
 from surgery.api import load_rules, plan, rewrite
 from surgery.arguments import checked
 from surgery.errors import (
@@ -34,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "ExecutionError",
+    "HotSwapError",
     "ModelLoadError",
     "OutputError",
     "Plan",
@@ -43,11 +46,18 @@ __all__ = [
     "Site",
     "SurgeryError",
     "SurgerySyntaxError",
+    "active_adapters",
+    "adapter_names",
+    "delete_adapter",
+    "disabled",
+    "hot_swap",
     "load_adapter",
     "load_rules",
+    "merge_adapter",
     "param_groups",
     "parse",
     "parse_file",
     "plan",
     "rewrite",
+    "set_active",
 ]

@@ -51,7 +51,7 @@ class Report:
             f"{'site(s)' if s.targets else 'parameter(s)'}"
             for s in self.plan.steps
         ]
-        return "\n".join([*lines, self.totals_line()])
+        return "\n".join([*lines, *self.plan.adapter_lines(), self.totals_line()])
 
 
 def unique_parameters(model: nn.Module) -> list[nn.Parameter]:

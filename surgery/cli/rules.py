@@ -9,7 +9,7 @@ import argparse
 from surgery import cli
 from surgery.api import rewrite
 from surgery.cli.inputs import _inputs, _model, _read_rules, _refuse_output
-from surgery.cli.table import plan_table
+from surgery.cli.table import adapter_table, plan_table
 from surgery.errors import ModelLoadError
 from surgery.plan import lint
 
@@ -41,6 +41,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(plan.to_json())
         return 0
     cli.out.print(plan_table(plan, full=args.full))
+    if adapters := adapter_table(plan):
+        cli.out.print(adapters)
     cli.out.print(plan.totals_line())
     if base := saved_base_line(model, plan):
         cli.out.print(base)

@@ -62,6 +62,21 @@ def plan_table(plan: Plan, *, full: bool) -> Table:
     return table
 
 
+def adapter_table(plan: Plan) -> Table | None:
+    """Each adapter the plan leaves on the model with its edits and parameters, when it holds
+    named ones (None when all edits are in `default`: the totals line covers it)."""
+    if not plan.adapter_lines():
+        return None
+    table = Table(title="adapters", title_justify="left")
+    table.add_column("adapter")
+    for column in ("edits", "params", "trainable"):
+        table.add_column(column, justify="right")
+    for name, counts in plan.adapters().items():
+        trainable = "" if counts.trainable is None else f"{counts.trainable:,d}"
+        table.add_row(name, str(counts.edits), f"{counts.params:,d}", trainable)
+    return table
+
+
 def layer_range(paths: list[str]) -> str | None:
     """`layers[0:32].mlp.down_proj` when every path runs through one numbered list (the first
     number in each path); the part after the number is listed when it differs. None otherwise."""

@@ -170,7 +170,23 @@ class Planner:
             total,
             tuple(self.edits.values()),
             tuple(self.statements),
+            tuple(self.adapter_trainable().items()),
         )
+
+    def adapter_trainable(self) -> dict[str, int]:
+        """Each adapter's trainable parameters once every statement ran (a tensor several
+        edits share counted once)."""
+        trainable: dict[str, int] = {}
+        seen: set[int] = set()
+        for edit in self.edits.values():
+            count = trainable.setdefault(edit.adapter, 0)
+            for pnode in self.node(edit.path).children[edit.name].params():
+                state = self.params.get(pnode.key)
+                if id(pnode.key) not in seen and state is not None and state.trainable:
+                    count += state.numel
+                seen.add(id(pnode.key))
+            trainable[edit.adapter] = count
+        return trainable
 
 
 def existing_edit(node: TreeNode, name: str, method: str) -> Edit:

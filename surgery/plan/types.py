@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from surgery.adapters.names import DEFAULT
 from surgery.edit import Edit
 from surgery.lang import ast
 
@@ -34,6 +35,19 @@ class Step:
 
 
 @dataclass(frozen=True)
+class AdapterCounts:
+    """One adapter's share of the model a plan leaves: its edits and their parameters."""
+
+    edits: int
+    params: int
+    trainable: int | None  # None: not known (a plan read back from JSON does not record it)
+
+    def line(self, name: str) -> str:
+        trainable = "" if self.trainable is None else f" ({self.trainable:,d} trainable)"
+        return f"adapter {name}: {self.edits} edit(s), {self.params:,d} params{trainable}"
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything `rewrite` will do, computed before any mutation. A plain, JSON-able value."""
 
@@ -44,10 +58,43 @@ class Plan:
     total: int
     edits: tuple[Edit, ...] = ()  # the edits on the model once every step ran
     statements: tuple[ast.Statement, ...] = field(default=(), repr=False, compare=False)
+    # adapter -> its trainable parameters once every step ran (the planner's flags: a `freeze`
+    # may take some); not saved in JSON, as the flags are the model's, not the plan's
+    adapter_trainable: tuple[tuple[str, int], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def targets(self) -> list[Edit]:
         return [t for s in self.steps for t in s.targets]
+
+    def adapters(self) -> dict[str, AdapterCounts]:
+        """Each adapter on the model once every step ran (`default` for edits made outside
+        any `adapter NAME { ... }` block), in order of appearance, with its counts."""
+        edits: dict[str, int] = {}
+        params: dict[str, int] = {}
+        for edit in self.edits:
+            edits[edit.adapter] = edits.get(edit.adapter, 0) + 1
+            params[edit.adapter] = params.get(edit.adapter, 0) + edit.params
+        trainable = dict(self.adapter_trainable)
+        return {
+            name: AdapterCounts(n, params[name], trainable.get(name)) for name, n in edits.items()
+        }
+
+    def adapter_lines(self) -> list[str]:
+        """One line per adapter, when the plan holds named ones (a plan whose edits are all in
+        `default` has one adapter: the totals line says it all)."""
+        adapters = self.adapters()
+        if set(adapters) <= {DEFAULT}:
+            return []
+        return [counts.line(name) for name, counts in adapters.items()]
+
+    def __str__(self) -> str:
+        lines = [
+            f"{s.location}: {s.action}{f' {s.method}' if s.method else ''} -> "
+            f"{len(s.targets) or len(s.param_paths)} "
+            f"{'edit(s)' if s.targets else 'parameter(s)'}"
+            for s in self.steps
+        ]
+        return "\n".join([*lines, *self.adapter_lines(), self.totals_line()])
 
     def totals_line(self) -> str:
         """PEFT's `print_trainable_parameters` format, so the numbers compare at a glance."""
