@@ -76,8 +76,10 @@ def unit_counts(model: nn.Module, name: str) -> tuple[int, int, int]:
     """(edits, parameters, trainable) of adapter `name` as the model holds it."""
     held = unit_edits(model, name)
     params = {id(p): p for _, _, module in held for p in module.parameters()}.values()
-    return len(held), sum(p.numel() for p in params), sum(
-        p.numel() for p in params if p.requires_grad
+    return (
+        len(held),
+        sum(p.numel() for p in params),
+        sum(p.numel() for p in params if p.requires_grad),
     )
 
 
@@ -113,8 +115,11 @@ def test_cli_plan_shows_the_adapters(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["plan", "-e", TWO, "--model", "tiny-llama"]) == 0
     out = capsys.readouterr().out
     assert "adapters" in out
-    rows = {line.split()[1]: line.split()[3:8:2] for line in out.splitlines()
-            if line.startswith("│ sql") or line.startswith("│ chat")}
+    rows = {
+        line.split()[1]: line.split()[3:8:2]
+        for line in out.splitlines()
+        if line.startswith("│ sql") or line.startswith("│ chat")
+    }
     assert rows == {"sql": ["8", "3,584", "3,584"], "chat": ["12", "3,840", "3,840"]}
 
 
@@ -134,8 +139,11 @@ def test_activate_one_several_or_none(two: nn.Module) -> None:
     assert not torch.allclose(sql, chat) and not torch.allclose(sql, base)
     # both active: the sum of their edits, as one adapter holding all of them computes it
     reference = tiny("llama")
-    rewrite(reference, f"apply lora(r=4) to {QV} as sql\napply lora(r=4) to {QV} as chat\n"
-                       "apply ia3 to *.mlp.down_proj as chat")
+    rewrite(
+        reference,
+        f"apply lora(r=4) to {QV} as sql\napply lora(r=4) to {QV} as chat\n"
+        "apply ia3 to *.mlp.down_proj as chat",
+    )
     reference.load_state_dict(two.state_dict())
     assert torch.equal(logits(reference), both)
     torch.testing.assert_close(base, logits(tiny("llama")), rtol=0, atol=0)
@@ -221,8 +229,9 @@ def test_delete_unknown_or_failing_changes_nothing(
 
 def test_merge_adapter_is_refused_beside_others_then_exact(two: nn.Module) -> None:
     before, out = state(two), logits(two)
-    with pytest.raises(PlanError, match="merging adapter 'sql' would change what adapter "
-                                        "'chat' computes") as error:
+    with pytest.raises(
+        PlanError, match="merging adapter 'sql' would change what adapter 'chat' computes"
+    ) as error:
         merge_adapter(two, "sql")
     assert "`remove chat` first" in str(error.value)
     assert_state(two, before)
