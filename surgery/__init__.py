@@ -4,8 +4,8 @@ from surgery import rewrite
 report = rewrite(model, "apply lora(r=8) to *.self_attn.<q,v>_proj")
 """
 
+from surgery.adapters import units as _units
 from surgery.adapters.lifecycle import HotSwapError, delete_adapter, hot_swap, merge_adapter
-from surgery.adapters.units import active_adapters, adapter_names, disabled, set_active
 from surgery.api import load_rules, plan, rewrite
 from surgery.arguments import checked
 from surgery.errors import (
@@ -30,6 +30,11 @@ from surgery.train import param_groups
 # the package, `surgery.lang.parse` is called with text it has already read.
 parse = checked(_parse)
 parse_file = checked(_parse_file)
+# The adapters' switches, checked in the same way (inside the package they are called directly).
+set_active = checked(_units.set_active)
+active_adapters = checked(_units.active_adapters)
+adapter_names = checked(_units.adapter_names)
+disabled = checked(_units.disabled)
 
 __version__ = "0.1.0"
 

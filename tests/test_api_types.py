@@ -18,13 +18,20 @@ from test_load import assert_unchanged, state
 import surgery
 from surgery import (
     SurgeryError,
+    active_adapters,
+    adapter_names,
+    delete_adapter,
+    disabled,
+    hot_swap,
     load_adapter,
     load_rules,
+    merge_adapter,
     param_groups,
     parse,
     parse_file,
     plan,
     rewrite,
+    set_active,
 )
 from surgery.lang import ast
 from surgery.models import tiny
@@ -60,6 +67,15 @@ CALLS: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], str]] = [
     (parse, (RULES, 7), {}, "name"),
     (parse_file, (None,), {}, "path"),
     (parse_file, (3,), {}, "path"),
+    (set_active, (None, "a"), {}, "model"),
+    (set_active, (M, 3), {}, "names"),
+    (active_adapters, ("model",), {}, "model"),
+    (adapter_names, (None,), {}, "model"),
+    (disabled, (None,), {}, "model"),
+    (delete_adapter, (M, None), {}, "name"),
+    (merge_adapter, (None, "a"), {}, "model"),
+    (hot_swap, (M, "a", 3), {}, "source"),
+    (hot_swap, (M, ["a"], "b"), {}, "name"),
 ]
 
 

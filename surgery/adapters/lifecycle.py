@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from surgery.adapters.units import adapter_names, check_names
+from surgery.arguments import checked
 from surgery.edit import tensor_key
 from surgery.errors import SurgeryError, did_you_mean
 from surgery.execute import Report
@@ -31,6 +32,7 @@ class HotSwapError(SurgeryError):
     """A hot swap between adapters that are not of the same structure."""
 
 
+@checked
 def delete_adapter(model: nn.Module, name: str) -> Report:
     """Take adapter `name` off `model` exactly (its edits removed, the base bit for bit as it
     was): the model then computes what it computed without it. The other adapters stay as they
@@ -38,6 +40,7 @@ def delete_adapter(model: nn.Module, name: str) -> Report:
     return _run(model, name, "remove", "delete_adapter")
 
 
+@checked
 def merge_adapter(model: nn.Module, name: str) -> Report:
     """Fold adapter `name` into the base weights (`merge NAME`). Refused at plan time, the model
     unchanged, while other adapters are loaded: they would then run on the changed base."""
@@ -83,9 +86,11 @@ def unit_structure(model: nn.Module, name: str) -> list[_Edit]:
     return found
 
 
+@checked
 def hot_swap(model: nn.Module, name: str, source: str | Path) -> None:
     """Replace the weights of adapter `name` with those of `source`, in place: `source` is the
-    name of another adapter on `model` or a saved adapter directory (read and checked as
+    name of another adapter on `model` (a name wins over a directory of that name) or a saved
+    adapter directory (read and checked as
     `load_adapter` checks one; it must hold one adapter). Both must have the same structure:
     the same edits (paths, methods, options) with the same tensors (names, shapes). Nothing is
     planned or built, so a compiled model does not recompile. Any difference is a
@@ -95,18 +100,13 @@ def hot_swap(model: nn.Module, name: str, source: str | Path) -> None:
     if isinstance(source, str) and source in adapter_names(model):
         what = f"adapter '{source}'"
         edits = unit_structure(model, source)
-    elif isinstance(source, (str, Path)) and Path(source).is_dir():
+    elif Path(source).is_dir():
         what, edits = _saved_unit(model, Path(source))
-    elif isinstance(source, (str, Path)):
+    else:
         there = ", ".join(adapter_names(model))
         raise HotSwapError(
             f"'{source}' is neither an adapter on this model ({there}) nor an adapter directory",
             hint=did_you_mean(str(source), set(adapter_names(model))),
-        )
-    else:
-        raise TypeError(
-            f"source must be an adapter name (str) or directory (str, Path), not "
-            f"{type(source).__name__}"
         )
     pairs = _pair(name, target, what, edits)
     _copy(pairs)
