@@ -272,3 +272,15 @@ def test_an_inactive_adapter_stays_bit_identical_under_weight_decay(two: nn.Modu
     now = state(two)
     assert all(torch.equal(now[k], v) for k, v in chat.items())
     assert all(not torch.equal(now[k], v) for k, v in sql.items())
+
+
+def test_the_adapters_page_runs() -> None:
+    """docs/adapters.md's Python blocks, in order, in one namespace (they assert what they say)."""
+    from test_docs import ROOT, fenced
+
+    namespace: dict[str, object] = {}
+    for block in fenced(ROOT / "docs" / "adapters.md", "python"):
+        exec(compile(block, "adapters.md", "exec"), namespace)
+    model = tiny("llama")
+    rewrite(model, TWO + "\nfreeze **.chat")
+    assert unit_counts(model, "chat")[2] == 0
