@@ -284,3 +284,14 @@ def test_the_adapters_page_runs() -> None:
     model = tiny("llama")
     rewrite(model, TWO + "\nfreeze **.chat")
     assert unit_counts(model, "chat")[2] == 0
+
+
+def test_adapters_named_like_keywords_are_deleted_and_merged_by_name() -> None:
+    """As text, `remove freeze` would read as `remove` (everything) then `freeze ...`."""
+    model = tiny("llama")
+    rewrite(model, f"adapter merge {{ apply lora(r=4) to {QV} }}\n"
+                   f"adapter freeze {{ apply ia3 to {QV} }}")
+    delete_adapter(model, "freeze")
+    assert adapter_names(model) == ["merge"]
+    merge_adapter(model, "merge")
+    assert adapter_names(model) == []

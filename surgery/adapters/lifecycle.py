@@ -48,11 +48,19 @@ def merge_adapter(model: nn.Module, name: str) -> Report:
 
 
 def _run(model: nn.Module, name: str, action: str, caller: str) -> Report:
+    """Run `remove NAME` / `merge NAME` for adapter `name`. The statement is built, not parsed:
+    an adapter may be called `merge` or `freeze`, which as text would start a second statement."""
     from surgery.api import rewrite
-    from surgery.lang import parse
+    from surgery.errors import Source, Span
+    from surgery.lang import ast
 
     check_names(model, [name])  # `merge X` also reads X as an edit or a method: not here
-    return rewrite(model, parse(f"{action} {name}", f"<{caller}>"))
+    text = f"{action} {name}"
+    source = Source(f"<{caller}>", text)
+    statement = (ast.Remove if action == "remove" else ast.Merge)(
+        Span(source, 1, 1, 1, len(text) + 1), name
+    )
+    return rewrite(model, ast.Program((statement,), source))
 
 
 @dataclass
