@@ -99,10 +99,9 @@ def hot_swap(model: nn.Module, name: str, source: str | Path) -> None:
     """Replace the weights of adapter `name` with those of `source`, in place: `source` is the
     name of another adapter on `model` (a name wins over a directory of that name) or a saved
     adapter directory (read and checked as `load_adapter` checks one; it must hold one
-    adapter). Both must have the same structure:
-    the same edits (paths, methods, options) with the same tensors (names, shapes). Nothing is
-    planned or built, so a compiled model does not recompile. Any difference is a
-    `HotSwapError` naming it, and the model is unchanged."""
+    adapter). Both must have the same structure: the same edits (paths, methods, options) with
+    the same tensors (names, shapes). Nothing is planned or built, so a compiled model does not
+    recompile. Any difference is a `HotSwapError` naming it, and the model is unchanged."""
     check_names(model, [name])
     target = unit_structure(model, name)
     if isinstance(source, str) and source in adapter_names(model):
