@@ -202,3 +202,8 @@ def test_two_adapters_with_virtual_tokens_cannot_both_be_active(llama) -> None:
     with pytest.raises(AdapterNameError, match="'p', 'q' both add virtual tokens"):
         set_active(llama, ["p", "q"])
     assert active_adapters(llama) == ("p",)
+
+
+def test_an_adapter_cannot_be_named_like_a_statement(llama) -> None:
+    with pytest.raises(PlanError, match="'merge' starts a statement"):
+        rewrite(llama, "adapter merge { apply lora(r=2) to *.q_proj }")

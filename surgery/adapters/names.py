@@ -15,4 +15,8 @@ def name_problem(name: object) -> str | None:
         return "an adapter name is a letter or _ followed by letters, digits or _"
     if name == BASE_ROW:
         return f"'{BASE_ROW}' means the base model in `adapter_names`"
+    from surgery.lang.parser import statement_keywords  # the grammar's, read once and cached
+
+    if name in statement_keywords():
+        return f"'{name}' starts a statement: `remove {name}` would not name the adapter"
     return None

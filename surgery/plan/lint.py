@@ -46,6 +46,9 @@ def lint(program: ast.Program) -> list[LintWarning]:
                         )
                     )
                 trainability.clear()
+            elif isinstance(st, ast.AdapterBlock):
+                edit_names.add(st.name)  # `merge NAME` / `remove NAME` may name the adapter
+                visit(ast.Program(st.statements, prog.source), including)
             elif isinstance(st, ast.Combine):
                 check_combination(st)
                 edit_names.add(st.name)

@@ -50,7 +50,9 @@ def take_out(planner: Planner, st: ast.Merge | ast.Remove, action: str) -> None:
 
 def _keep_baked(planner: Planner, node: TreeNode, baked: Edit) -> None:
     """A baked edit stays, with its baked (plain, frozen) tensors."""
-    node.add_virtual_adapter(baked.name, baked.method, dict(baked.shapes), dict(baked.options))
+    node.add_virtual_adapter(
+        baked.name, baked.method, dict(baked.shapes), dict(baked.options), baked.adapter
+    )
     for pnode in node.children[baked.name].params():
         planner.params[pnode.key] = ParamState(pnode.numel, False, True)
     planner.edits[(node.path, baked.name)] = baked
