@@ -177,8 +177,7 @@ def test_dare_masks_are_seeded_and_keep_the_density_fraction() -> None:
 
 
 def test_the_combined_adapter_routes_and_survives_save_and_load(tmp_path) -> None:
-    from surgery import load_adapter
-    from surgery.io import write_adapter_dir
+    from surgery.io import load_adapters, write_adapter_dir
     from surgery.lang.parser import parse
     from surgery.plan import make_plan
 
@@ -198,7 +197,8 @@ def test_the_combined_adapter_routes_and_survives_save_and_load(tmp_path) -> Non
     plan = make_plan(tiny("llama"), parse(SOURCES + combine))
     write_adapter_dir(model, tmp_path / "a", rules_text=SOURCES + combine, plan=plan)
     loaded = tiny("llama")
-    load_adapter(loaded, tmp_path / "a")
+    load_adapters(loaded, tmp_path / "a")  # one folder per adapter; mix's holds its own edits
+    assert "combine" not in (tmp_path / "a" / "mix" / "rules.surg").read_text()
     set_active(loaded, "mix")
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS).logits, alone, rtol=1e-6, atol=1e-6)

@@ -26,6 +26,7 @@ from surgery.errors import Span, SurgeryError
 from surgery.io.adapters import AdapterError
 from surgery.lang import ast
 from surgery.methods import REGISTRY
+from surgery.methods.codec import statement as apply_statement
 from surgery.plan import Plan
 from surgery.plan.planner import Planner, source_key
 
@@ -168,6 +169,32 @@ def renamed_rules(program: ast.Program, naming: Renaming) -> str:
     for _, (start, end, new) in ordered:
         text = text[:start] + new + text[end:]
     return text
+
+
+def edits_as_rules(plan: Plan, adapter: str) -> str:
+    """Adapter `adapter` of `plan` as an `adapter NAME { apply ... }` block of its edits' own
+    bound arguments, each statement naming exactly its modules (`expect N`)."""
+    groups: dict[tuple[str, str, tuple], list[str]] = {}
+    for edit in plan.edits:
+        if edit.adapter == adapter:
+            groups.setdefault((edit.method, edit.name, edit.arguments), []).append(edit.path)
+    applies = []
+    for (method, edit_name, arguments), paths in groups.items():
+        args = ", ".join(f"{key}={_rule_value(value)}" for key, value in arguments)
+        text = apply_statement(method, f"({args})", paths)
+        at = text.rindex("\n    expect")
+        applies.append(f"  {text[:at]} as {edit_name}{text[at:]}".replace("\n", "\n  "))
+    return f"adapter {adapter} {{\n" + "\n".join(applies) + "\n}"
+
+
+def _rule_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_rule_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
 
 
 def offsets(span: Span) -> tuple[int, int]:

@@ -36,7 +36,7 @@ from surgery.io.adapters import (
     model_info,
     unfrozen_base_parameters,
 )
-from surgery.io.naming import offsets, plain_plan
+from surgery.io.naming import edits_as_rules, offsets, plain_plan
 from surgery.io.safe import Inputs, OutputKind, atomic_directory
 from surgery.lang import ast, parse
 from surgery.plan import Plan
@@ -88,7 +88,7 @@ def one_adapter(
             hint="train a copy per adapter with trained_copy, or keep one adapter per model",
         )
     check_nothing_trains_unsaved(model, unfrozen)
-    rules = rules_for(rules_text, name)
+    rules = rules_for(rules_text, name, plan)
     try:
         own = plain_plan(model, parse(rules, f"<rules of adapter {name}>"))
     except SurgeryError as error:
@@ -115,11 +115,13 @@ def _cannot_split(name: str, why: str) -> OutputError:
     )
 
 
-def rules_for(rules_text: str, name: str) -> str:
+def rules_for(rules_text: str, name: str, plan: Plan | None = None) -> str:
     """The statements of `rules_text` that make adapter `name`: its `adapter name { }` blocks
     (for "default", also the `apply`, `freeze` and `unfreeze` statements outside any block),
     and those that make no edit (`use`, `let`, `fuse`, `merge`, `remove`: the plan of the result
-    is checked). The text itself when it makes no other adapter. A `freeze` or `unfreeze`
+    is checked). The text itself when it makes no other adapter. An adapter made by `combine`
+    from others is written as the plain edits it is (`plan`'s records of it), since its
+    sources are not in its directory. A `freeze` or `unfreeze`
     outside the blocks, after an `apply`, may set any adapter's parameters: refused for a named
     adapter (before any `apply` it touches the base only, which every adapter shares)."""
     program = parse(rules_text, "<rules>")
@@ -127,7 +129,7 @@ def rules_for(rules_text: str, name: str) -> str:
     loose = (ast.Apply, ast.Freeze, ast.Unfreeze)
 
     def mine(statement: ast.Statement) -> bool:
-        if isinstance(statement, ast.AdapterBlock):
+        if isinstance(statement, (ast.AdapterBlock, ast.Combine)):
             return statement.name == name
         return name == DEFAULT or not isinstance(statement, loose)
 
@@ -140,7 +142,12 @@ def rules_for(rules_text: str, name: str) -> str:
             raise _cannot_split(
                 name, f"`{statement.span.text}`, outside the blocks, may set its parameters"
             )
-    pieces = [text[slice(*offsets(s.span))] for s in program if mine(s)]
+    pieces = [
+        edits_as_rules(plan, name) if isinstance(s, ast.Combine) and plan else
+        text[slice(*offsets(s.span))]
+        for s in program
+        if mine(s)
+    ]
     return "\n".join(pieces) + "\n"
 
 
