@@ -5,7 +5,9 @@ report = rewrite(model, "apply lora(r=8) to *.self_attn.<q,v>_proj")
 """
 
 from surgery.adapters import units as _units
+from surgery.adapters.combine import combine_adapters as _combine_adapters
 from surgery.adapters.lifecycle import HotSwapError, delete_adapter, hot_swap, merge_adapter
+from surgery.adapters.router import RoutingError
 from surgery.api import load_rules, plan, rewrite
 from surgery.arguments import checked
 from surgery.errors import (
@@ -20,6 +22,7 @@ from surgery.errors import (
 from surgery.execute import Report
 from surgery.graph.site import Site
 from surgery.io.load import load_adapter
+from surgery.io.several import load_adapters as _load_adapters
 from surgery.lang import parse as _parse
 from surgery.lang import parse_file as _parse_file
 from surgery.methods import REGISTRY as METHODS
@@ -35,6 +38,8 @@ set_active = checked(_units.set_active)
 active_adapters = checked(_units.active_adapters)
 adapter_names = checked(_units.adapter_names)
 disabled = checked(_units.disabled)
+combine_adapters = checked(_combine_adapters)
+load_adapters = checked(_load_adapters)
 
 __version__ = "0.1.0"
 
@@ -48,15 +53,18 @@ __all__ = [
     "PlanError",
     "Report",
     "ResolveError",
+    "RoutingError",
     "Site",
     "SurgeryError",
     "SurgerySyntaxError",
     "active_adapters",
     "adapter_names",
+    "combine_adapters",
     "delete_adapter",
     "disabled",
     "hot_swap",
     "load_adapter",
+    "load_adapters",
     "load_rules",
     "merge_adapter",
     "param_groups",

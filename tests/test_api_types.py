@@ -20,10 +20,12 @@ from surgery import (
     SurgeryError,
     active_adapters,
     adapter_names,
+    combine_adapters,
     delete_adapter,
     disabled,
     hot_swap,
     load_adapter,
+    load_adapters,
     load_rules,
     merge_adapter,
     param_groups,
@@ -76,6 +78,10 @@ CALLS: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], str]] = [
     (merge_adapter, (None, "a"), {}, "model"),
     (hot_swap, (M, "a", 3), {}, "source"),
     (hot_swap, (M, ["a"], "b"), {}, "name"),
+    (combine_adapters, (M, 3, ["a"], [1.0]), {"how": "cat"}, "name"),
+    (combine_adapters, (None, "m", ["a"], [1.0]), {"how": "cat"}, "model"),
+    (load_adapters, (M, None), {}, "directory"),
+    (load_adapters, (None, "d"), {}, "model"),
 ]
 
 
