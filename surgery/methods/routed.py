@@ -155,6 +155,9 @@ class _Group:
         return _signature(self.tensors) == self.signature
 
 
+_GROUPS = 64  # the groups (subsets of the bank's edits) a bank remembers the slots of
+
+
 class _Bank:
     """The cached bank of one form at one wrapped module: every edit routed there, by slot."""
 
@@ -184,6 +187,8 @@ class _Bank:
             self._restack(owner, owner_tensors, edits, statics, prepare, stack)
         slots = [self.slots[id(m)] for m in edits] + [len(self.members)]
         remap = torch.tensor(slots, device=device)
+        if len(self.groups) >= _GROUPS:  # batches with ever new subsets: forget the oldest
+            del self.groups[next(iter(self.groups))]
         self.groups[key] = _Group(remap, owner, owner_tensors, edits, statics)
         return self.stacked, remap
 
@@ -318,13 +323,6 @@ def row_dropout(x: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
     keep = (1.0 - p).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
     mask = torch.bernoulli(keep.expand_as(x).contiguous())
     return x * mask / keep
-
-
-def dropout_p(module: nn.Module | None) -> float:
-    """The probability a dropout submodule drops with now (0 outside training)."""
-    if module is None or not module.training:
-        return 0.0
-    return float(module.p)
 
 
 def refuse(method: str, option: str, why: str) -> Any:
