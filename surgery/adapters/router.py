@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from surgery.adapters.names import BASE_ROW
-from surgery.adapters.state import adapter_state
-from surgery.adapters.units import active_emission, check_names, held_edits
+from surgery.adapters.units import check_names
 from surgery.errors import SurgeryError
-from surgery.graph.model_edit import bind_arguments
+from surgery.graph.logical import base_of
+from surgery.graph.model_edit import bind_arguments, edit_keys
 from surgery.graph.site import EditKey, Emitted, Routed, Site, retemplate, routes
 from surgery.hf import Call
 
@@ -44,6 +44,8 @@ class Route:
 
     rows: tuple[str, ...]
     _slots: dict[Any, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    # the sites this call switched, each with the class it had (what `end` puts back)
+    switched: list[tuple[Site, type]] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -70,22 +72,21 @@ def current_route(model: nn.Module) -> Route | None:
     return model.__dict__.get(ROUTE)
 
 
-_EMISSIONS: dict[tuple[tuple[EditKey, ...], tuple[str, ...]], Emitted | RoutingError] = {}
+_EMISSIONS: dict[tuple[tuple[EditKey, ...], tuple[str, ...]], Emitted] = {}
 
 
 def routed_emission(site: Site, adapters: tuple[str, ...]) -> Emitted:
-    """`emission` for a site's edits, cached: every step of a routed `generate` asks again."""
+    """`emission` for a site's edits, cached (refusals are not: they are rare, and whether a
+    method routes is looked up again)."""
     key = (site.edits, adapters)
     found = _EMISSIONS.get(key)
-    if found is None:
-        try:
-            found = emission(site.edits, adapters)
-        except RoutingError as error:
-            found = error
-        _EMISSIONS[key] = found
-    if isinstance(found, RoutingError):
-        raise found
+    if found is None or not _still_routes(found):
+        found = _EMISSIONS[key] = emission(site.edits, adapters)
     return found
+
+
+def _still_routes(emitted: Emitted) -> bool:
+    return all(routes(group.method) for group in emitted or () if isinstance(group, Routed))
 
 
 def emission(edits: tuple[EditKey, ...], adapters: tuple[str, ...]) -> Emitted:
@@ -141,8 +142,8 @@ def check_model_edits(model: nn.Module, adapters: Sequence[str]) -> None:
     """Model-level (virtual-token) edits route through their hooks, when their method can."""
     from surgery.methods import REGISTRY
 
-    for holder, key, _ in held_edits(model):
-        if holder is model and key.adapter in adapters and not REGISTRY[key.method].routes:
+    for key in edit_keys(model):  # only the model itself holds model-level edits
+        if key.adapter in adapters and not REGISTRY[key.method].routes:
             raise RoutingError(
                 f"{key.method} cannot serve a mixed-adapter batch yet (adapter "
                 f"'{key.adapter}' uses it)",
@@ -167,29 +168,67 @@ def begin(model: nn.Module, rows: Sequence[Any], batch: int | None) -> Route:
     route = Route(tuple(rows))
     adapters = route.adapters
     check_model_edits(model, adapters)
-    sites = [m for m in model.modules() if isinstance(m, Site)]
-    emissions = [routed_emission(site, adapters) for site in sites]  # all checked first
+    end(model)  # a call that never reached its end hook leaves nothing behind
+    sites = _sites(model)
+    switches = [_switch(type(site), site, adapters) for site in sites]  # all checked first
     model.__dict__[ROUTE] = route
-    for site, emitted in zip(sites, emissions, strict=True):
-        retemplate(site, emitted)
-        for group in emitted or ():
-            assert isinstance(group, Routed)
-            names = tuple(k.adapter for k in group.keys)
+    for site, (routed, groups) in zip(sites, switches, strict=True):
+        route.switched.append((site, type(site)))
+        site.__class__ = routed
+        site.__dict__.update(routed._surgery_graph_state)
+        for group, names in groups:
             site.__dict__[group.route_attribute] = route.index(names, _device(site))
     return route
 
 
+# (a site's class, the call's adapters) -> its routed class and groups (with their adapters):
+# every step of a routed `generate` switches every site, so this is one dict lookup each
+_SWITCHES: dict[tuple[type, tuple[str, ...]], tuple[type, list[tuple[Routed, tuple]]]] = {}
+
+
+def _switch(cls: type, site: Site, adapters: tuple[str, ...]) -> tuple[type, list]:
+    found = _SWITCHES.get((cls, adapters))
+    if found is None or not all(routes(group.method) for group, _ in found[1]):
+        emitted = routed_emission(site, adapters)
+        retemplate(site, emitted)
+        routed = type(site)
+        site.__class__ = cls  # (switched for real, with the others, once all are checked)
+        site.__dict__.update(cls._surgery_graph_state)
+        groups = [(g, tuple(k.adapter for k in g.keys)) for g in emitted or ()]
+        found = _SWITCHES[(cls, adapters)] = (routed, groups)  # type: ignore[assignment]
+    return found
+
+
 def end(model: nn.Module) -> None:
-    """Back to the active adapters' graphs after a routed call."""
-    if model.__dict__.pop(ROUTE, None) is None:
+    """Back to the graphs each site had before the routed call."""
+    route = model.__dict__.pop(ROUTE, None)
+    if route is None:
         return
-    state = adapter_state(model)
-    active = None if state is None else state.active
-    for module in model.modules():
+    for site, cls in route.switched:
+        for name in [n for n in site.__dict__ if n.startswith("_surgery_route")]:
+            del site.__dict__[name]
+        site.__class__ = cls
+        site.__dict__.update(cls._surgery_graph_state)
+
+
+def _sites(model: nn.Module) -> list[Site]:
+    """Every site in `model`, once each: a plain walk of the module dicts that skips the edits'
+    own modules (`modules()` would name all of them; this runs at every step of a routed
+    `generate`, where a site may hold dozens of adapters)."""
+    found: list[Site] = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
         if isinstance(module, Site):
-            for name in [n for n in module.__dict__ if n.startswith("_surgery_route")]:
-                del module.__dict__[name]
-            retemplate(module, active_emission(module, active))
+            found.append(module)
+            stack.append(base_of(module))
+            continue
+        stack.extend(child for child in module._modules.values() if child is not None)
+    return found
 
 
 def _device(site: Site) -> torch.device:

@@ -76,6 +76,7 @@ class Site(TransparentStateDict, fx.GraphModule):
     _surgery_signature: Signature
     _surgery_edits: tuple[EditKey, ...]
     _surgery_emitted: Emitted  # what the graph computes; None: every edit, in order
+    _surgery_graph_state: dict[str, Any]  # the instance attributes of its graph (retemplate)
     _surgery_graph: fx.Graph  # shared by every site of this template
     _surgery_code: PythonCode
 
@@ -220,7 +221,7 @@ def retemplate(site: Site, emitted: Emitted) -> None:
         return
     cls = _template(site._surgery_signature, site._surgery_edits, emitted)
     site.__class__ = cls
-    site.__dict__.update(_graph_module_state(cls, graph_only=True))
+    site.__dict__.update(cls._surgery_graph_state)
 
 
 def _publish(key: TemplateKey, graph: fx.Graph) -> type[Site]:
@@ -238,6 +239,7 @@ def _publish(key: TemplateKey, graph: fx.Graph) -> type[Site]:
             "_surgery_code": code,
         },
     )
+    cls._surgery_graph_state = _graph_module_state(cls, graph_only=True)  # what a switch sets
     _TEMPLATES[key] = cls
     return cls
 
