@@ -51,11 +51,7 @@ def statement_keywords() -> tuple[str, ...]:
     """The words that start a statement, in the grammar's order, read from the grammar itself:
     the first token of each `_statement` alternative. A new statement needs no list here."""
     parser = _lark()
-    literals = {
-        t.name: t.pattern.value for t in parser.terminals if isinstance(t.pattern, PatternStr)
-    }
-    # a keyword written as a regex because it is one only before what follows (`adapter NAME {`)
-    literals |= {t.name: word for t in parser.terminals if (word := _lookahead_keyword(t))}
+    literals = {t.name: _keyword(t) for t in parser.terminals if _keyword(t)}
     kinds = [r.expansion[0].name for r in parser.rules if r.origin.name == "_statement"]
     first = {
         r.origin.name: literals[r.expansion[0].name]
@@ -91,12 +87,12 @@ def parse_file(path: str | Path, *, confined_to: Path | None = None) -> ast.Prog
 # ---- error translation -------------------------------------------------------------------
 
 
-def _lookahead_keyword(terminal: TerminalDef) -> str | None:
-    """The word of a keyword terminal written as a regex with a lookahead (`adapter` only
-    before `NAME {`), else None."""
+def _keyword(terminal: TerminalDef) -> str | None:
+    """A literal's text, or the word of a keyword written as a regex with a lookahead because
+    it is one only before what follows (`adapter` before `NAME {`); None for other terminals."""
     pattern = terminal.pattern
     if isinstance(pattern, PatternStr):
-        return None
+        return pattern.value
     word = re.fullmatch(r"([a-z]+)\(\?=.*\)", pattern.value, flags=re.S)
     return word.group(1) if word else None
 
@@ -108,9 +104,7 @@ def _describe_terminal(name: str) -> str:
         terminal = _lark().get_terminal(name)
     except KeyError:
         return name.lower()
-    if isinstance(terminal.pattern, PatternStr):
-        return f"'{terminal.pattern.value}'"
-    keyword = _lookahead_keyword(terminal)
+    keyword = _keyword(terminal)
     return f"'{keyword}'" if keyword else name.lower()
 
 

@@ -1,10 +1,9 @@
 """LoRA (Hu et al. 2021, arXiv:2106.09685): y = base(x) + s · B(A(dropout(x))).
 
 A is [r, in] (Kaiming-uniform or Gaussian), B is [out, r] and starts at zero, so insertion
-changes nothing. s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023).
-Merge folds s · B @ A into the base weight, computed in fp32 and rounded once.
-LoRA+ (Hayou et al. 2024, arXiv:2402.12354): `lr_ratio` makes B learn lr_ratio times faster than
-A in the optimizer groups of `surgery.param_groups`; it does not change the graph.
+changes nothing. s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023). Merge
+folds s · B @ A into the base weight, in fp32, rounded once. LoRA+ (Hayou et al. 2024,
+arXiv:2402.12354): `lr_ratio` makes B learn lr_ratio times faster than A (`param_groups`).
 
 Targets are Linear layers and GPT-2's Conv1D (weight stored `[in, out]`: merge adds the
 transposed update), and nn.Embedding, nn.Conv1d and nn.Conv2d with PEFT's semantics
@@ -338,8 +337,7 @@ class LoRA(SiteMethod):
         h = b.function(F.linear, b.function(F.linear, x, A), B, bias)
         b.set_output(b.function(operator.add, b.value, h))
 
-    # per row: two bmms over a bank of every adapter's A and s·B (surgery/methods/lora_routed.py)
-    emit_routed = staticmethod(emit_lora_routed)
+    emit_routed = staticmethod(emit_lora_routed)  # per row: a bank of A and s·B, two bmms
 
     def merged(
         self, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], key: EditKey
