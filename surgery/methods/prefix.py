@@ -9,7 +9,7 @@ paper); `merge` bakes the MLP's output into the table. P-tuning v2 is the same d
 without the reparameterization. Table layout per virtual token: for each layer its key then
 its value, each `kv_heads × head_dim` wide (PEFT's layout, so tables convert as they are).
 In a routed call (`adapter_names=`) each row's cache holds its own adapter's prefix, shorter ones
-padded in front and masked (`VirtualTokenAdapter.prepare_rows`, docs/routing_tokens.md).
+padded in front and masked (`VirtualTokenAdapter.prepare_rows`, docs/routing.md).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ predicts the user's first token), and moves
 position ids right by `n`. During `generate()` it prepends only at prefill: the cache holds the
 virtual tokens afterwards. Outputs keep the virtual positions (logits are `[B, n + L, V]`, as
 in PEFT). In a routed call (`adapter_names=`) each row gets its own adapter's prompt, shorter
-ones padded in front and masked (`VirtualTokenAdapter.prepare_rows`, docs/routing_tokens.md).
+ones padded in front and masked (`VirtualTokenAdapter.prepare_rows`, docs/routing.md).
 """
 
 from __future__ import annotations
