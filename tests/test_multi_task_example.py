@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from surgery.adapters.units import set_active
@@ -65,3 +66,27 @@ def test_untrained_adapters_solve_nothing() -> None:
     result = load_example().main(["--steps", "0", "--rows", "2", "--repeats", "1"])
     assert set(result.accuracy.values()) == {0.0}
     assert result.peft_agrees
+
+
+def readme_mixed_batch() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    (block,) = [b for b in blocks if "adapter_names=" in b]
+    return block
+
+
+def test_readme_mixed_batch_runs_as_shown() -> None:
+    """The README's five lines: two adapters, one generate in which each row names its own."""
+    from surgery import SurgeryError, rewrite
+    from surgery.adapters.units import active_adapters, adapter_names
+    from surgery.models import tiny
+
+    block = readme_mixed_batch()
+    assert len(block.strip().splitlines()) == 6  # five statements, one over two lines
+    namespace = {"torch": torch, "rewrite": rewrite, "tiny": tiny}
+    exec(compile(block, "README.md", "exec"), namespace)
+    model, ids, out = namespace["model"], namespace["ids"], namespace["out"]
+    assert adapter_names(model) == ["sql", "chat"] and active_adapters(model) == ("sql",)
+    assert out.shape == (3, ids.shape[1] + 8) and torch.equal(out[:, : ids.shape[1]], ids)
+    with pytest.raises(SurgeryError, match="no adapter named 'sqll'"):  # never ignored
+        model(ids, adapter_names=["sql", "chat", "sqll"])
