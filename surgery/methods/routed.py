@@ -77,14 +77,18 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
-# Bumped whenever any module anywhere registers a parameter, buffer or submodule (replacing
-# `lora.A` by a new Parameter does): until it moves, the tensors a cached bank was stacked from
-# are still the ones its edits hold, and checking their versions is all a call needs to do.
+# Bumped whenever a module registers a parameter, buffer or submodule (replacing `lora.A` by a
+# new Parameter does): until it moves, the tensors a cached bank was stacked from are still the
+# ones its edits hold, and checking their versions is all a call needs to do. Containers are
+# left out: transformers slices its ModuleList of layers on every forward (a new ModuleList),
+# and no edit module is a container.
 _registrations = [0]
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential, nn.ParameterList, nn.ParameterDict)
 
 
-def _registered(*_: Any) -> None:
-    _registrations[0] += 1
+def _registered(module: nn.Module, *_: Any) -> None:
+    if not isinstance(module, _CONTAINERS):
+        _registrations[0] += 1
 
 
 for _hook in (
@@ -151,6 +155,9 @@ class _Group:
         return _signature(self.tensors) == self.signature
 
 
+_GROUPS = 64  # the groups (subsets of the bank's edits) a bank remembers the slots of
+
+
 class _Bank:
     """The cached bank of one form at one wrapped module: every edit routed there, by slot."""
 
@@ -180,6 +187,8 @@ class _Bank:
             self._restack(owner, owner_tensors, edits, statics, prepare, stack)
         slots = [self.slots[id(m)] for m in edits] + [len(self.members)]
         remap = torch.tensor(slots, device=device)
+        if len(self.groups) >= _GROUPS:  # batches with ever new subsets: forget the oldest
+            del self.groups[next(iter(self.groups))]
         self.groups[key] = _Group(remap, owner, owner_tensors, edits, statics)
         return self.stacked, remap
 
@@ -256,12 +265,17 @@ def banked(
     if fresh:
         stacked = stack([prepare(m, s, owner) for m, s in zip(edits, statics, strict=True)])
         return stacked, route
-    key = (form, like.dtype, like.device, torch.is_inference_mode_enabled())
-    bank = _BANKS.setdefault(owner, {}).setdefault(key, _Bank())
+    key = (form, like.dtype, route.device, torch.is_inference_mode_enabled())
+    banks = _BANKS.get(owner)
+    if banks is None:
+        banks = _BANKS[owner] = {}
+    bank = banks.get(key)
+    if bank is None:
+        bank = banks[key] = _Bank()
     stacked, remap = bank.lookup(
-        owner, owner_tensors, edits, statics, prepare, stack, like.device
+        owner, owner_tensors, edits, statics, prepare, stack, route.device
     )
-    return stacked, remap[route]
+    return stacked, remap.index_select(0, route)
 
 
 def stack_padded(tensors: Sequence[torch.Tensor | None], none: float = 0.0) -> torch.Tensor:
@@ -309,13 +323,6 @@ def row_dropout(x: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
     keep = (1.0 - p).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
     mask = torch.bernoulli(keep.expand_as(x).contiguous())
     return x * mask / keep
-
-
-def dropout_p(module: nn.Module | None) -> float:
-    """The probability a dropout submodule drops with now (0 outside training)."""
-    if module is None or not module.training:
-        return 0.0
-    return float(module.p)
 
 
 def refuse(method: str, option: str, why: str) -> Any:
