@@ -71,6 +71,7 @@ bench: setup
 	$(PY) benchmarks/bench_train_step.py
 	$(PY) benchmarks/bench_merged_inference.py
 	$(PY) benchmarks/bench_latency.py
+	$(PY) benchmarks/bench_mixed_batch.py
 
 clean:
 	rm -rf $(VENV) $(LATEST) $(TOOLS) out build dist .pytest_cache .hypothesis

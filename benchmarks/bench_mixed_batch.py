@@ -25,7 +25,7 @@ medians are drawn (time vs number of adapters, both libraries, forward and gener
 
 Run: `python benchmarks/bench_mixed_batch.py [--adapters 1 8 32] [--prompt 32] [--new 16]
 [--repeats 10] [--gen-repeats 5] [--warmup 1] [--threads 2] [--plot docs/mixed_batch.png]
-[model options]`.
+[--json FILE] [--hidden 512 --intermediate 1376 --layers 4 --heads 8 --vocab 8000 --seed 0]`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import torch
 from _common import (
     TARGETS,
     Timings,
-    add_model_args,
     base_model,
     console,
     interleave,
@@ -282,7 +281,16 @@ def plot(results: Results, path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_model_args(parser)
+    for option, default in (
+        ("hidden", 512),
+        ("intermediate", 1376),
+        ("layers", 4),
+        ("heads", 8),
+        ("vocab", 8000),
+        ("threads", 2),
+        ("seed", 0),
+    ):
+        parser.add_argument(f"--{option}", type=int, default=default)
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
     parser.add_argument("--new", type=int, default=16, help="new tokens in generate")
@@ -292,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=None, help="write the plot (PNG) here")
     parser.add_argument("--json", type=Path, default=None, help="write the timings here")
     args = parser.parse_args(argv)
+    args.seq = args.prompt + args.new  # the model's positions (`_common.llama_config`)
     torch.set_num_threads(args.threads)
     print_machine()
     config = (
