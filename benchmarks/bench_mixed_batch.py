@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -259,7 +260,7 @@ def plot(results: Results, path: Path, title: str) -> None:
         "PEFT mixed": ("tab:red", "-", "o"),
         "PEFT single": ("tab:red", ":", "s"),
     }
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     for axis, kind in zip(axes, KINDS, strict=True):
         for name, (color, line, marker) in styles.items():
             ms = [results[n][kind][name].median * 1e3 for n in counts]
@@ -272,7 +273,7 @@ def plot(results: Results, path: Path, title: str) -> None:
         axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
     axes[0].legend()
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(textwrap.fill(title, 120), fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
         f"{args.heads} heads, vocab {args.vocab}; LoRA r=8 alpha=16 on q,k,v,o,gate,up,down; "
         f"one row per adapter, {args.prompt} prompt tokens, {args.new} new tokens (greedy); "
-        f"fp32, {args.threads} threads"
+        f"fp32, torch threads {args.threads}"
     )
     console.print(f"[bold]config[/bold]: {config}")
     results: Results = {}
