@@ -158,14 +158,17 @@ def peft_twin(model: nn.Module) -> nn.Module:
     return twin.eval()
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_seconds(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each call, after a warm-up; the calls alternate, so that a change in
+    the machine's load falls on both alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(repeats + 1):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            if round_:  # round 0 is the warm-up
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def main(argv: list[str] | None = None) -> Result:
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> Result:
     parser.add_argument("--batch", type=int, default=32, help="training batch size")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--rows", type=int, default=16, help="rows per task in the mixed batch")
-    parser.add_argument("--repeats", type=int, default=5, help="timed generate calls per library")
+    parser.add_argument("--repeats", type=int, default=7, help="timed generate calls per library")
     args = parser.parse_args(argv)
     began = time.perf_counter()
     torch.manual_seed(0)
@@ -215,8 +218,14 @@ def main(argv: list[str] | None = None) -> Result:
     peft_generated = generate(twin, prompts, rows)
     peft_agrees = torch.equal(peft_generated, generated)
     console.print(f"PEFT wrote the same tokens: {'yes' if peft_agrees else 'NO'}")
-    ours = median_seconds(lambda: generate(model, prompts, rows), args.repeats)
-    theirs = median_seconds(lambda: generate(twin, prompts, rows), args.repeats)
+    seconds = median_seconds(
+        {
+            "surgery": lambda: generate(model, prompts, rows),
+            "PEFT": lambda: generate(twin, prompts, rows),
+        },
+        args.repeats,
+    )
+    ours, theirs = seconds["surgery"], seconds["PEFT"]
     console.print(
         f"mixed-batch generate ({len(rows)} rows, {K} new tokens), median of {args.repeats}: "
         f"surgery {ours * 1e3:.1f} ms, PEFT {theirs * 1e3:.1f} ms ({ours / theirs:.2f}x PEFT)"
