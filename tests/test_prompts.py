@@ -21,6 +21,7 @@ from transformers import FalconConfig, LlamaConfig
 
 import surgery
 from surgery import PlanError, SurgeryError, rewrite
+from surgery.graph import model_edit
 from surgery.models import from_config, tiny
 from tests.conftest import train_losses
 
@@ -226,7 +227,7 @@ def test_one_virtual_token_edit_per_model(llama: nn.Module) -> None:
     rewrite(llama, rules("llama", "prompt"))
     with pytest.raises(PlanError, match="already has a virtual-token edit, 'prompt'"):
         rewrite(llama, rules("llama", "prefix"))
-    assert len(llama._forward_pre_hooks) == 1
+    assert len(model_edit.edit_keys(llama)) == 1
 
 
 def test_init_from_vocabulary_and_ids(llama: nn.Module) -> None:

@@ -70,13 +70,31 @@ def current_route(model: nn.Module) -> Route | None:
     return model.__dict__.get(ROUTE)
 
 
-def routed_emission(site: Site, adapters: Sequence[str]) -> Emitted:
-    """What `site` computes in a call routed over `adapters`: per method, one `Routed` group
-    holding that method's edit from each adapter (a row gets at most one edit per group, its
-    adapter's). Each adapter's own order of methods at the site is kept; adapters that order
-    two methods differently cannot share one graph and are refused."""
+_EMISSIONS: dict[tuple[tuple[EditKey, ...], tuple[str, ...]], Emitted | RoutingError] = {}
+
+
+def routed_emission(site: Site, adapters: tuple[str, ...]) -> Emitted:
+    """`emission` for a site's edits, cached: every step of a routed `generate` asks again."""
+    key = (site.edits, adapters)
+    found = _EMISSIONS.get(key)
+    if found is None:
+        try:
+            found = emission(site.edits, adapters)
+        except RoutingError as error:
+            found = error
+        _EMISSIONS[key] = found
+    if isinstance(found, RoutingError):
+        raise found
+    return found
+
+
+def emission(edits: tuple[EditKey, ...], adapters: tuple[str, ...]) -> Emitted:
+    """What a site with `edits` computes in a call routed over `adapters`: per method, one
+    `Routed` group holding that method's edit from each adapter (a row gets at most one edit
+    per group, its adapter's). Each adapter's own order of methods at the site is kept;
+    adapters that order two methods differently cannot share one graph and are refused."""
     per_adapter: dict[str, list[EditKey]] = {}
-    for key in site.edits:
+    for key in edits:
         if key.adapter in adapters:
             per_adapter.setdefault(key.adapter, []).append(key)
     methods: list[str] = []
@@ -181,14 +199,16 @@ def _device(site: Site) -> torch.device:
 
 
 class RouteHook:
-    """The model's forward pre-hook: takes `adapter_names` out of the call and routes it."""
+    """The model's forward pre-hook: takes `adapter_names` out of the call and routes it.
+    Routing switches site classes, Python state that torch.compile must not trace: the hooks run
+    eagerly, outside any compiled frame."""
 
+    @torch.compiler.disable
     def __call__(
         self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         if ARGUMENT not in kwargs:
-            end(model)  # a call that raised inside a routed call left nothing behind
-            return None
+            return None  # a plain call: nothing to read or write (compiled graphs stay valid)
         rows = kwargs.pop(ARGUMENT)
         if rows is None:
             return args, kwargs
@@ -201,6 +221,7 @@ class RouteHook:
 class RouteEndHook:
     """The model's forward hook (always called, even on an error): the routed call is over."""
 
+    @torch.compiler.disable
     def __call__(self, model: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         end(model)
         return output

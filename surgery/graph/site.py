@@ -323,7 +323,8 @@ def drop_edit(site: Site, name: str) -> Site | nn.Module:
     key = (site._surgery_signature, remaining, None)
     cls = _TEMPLATES.get(key)
     if cls is None:
-        erased = erase_edit(site.graph, name)
+        every = _template(site._surgery_signature, site.edits)  # the graph of all its edits
+        erased = erase_edit(every._surgery_graph, name)
         # Once per new structure: the erased graph must be exactly what the remaining edits
         # build on their own; anything else is a bug in an emitter's tagging.
         if not same_structure(erased, build_graph(*key)):

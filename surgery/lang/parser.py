@@ -11,7 +11,7 @@ from functools import cache
 from pathlib import Path
 
 import lark
-from lark.lexer import PatternStr, Token
+from lark.lexer import PatternStr, TerminalDef, Token
 
 from surgery.errors import Source, Span, SurgerySyntaxError, did_you_mean
 from surgery.files import read_text
@@ -55,11 +55,7 @@ def statement_keywords() -> tuple[str, ...]:
         t.name: t.pattern.value for t in parser.terminals if isinstance(t.pattern, PatternStr)
     }
     # a keyword written as a regex because it is one only before what follows (`adapter NAME {`)
-    literals |= {
-        t.name: word.group()
-        for t in parser.terminals
-        if not isinstance(t.pattern, PatternStr) and (word := re.match(r"[a-z]+", t.pattern.value))
-    }
+    literals |= {t.name: word for t in parser.terminals if (word := _lookahead_keyword(t))}
     kinds = [r.expansion[0].name for r in parser.rules if r.origin.name == "_statement"]
     first = {
         r.origin.name: literals[r.expansion[0].name]
@@ -95,16 +91,27 @@ def parse_file(path: str | Path, *, confined_to: Path | None = None) -> ast.Prog
 # ---- error translation -------------------------------------------------------------------
 
 
+def _lookahead_keyword(terminal: TerminalDef) -> str | None:
+    """The word of a keyword terminal written as a regex with a lookahead (`adapter` only
+    before `NAME {`), else None."""
+    pattern = terminal.pattern
+    if isinstance(pattern, PatternStr):
+        return None
+    word = re.fullmatch(r"([a-z]+)\(\?=.*\)", pattern.value, flags=re.S)
+    return word.group(1) if word else None
+
+
 def _describe_terminal(name: str) -> str:
     if name in _TERMINAL_WORDS:
         return _TERMINAL_WORDS[name]
     try:
-        pattern = _lark().get_terminal(name).pattern
+        terminal = _lark().get_terminal(name)
     except KeyError:
         return name.lower()
-    if isinstance(pattern, PatternStr):
-        return f"'{pattern.value}'"
-    return name.lower()
+    if isinstance(terminal.pattern, PatternStr):
+        return f"'{terminal.pattern.value}'"
+    keyword = _lookahead_keyword(terminal)
+    return f"'{keyword}'" if keyword else name.lower()
 
 
 def _expected_words(expected: set[str]) -> str:
