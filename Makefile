@@ -12,7 +12,7 @@ TORCH  ?= torch==2.13.0
 TOOLS  := .venv-tools
 LATEST := .venv-latest
 
-.PHONY: setup demo test test-latest lock lint bench clean
+.PHONY: setup demo demo-multi test test-latest lock lint bench clean
 
 # The lock pins everything, the build backend (hatchling) included, so the project installs
 # without build isolation: nothing unpinned is downloaded.
@@ -26,6 +26,11 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(PY) examples/demo.py
+	$(PY) examples/multi_task.py
+
+# Three task adapters on one frozen model, one mixed batch, timed against PEFT (part of `demo`).
+demo-multi: setup
+	$(PY) examples/multi_task.py
 
 test: setup
 	$(PY) -m pytest
@@ -66,6 +71,7 @@ bench: setup
 	$(PY) benchmarks/bench_train_step.py
 	$(PY) benchmarks/bench_merged_inference.py
 	$(PY) benchmarks/bench_latency.py
+	$(PY) benchmarks/bench_mixed_batch.py
 
 clean:
 	rm -rf $(VENV) $(LATEST) $(TOOLS) out build dist .pytest_cache .hypothesis
