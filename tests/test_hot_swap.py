@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_adapter_lifecycle import QV, fill, logits, state  # the same fixtures
 from test_compile import Block, X  # the compile suite's plain-torch block
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -17,30 +18,11 @@ from surgery import HotSwapError, Site, SurgeryError, hot_swap, rewrite, set_act
 from surgery.io.adapters import AdapterError, write_adapter_dir
 from surgery.models import tiny
 
-IDS = torch.arange(3, 15).unsqueeze(0)
-QV = "*.self_attn.<q,v>_proj"
 UNIT = f"apply lora(r=4) to {QV}\n  apply ia3 to *.mlp.down_proj"
 
 
 def block(name: str, body: str = UNIT) -> str:
     return f"adapter {name} {{\n  {body}\n}}\n"
-
-
-def fill(model: nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-
-
-def logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits
-
-
-def state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
