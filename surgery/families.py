@@ -98,9 +98,12 @@ def parent_family(
     path = family_file(statement.extends)
     if str(path) in chain:
         files = [Path(p).name for p in (*chain[chain.index(str(path)) :], str(path))]
-        what = "itself" if len(files) == 2 else "a cycle: " + " -> ".join(files)
+        what = (
+            "itself" if len(files) == 2
+            else f"{statement.extends}, which closes a cycle: " + " -> ".join(files)
+        )
         raise ResolveError(
-            f"family {statement.name} extends {statement.extends}, which extends {what}",
+            f"family {statement.name} extends {what}",
             span=span,
             hint="a family may extend another only if that one does not extend it back",
         )

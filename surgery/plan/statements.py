@@ -79,7 +79,8 @@ def inherit(planner: Planner, st: ast.Family, scope: Scope) -> None:
             "its names (the inherited names would replace those above it)",
             span=st.span,
         )
-    chain = (*scope.including, scope.program.source.name)
+    here = scope.program.source.name  # a `use`d file is the last of `including` already
+    chain = scope.including if scope.including[-1:] == (here,) else (*scope.including, here)
     parent = parent_family(st, scope.program, chain)
     program = parse_file(parent.path)
     inner = Scope(program, chain, scope.used_at or st.span)  # `inherit` adds its file
