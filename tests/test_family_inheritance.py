@@ -18,6 +18,7 @@ from surgery.cli import main
 from surgery.families import describe_family
 from surgery.lang import ast, parse
 from surgery.models import tiny
+from surgery.plan import lint
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +138,12 @@ def test_cycles_are_located_errors(
     assert caught.value.span is not None and caught.value.span.source.name.endswith(".surg")
     with pytest.raises(ResolveError, match="extends"):
         describe_family("a")
+
+
+def test_check_without_a_model_finds_extends_mistakes() -> None:
+    assert lint(parse('family x for "llama" extends gemma2\nlet norms = norm')) == []
+    with pytest.raises(ResolveError, match="no shipped family") as caught:
+        lint(parse('family x for "llama" extends lama'))
+    assert caught.value.hint == "did you mean 'llama'?"
+    with pytest.raises(ResolveError, match="not a name of the llama family"):
+        lint(parse('family x for "llama" extends llama without expert'))
