@@ -241,3 +241,15 @@ def test_gpt_oss_sinks_and_bitfit_select_what_they_say() -> None:
     assert names == [n for n, _ in model.named_parameters() if n.endswith("bias")]
     assert any(n.endswith("experts.down_proj_bias") for n in names)
     assert any(n.endswith("router.bias") for n in names)
+
+
+@pytest.mark.parametrize("method", ["prefix", "p_tuning_v2"])
+def test_a_prefix_on_deepseeks_latent_cache_is_refused_at_plan_time(method: str) -> None:
+    """MLA caches a compressed latent, not per-head keys and values: a prefix of keys and
+    values has no place there (it used to fail inside the forward)."""
+    model = load_model("tiny-deepseek-v3")
+    with pytest.raises(PlanError, match="caches the compressed key/value latent"):
+        rewrite(model, f"use auto\napply {method}(n=4) to layers.*")
+    assert not any(type(m).__name__ == "Site" for m in model.modules())
+    rewrite(model, "use auto\napply prompt(n=4) to embed")  # input-side virtual tokens work
+    assert model(input_ids=IDS).logits.shape == (2, 13, 256)
