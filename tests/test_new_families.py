@@ -101,6 +101,19 @@ def test_tiny_presets_build_and_run(family: str) -> None:
     assert all(torch.equal(a, b) for a, b in pairs)
 
 
+@pytest.mark.parametrize("family", NEW)
+def test_every_role_resolves_on_the_full_size_preset(family: str) -> None:
+    model = meta_model(NEW[family][1])
+    info = describe_family(family)
+    steps = plan(model, "use auto\n" + "\n".join(f"freeze {r}" for r in info.roles)).steps
+    layers = model.config.num_hidden_layers
+    selected = {role: step.param_paths for role, step in zip(info.roles, steps, strict=True)}
+    assert all(selected.values()), [role for role, paths in selected.items() if not paths]
+    assert len(selected["attn.o"]) == layers + layers * ("bias" in str(selected["attn.o"]))
+    for part in info.parts:  # the rows of a fused projection: one edit per layer
+        assert len(plan(model, f"use auto\napply lora(r=2) to {part}").targets) == layers
+
+
 # ---- the portable example: counts equal what its roles select ------------------------------
 
 
