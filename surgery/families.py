@@ -8,11 +8,12 @@ parent, for this listing and for the planner alike).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from surgery.errors import ResolveError, did_you_mean
+from surgery.errors import ResolveError, Span, did_you_mean
 from surgery.fused import layout_spec
 from surgery.lang import ast, parse_file
 from surgery.resources import family_file, family_names
@@ -116,7 +117,32 @@ def parent_family(
                 span=span,
                 hint=did_you_mean(name, defined) or f"its names: {', '.join(defined)}",
             )
+    _check_dropped_names_unused(statement, program, parent, span)
     return parent
+
+
+def _check_dropped_names_unused(
+    statement: ast.Family, program: ast.Program, parent: FamilyInfo, span: Span
+) -> None:
+    """A name dropped with `without` must not be what a kept inherited name is built on (the
+    reference would fall through to a module of that name), unless the file defines it again."""
+    redefined = {s.name for s in program if isinstance(s, ast.Let)}
+    redefined |= {n for s in program if isinstance(s, ast.Fuse) for n in s.parts}
+    dropped = set(statement.without) - redefined
+    for name, definition in parent.roles.items():
+        if name in statement.without:
+            continue
+        for selector in definition.split(", "):
+            head = re.match(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*", selector)
+            words = head.group().split(".") if head else []
+            used = {".".join(words[:k]) for k in range(1, len(words) + 1)} & dropped
+            if used:
+                raise ResolveError(
+                    f"'{min(used)}' after `without` is what the inherited '{name}' is built on "
+                    f"({name} = {definition})",
+                    span=span,
+                    hint=f"drop '{name}' too, or define '{min(used)}' again in this file",
+                )
 
 
 @cache

@@ -106,6 +106,8 @@ def test_the_parents_model_type_check_is_not_inherited(llama: nn.Module) -> None
      "did you mean 'llama'?"),
     ('family x for "llama" extends llama without mlp.gat\n',
      "'mlp.gat' after `without` is not a name of the llama family", "did you mean 'mlp.gate'"),
+    ('family x for "llama" extends llama without layers\n',
+     "'layers' after `without` is what the inherited 'attn' is built on", "drop 'attn' too"),
 ])
 def test_mistakes_in_the_extends_clause_are_located(
     llama: nn.Module, text: str, words: str, hint: str
@@ -115,6 +117,11 @@ def test_mistakes_in_the_extends_clause_are_located(
     error = caught.value
     assert words in error.message and error.hint is not None and hint in error.hint
     assert error.span is not None and (error.span.line, error.span.column) == (2, 22)
+
+
+def test_a_dropped_name_may_be_defined_again(llama: nn.Module) -> None:
+    rules = 'family x for "llama" extends llama without layers\nlet layers = ^model.layers\n'
+    assert len(targets(llama, rules + "apply lora(r=2) to attn.q")) == 4
 
 
 def test_names_before_an_extends_line_are_refused(llama: nn.Module) -> None:
