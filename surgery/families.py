@@ -84,11 +84,19 @@ def _describe(path: Path, chain: tuple[str, ...]) -> FamilyInfo:
 def parent_family(
     statement: ast.Family, program: ast.Program, chain: tuple[str, ...]
 ) -> FamilyInfo:
-    """The shipped family that `statement` (in `program`) extends, checked: it exists, no file
-    of `chain` (the files extending, this one last) is among its ancestors, and every name
-    after `without` is one it defines. Every mistake is located at the `extends` clause."""
+    """The shipped family that `statement` (in `program`) extends, checked: the `family` line
+    comes before the names, the parent exists, no file of `chain` (the files extending, this
+    one last) is among its ancestors, and every name after `without` is one it defines and no
+    kept name is built on. Every mistake is a located error."""
     assert statement.extends is not None
     span = statement.extends_span or statement.span
+    first = next(s for s in program if isinstance(s, ast.Let | ast.Fuse | ast.Family))
+    if first is not statement:
+        raise ResolveError(
+            f"family {statement.name} extends {statement.extends}, so its `family` line must "
+            "come before its names (the inherited names would replace those above it)",
+            span=statement.span,
+        )
     names = family_names()
     if statement.extends not in names:
         raise ResolveError(

@@ -154,3 +154,5 @@ def test_check_without_a_model_finds_extends_mistakes() -> None:
     assert caught.value.hint == "did you mean 'llama'?"
     with pytest.raises(ResolveError, match="not a name of the llama family"):
         lint(parse('family x for "llama" extends llama without expert'))
+    with pytest.raises(ResolveError, match="must come before its names"):
+        lint(parse('let a = b\nfamily x for "llama" extends llama'))

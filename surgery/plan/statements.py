@@ -72,13 +72,6 @@ def inherit(planner: Planner, st: ast.Family, scope: Scope) -> None:
     here, without the parent's model-type check, then drop those listed after `without`. The
     file's own statements follow and override; aliases resolve when used, so an inherited
     `attn` built on `layers` follows an overridden `layers`."""
-    before = next(s for s in scope.program if isinstance(s, ast.Let | ast.Fuse | ast.Family))
-    if before is not st:
-        raise ResolveError(
-            f"family {st.name} extends {st.extends}, so its `family` line must come before "
-            "its names (the inherited names would replace those above it)",
-            span=st.span,
-        )
     here = scope.program.source.name  # a `use`d file is the last of `including` already
     chain = scope.including if scope.including[-1:] == (here,) else (*scope.including, here)
     parent = parent_family(st, scope.program, chain)
