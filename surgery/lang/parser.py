@@ -198,14 +198,10 @@ class _Builder:
 
     def family_stmt(self, node: lark.Tree) -> ast.Family:
         name, *types, clause = node.children
-        model_types = tuple(self.string(t) for t in types)
-        if clause is None:
-            return ast.Family(self.span(node), str(name), model_types)
-        parent, *without = clause.children
-        names = tuple(".".join(str(t) for t in n.children) for n in without if n is not None)
-        return ast.Family(
-            self.span(node), str(name), model_types, str(parent), names, self.span(clause)
-        )
+        parent, *names = clause.children if clause is not None else (None,)
+        without = tuple(".".join(map(str, n.children)) for n in names if n is not None)
+        extends = (str(parent), without, self.span(clause)) if clause is not None else ()
+        return ast.Family(self.span(node), str(name), tuple(map(self.string, types)), *extends)
 
     def let_stmt(self, node: lark.Tree) -> ast.Let:
         name, selectors = node.children
