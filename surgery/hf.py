@@ -220,6 +220,12 @@ def cache_geometry(config: Any) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
+def latent_cache(config: Any) -> str | None:
+    """What the model caches instead of per-head keys and values (multi-head latent attention,
+    rules/transformers.toml), or None for a key/value cache."""
+    return transformers_facts().get("latent_cache", {}).get(getattr(config, "model_type", ""))
+
+
 def position_limit(model: nn.Module) -> int | None:
     """How many positions a sequence may take, when the model has a hard limit.
 

@@ -116,6 +116,7 @@ LAYOUT_CASES = {
     "phi3_qkv": ("tiny-phi3", "*.self_attn.qkv_proj", "*.mlp.gate_up_proj"),
     # qkv_proj has an even number of rows (64 + 2·32): it used to be split in halves
     "gate_up": ("tiny-phi3", "*.mlp.gate_up_proj", "*.self_attn.qkv_proj"),
+    "deepseek_kv": ("tiny-deepseek-v3", "*.self_attn.kv_b_proj", "*.self_attn.kv_a_proj_with_mqa"),
 }
 
 

@@ -197,8 +197,11 @@ class _Builder:
         return ast.Use(self.span(node), str(token), is_path=False)
 
     def family_stmt(self, node: lark.Tree) -> ast.Family:
-        name, *types = node.children
-        return ast.Family(self.span(node), str(name), tuple(self.string(t) for t in types))
+        name, *types, clause = node.children
+        parent, *names = clause.children if clause is not None else (None,)
+        without = tuple(".".join(map(str, n.children)) for n in names if n is not None)
+        extends = (str(parent), without, self.span(clause)) if clause is not None else ()
+        return ast.Family(self.span(node), str(name), tuple(map(self.string, types)), *extends)
 
     def let_stmt(self, node: lark.Tree) -> ast.Let:
         name, selectors = node.children

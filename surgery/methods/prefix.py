@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from surgery.hf import cache_argument, cache_geometry, cache_names
+from surgery.hf import cache_argument, cache_geometry, cache_names, latent_cache
 from surgery.methods import register
 from surgery.methods._virtual_tokens import (
     N_PARAM,
@@ -61,6 +61,14 @@ class PrefixTuning(VirtualTokenMethod):
             return Problem(
                 f"{self.name} enters through the cache of a generative decoder; "
                 f"{type(model).__name__} is not one (for encoders, use prompt)"
+            )
+        latent = latent_cache(getattr(model, "config", None))
+        if problem is None and latent is not None:
+            return Problem(
+                f"{self.name} prepends keys and values to every layer's cache, but "
+                f"{type(model).__name__} caches {latent} (multi-head latent attention)",
+                hint="use prompt (virtual tokens at the input embedding), or LoRA on the "
+                "attention projections",
             )
         return problem
 

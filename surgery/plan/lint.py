@@ -1,10 +1,11 @@
-"""Model-free checks of a program (`surgery check` without a model): includes, methods and
-their arguments, fused part names (errors raise), plus warnings about rules that are legal but
-probably not meant."""
+"""Model-free checks of a program (`surgery check` without a model): includes, the families
+they extend, methods and their arguments, fused part names (errors raise), plus warnings about
+rules that are legal but probably not meant."""
 
 from __future__ import annotations
 
 from surgery.errors import SurgeryError, did_you_mean
+from surgery.families import parent_family
 from surgery.fused import check_part_names, layout_spec
 from surgery.includes import include_path, parse_included
 from surgery.lang import ast
@@ -54,6 +55,8 @@ def lint(program: ast.Program) -> list[LintWarning]:
                 edit_names.add(st.name)
             elif isinstance(st, ast.Fuse):
                 check_part_names(st.parts, layout_spec(st.layout, st.layout_span), st.span)
+            elif isinstance(st, ast.Family) and st.extends is not None:
+                parent_family(st, prog, (*including, prog.source.name))  # raises on a mistake
             elif isinstance(st, (ast.Freeze, ast.Unfreeze)):
                 trainability.append(st)
             elif isinstance(st, (ast.Merge, ast.Remove)) and st.target is not None:
