@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from surgery.graph.param_site import ParamSite
 from surgery.graph.placement import PLACEMENTS
 from surgery.graph.site import BASE, Site
 
@@ -34,7 +35,7 @@ Child = tuple[str, nn.Module, EditOn | None]
 
 def base_of(module: nn.Module) -> nn.Module:
     """The module a site wraps; any other module is its own base."""
-    return module._modules[BASE] if isinstance(module, Site) else module
+    return module._modules[BASE] if isinstance(module, (Site, ParamSite)) else module
 
 
 def logical_children(module: nn.Module) -> Iterator[Child]:
@@ -49,6 +50,9 @@ def logical_children(module: nn.Module) -> Iterator[Child]:
             yield name, child, None
     for name, adapter, key in held:
         yield name, adapter, EditOn(key.method, key.options, key.adapter)
+    if isinstance(module, ParamSite):  # the edits of each parameter, one level further down
+        for name, edits in module.edited():
+            yield name, edits, None
 
 
 def walk(module: nn.Module, path: str = "") -> Iterator[tuple[str, Child]]:
@@ -134,4 +138,6 @@ def joined(path: str, name: str) -> str:
 def _step(module: nn.Module, name: str) -> nn.Module:
     if isinstance(module, Site) and name in module.edit_names():
         return module._modules[name]
+    if isinstance(module, ParamSite) and module._is_edit_key(f"{name}.x"):
+        return module._modules[name]  # type: ignore[return-value]
     return base_of(module)._modules[name]  # type: ignore[return-value]
