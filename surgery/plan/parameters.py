@@ -48,12 +48,12 @@ def resolve_targets(planner: Planner, st: ast.Apply) -> tuple[Matched, bool]:
 def _nearer(
     planner: Planner, st: ast.Apply, modules: ResolveError, params: ResolveError
 ) -> ResolveError:
-    """The error to show when nothing matched: the one that searched parameters too when the
-    selector's last name is close to a parameter's (a misspelt `gate_up_prj`)."""
+    """The error to show when nothing matched: the one that searched parameters too when a
+    selector's last name is a parameter's or close to one (`gate_up_proj[9]`, `gate_up_prj`)."""
     names = {n.name for n in planner.tree.walk() if n.kind == "param" and not n.adapter}
     for selector in st.selectors:
         last = selector.segments[-1].text if selector.segments else ""
-        if last not in names and did_you_mean(last, names):
+        if last in names or did_you_mean(last, names):
             return params
     return modules
 
