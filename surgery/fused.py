@@ -203,6 +203,14 @@ def _gate_up(config: Any) -> Layout:
     return Layout("gate_up", 1, (("gate", intermediate), ("up", intermediate)))
 
 
+@layout("deepseek_kv", ("k", "v"), "DeepSeek-V3 MLA kv_b_proj: per head, key (no rope) then value")
+def _deepseek_kv(config: Any) -> Layout:
+    # DeepseekV3Attention.expand_kv: kv_b_proj(latent).view(..., heads, qk_nope_head_dim +
+    # v_head_dim), then split into the key's non-rotary part and the value, head by head
+    heads, k, v = _need(config, "num_attention_heads", "qk_nope_head_dim", "v_head_dim")
+    return Layout("deepseek_kv", heads, (("k", k), ("v", v)))
+
+
 def layout_spec(name: str, span: Span | None = None) -> LayoutSpec:
     spec = LAYOUTS.get(name)
     if spec is None:

@@ -32,5 +32,10 @@ def transformers_facts_file() -> Path:
     return data_dir("rules") / "transformers.toml"
 
 
+def presets_file() -> Path:
+    """rules/presets.toml: the built-in model presets, as data (surgery.presets)."""
+    return data_dir("rules") / "presets.toml"
+
+
 def family_names() -> list[str]:
     return sorted(p.stem for p in data_dir("rules").glob("*.surg"))

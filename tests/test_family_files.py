@@ -23,7 +23,10 @@ from surgery.lang import ast, parse_file
 from surgery.models import PRESETS, from_config, load_model, tiny
 from surgery.plan import family_index
 
-SHIPPED = ["bert", "falcon", "gpt2", "gpt_neox", "llama", "phi3", "roberta", "t5"]
+SHIPPED = [
+    "bert", "deepseek_v3", "falcon", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "gpt_oss",
+    "llama", "mixtral", "olmo2", "phi3", "qwen3", "qwen3_moe", "roberta", "t5",
+]
 PROJECTIONS = {"q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up"}
 FUSED = {"qkv", "gate_up"}  # whole fused modules: their parts are fused-projection territory
 GROUPS = ("attn", "mlp", "cross_attn")  # a group role is exactly the union of its parts

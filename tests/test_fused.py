@@ -219,7 +219,10 @@ def test_gate_up_layout_matches_the_modeling_code() -> None:
 
 
 def test_every_layout_has_a_probe_variant() -> None:
-    assert set(LAYOUTS) == {"falcon_qkv", "gpt_neox_qkv", "gpt2_qkv", "phi3_qkv", "gate_up"}
+    # deepseek_kv is probed in tests/test_new_families.py
+    assert set(LAYOUTS) == {
+        "falcon_qkv", "gpt_neox_qkv", "gpt2_qkv", "phi3_qkv", "gate_up", "deepseek_kv"
+    }
 
 
 # ---- LoRA on parts: the separate-projection reference ----------------------------------------

@@ -28,7 +28,14 @@ def _families() -> list[tuple[str, tuple[str, ...], list[str], str]]:
         from surgery.plan import family_index
 
         return [(name, types, [], "") for name, types in family_index().items()]
-    return [(f.name, f.model_types, list(f.roles), f.summary) for f in describe_families()]
+    return [
+        (f.name, f.model_types, list(f.roles), _extends(f.extends) + f.summary)
+        for f in describe_families()
+    ]
+
+
+def _extends(parent: str | None) -> str:
+    return f"(extends {parent}) " if parent else ""
 
 
 def cmd_methods(args: argparse.Namespace) -> int:

@@ -125,10 +125,15 @@ class Use(Statement):
 
 @dataclass(frozen=True)
 class Family(Statement):
-    """`family llama for "llama", "mistral"`: the file holds names for these `model_type`s."""
+    """`family llama for "llama", "mistral"`: the file holds names for these `model_type`s.
+    `extends gemma2 without mlp` (optional): it starts from the names of the shipped family
+    `extends`, less those in `without`."""
 
     name: str
     model_types: tuple[str, ...]
+    extends: str | None = None
+    without: tuple[str, ...] = ()
+    extends_span: Span | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -197,8 +197,15 @@ class _Builder:
         return ast.Use(self.span(node), str(token), is_path=False)
 
     def family_stmt(self, node: lark.Tree) -> ast.Family:
-        name, *types = node.children
-        return ast.Family(self.span(node), str(name), tuple(self.string(t) for t in types))
+        name, *types, clause = node.children
+        model_types = tuple(self.string(t) for t in types)
+        if clause is None:
+            return ast.Family(self.span(node), str(name), model_types)
+        parent, *without = clause.children
+        names = tuple(".".join(str(t) for t in n.children) for n in without if n is not None)
+        return ast.Family(
+            self.span(node), str(name), model_types, str(parent), names, self.span(clause)
+        )
 
     def let_stmt(self, node: lark.Tree) -> ast.Let:
         name, selectors = node.children

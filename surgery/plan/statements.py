@@ -8,11 +8,11 @@ from dataclasses import replace
 
 from surgery.adapters.names import name_problem
 from surgery.errors import PlanError, ResolveError, Span
-from surgery.families import family_index
+from surgery.families import family_index, parent_family
 from surgery.fused import check_part_names, compute_layout, layout_spec
 from surgery.graph.placement import SITE
 from surgery.includes import include_path, parse_included
-from surgery.lang import ast
+from surgery.lang import ast, parse_file
 from surgery.plan.planner import HANDLERS, Planner, Scope, handles
 from surgery.resources import family_names
 from surgery.select import Alias
@@ -55,15 +55,43 @@ def family(planner: Planner, st: ast.Family, scope: Scope) -> None:
     """Rules written for one architecture must not run on another (their names would not
     resolve, or worse, resolve to something else)."""
     found = model_type(planner)
-    if found is None or found in st.model_types:
-        return
-    right = [n for n, types in family_index().items() if found in types]
-    raise ResolveError(
-        f"the {st.name} rules are for model_type {', '.join(st.model_types)}; this "
-        f"model's model_type is '{found}'",
-        span=scope.used_at or st.span,
-        hint=f"use {right[0]} (or `use auto`)" if right else "use `use auto` to pick one",
-    )
+    if found is not None and found not in st.model_types:
+        right = [n for n, types in family_index().items() if found in types]
+        raise ResolveError(
+            f"the {st.name} rules are for model_type {', '.join(st.model_types)}; this "
+            f"model's model_type is '{found}'",
+            span=scope.used_at or st.span,
+            hint=f"use {right[0]} (or `use auto`)" if right else "use `use auto` to pick one",
+        )
+    if st.extends is not None:
+        inherit(planner, st, scope)
+
+
+def inherit(planner: Planner, st: ast.Family, scope: Scope) -> None:
+    """`family gemma2 for "gemma2" extends llama`: plan the parent's names (and its parent's)
+    here, without the parent's model-type check, then drop those listed after `without`. The
+    file's own statements follow and override; aliases resolve when used, so an inherited
+    `attn` built on `layers` follows an overridden `layers`."""
+    before = next(s for s in scope.program if isinstance(s, ast.Let | ast.Fuse | ast.Family))
+    if before is not st:
+        raise ResolveError(
+            f"family {st.name} extends {st.extends}, so its `family` line must come before "
+            "its names (the inherited names would replace those above it)",
+            span=st.span,
+        )
+    here = scope.program.source.name  # a `use`d file is the last of `including` already
+    chain = scope.including if scope.including[-1:] == (here,) else (*scope.including, here)
+    parent = parent_family(st, scope.program, chain)
+    program = parse_file(parent.path)
+    inner = Scope(program, chain, scope.used_at or st.span)  # `inherit` adds its file
+    for statement in program:
+        if isinstance(statement, ast.Family):
+            if statement.extends is not None:
+                inherit(planner, statement, inner)
+        else:
+            HANDLERS[type(statement)](planner, statement, inner)
+    for name in st.without:
+        planner.aliases.pop(name, None)
 
 
 @handles(ast.Let)
