@@ -315,3 +315,16 @@ def test_compiled_model_matches_eager() -> None:
     with torch.no_grad():
         compiled = torch.compile(model)(IDS).logits
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_family_roles_name_experts_and_routers(family: str) -> None:
+    model = build(family)
+    rules = "use auto\napply lora(r=2) to experts\napply ia3(on=input) to experts.down[0:2]"
+    report = rewrite(model, rules + "\nunfreeze router")
+    edits = [(t.path.rsplit(".", 1)[-1], t.role) for t in report.plan.edits]
+    assert edits == [("gate_up_proj", "experts"), ("down_proj", "experts"),
+                     ("down_proj", "experts.down")]
+    router = sum(p.numel() for n, p in model.named_parameters() if ".mlp.router." in n
+                 or ".mlp.gate." in n)
+    assert report.trainable == 4 * 2 * (32 + 48) + 4 * 2 * (24 + 32) + 2 * 24 + router
