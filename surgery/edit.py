@@ -46,7 +46,11 @@ class Edit:
 
     @property
     def where(self) -> str:
-        """The path as plans show it: `...query_key_value[q, v]` for an edit on parts."""
+        """The path as plans show it: `...query_key_value[q, v]` for an edit on parts,
+        `...experts.gate_up_proj[0, 1]` for one on some experts."""
+        experts = dict(self.options).get("experts")
+        if experts is not None:
+            return f"{self.path}[{', '.join(map(str, experts))}]"
         return f"{self.path}[{', '.join(self.parts)}]" if self.parts else self.path
 
     @property
