@@ -14,9 +14,9 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from surgery.graph.param_site import ParamSite
+from surgery.graph.param_site import ParamEdits, ParamSite, parameter_of
 from surgery.graph.placement import PLACEMENTS
-from surgery.graph.site import BASE, Site
+from surgery.graph.site import BASE, EditKey, Site
 
 
 class EditOn(NamedTuple):
@@ -129,6 +129,19 @@ def replace_child(model: nn.Module, path: str, new: nn.Module) -> Callable[[], N
     old = parent._modules[name]
     parent._modules[name] = new
     return lambda: parent._modules.__setitem__(name, old)
+
+
+def held_edit(model: nn.Module, path: str, name: str) -> tuple[str, EditKey, nn.Module]:
+    """Edit `name` at `path` as a merge needs it: the path of the module whose tensors it
+    changes (a site's wrapped module, or the owner of an edited parameter), its key, its
+    adapter."""
+    holder = logical_module(model, path)
+    if isinstance(holder, ParamEdits):
+        key = next(k for k in holder.keys if k.name == name)
+        return parameter_of(path)[0], key, holder._modules[name]  # type: ignore[return-value]
+    assert isinstance(holder, Site), path
+    key = next(k for k in holder.edits if k.name == name)
+    return path, key, holder.edit_module(name)
 
 
 def joined(path: str, name: str) -> str:

@@ -31,9 +31,8 @@ from torch import nn
 from surgery.edit import Edit, tensor_key
 from surgery.errors import ModelLoadError, PlanError
 from surgery.files import stays_inside
-from surgery.graph.logical import base_of, iter_edits, logical_module, walk
-from surgery.graph.param_site import ParamEdits, ParamSite, parameter_of
-from surgery.graph.site import EditKey, Site
+from surgery.graph.logical import base_of, held_edit, iter_edits, logical_module, walk
+from surgery.graph.site import EditKey
 from surgery.io.adapters import ADAPTER_FILE, BASE_FILE
 from surgery.io.load import built_adapter, check_float, read_adapter_dir
 from surgery.io.safe import MARKER_FILE, OutputKind, atomic_directory, check_output
@@ -86,7 +85,7 @@ class _Job:
     trained base values that replace the checkpoint's."""
 
     path: str
-    site: Site | ParamSite | None
+    site: nn.Module | None  # the site (or parameter site) whose module the job rewrites
     tensors: dict[str, tuple[int, TensorInfo]]  # state_dict key -> (shard number, bytes)
     # (the edit's path, its method, its key, its adapter on the skeleton): an edit on a
     # parameter sits below the module the job rewrites
@@ -250,22 +249,11 @@ def _plan_jobs(skeleton: nn.Module, inputs: _Inputs, adapter_dir: Path) -> list[
         )
     jobs: dict[str, _Job] = {}
     for target in targets:
-        holder = logical_module(skeleton, target.path)
-        if isinstance(holder, ParamEdits):  # an edit on a parameter rewrites its owner
-            owner = parameter_of(target.path)[0]
-            key = next(k for k in holder.keys if k.name == target.name)
-            adapter = holder._modules[target.name]
-        else:
-            owner = target.path
-            assert isinstance(holder, Site), target.path
-            key = next(k for k in holder.edits if k.name == target.name)
-            adapter = holder.edit_module(target.name)
+        owner, key, adapter = held_edit(skeleton, target.path, target.name)
         if owner not in jobs:
             site = logical_module(skeleton, owner)
-            assert isinstance(site, (Site, ParamSite)), owner
             shapes = {k: tuple(v.shape) for k, v in base_of(site).state_dict().items()}
             jobs[owner] = _Job(owner, site, _locate(shapes, owner, inputs))
-        assert adapter is not None
         jobs[owner].edits.append((target.path, target.method, key, adapter))
     for key, info in (inputs.trained.tensors if inputs.trained else {}).items():
         assert inputs.trained is not None
