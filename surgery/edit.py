@@ -18,6 +18,10 @@ from typing import Any
 from surgery.fused import Layout, Parts
 from surgery.graph.site import EditKey
 
+# options of an edit on a parameter that its method's hooks take as arguments: the parameter's
+# name and the experts it acts on (surgery/methods/experts.py); per target, not per statement
+TARGET_OPTIONS = ("parameter", "experts")
+
 
 @dataclass(frozen=True)
 class Edit:
@@ -42,7 +46,11 @@ class Edit:
 
     @property
     def where(self) -> str:
-        """The path as plans show it: `...query_key_value[q, v]` for an edit on parts."""
+        """The path as plans show it: `...query_key_value[q, v]` for an edit on parts,
+        `...experts.gate_up_proj[0, 1]` for one on some experts."""
+        experts = dict(self.options).get("experts")
+        if experts is not None:
+            return f"{self.path}[{', '.join(map(str, experts))}]"
         return f"{self.path}[{', '.join(self.parts)}]" if self.parts else self.path
 
     @property
@@ -56,6 +64,7 @@ class Edit:
     def args(self) -> dict[str, Any]:
         """The arguments as the method's hooks take them (`parts` added for an edit on parts)."""
         args = dict(self.arguments)
+        args.update((name, value) for name, value in self.options if name in TARGET_OPTIONS)
         selected = self.selected_parts()
         return {**args, "parts": selected} if selected is not None else args
 

@@ -7,7 +7,7 @@ and the model is exactly as it was (same module objects, same weights, same requ
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +22,8 @@ from surgery.graph.logical import (
     logical_module,
     logical_parameter,
 )
-from surgery.graph.site import Site
+from surgery.graph.param_site import ParamEdits, parameter_of
+from surgery.graph.site import EditKey, Site
 from surgery.merge_rules import check_finite_adapter
 from surgery.merging import merge_edits, rounded
 from surgery.methods import REGISTRY
@@ -115,7 +116,8 @@ def _apply(model: nn.Module, step: Step, tx: Transaction) -> None:
             building.enter_context(method.building())
         for edit in step.targets:
             method = REGISTRY[edit.method]
-            adapter = method.build(base_of(logical_module(model, edit.path)), edit.args())
+            owner = logical_module(model, method.placement.owner_path(edit.path))
+            adapter = method.build(base_of(owner), edit.args())
             tx.undo.append(method.placement.install(model, edit, adapter))
             adapters.append(adapter)
     # the base freezes; the new adapters train; earlier adapters keep their flags
@@ -136,8 +138,12 @@ def _take_out(model: nn.Module, step: Step, tx: Transaction, merge: bool) -> Non
         folding = [t for t in targets if merge and REGISTRY[t.method].merge_action == FOLD]
         if folding:
             site = logical_module(model, path)
-            assert isinstance(site, Site), path
-            _merge_into_base(site, path, folding, tx)
+            if isinstance(site, ParamEdits):  # edits on a parameter of the module above
+                owner = base_of(logical_module(model, parameter_of(path)[0]))
+                _merge_into_base(site.keys, site._modules, owner, path, folding, tx)
+            else:
+                assert isinstance(site, Site), path
+                _merge_into_base(site.edits, site._modules, base_of(site), path, folding, tx)
         for target in targets:
             method = REGISTRY[target.method]
             if merge and method.merge_action == BAKE:  # the edit stays, as a plain table
@@ -146,8 +152,16 @@ def _take_out(model: nn.Module, step: Step, tx: Transaction, merge: bool) -> Non
                 tx.undo.append(method.placement.uninstall(model, target))
 
 
-def _merge_into_base(site: Site, path: str, targets: list[Edit], tx: Transaction) -> None:
-    """Merge the targets' edits, in order, into the site's module: in fp32, rounded once.
+def _merge_into_base(
+    keys: tuple[EditKey, ...],
+    adapters: Mapping[str, nn.Module | None],
+    base: nn.Module,
+    path: str,
+    targets: list[Edit],
+    tx: Transaction,
+) -> None:
+    """Merge the targets' edits (their `keys` and `adapters` as their site holds them), in
+    order, into the module `base`: in fp32, rounded once.
 
     `surgery.merging` computes the changed tensors from fp32 copies (the same computation as the
     streaming checkpoint merge); only then are they rounded once and copied into the module's
@@ -156,12 +170,14 @@ def _merge_into_base(site: Site, path: str, targets: list[Edit], tx: Transaction
     """
     edits = []
     for target in targets:
-        tensors = site.edit_module(target.name).state_dict()
+        adapter = adapters[target.name]
+        assert adapter is not None, target.name
+        tensors = adapter.state_dict()
         for name, tensor in tensors.items():
             check_finite_adapter(tensor, f"{_joined(path, target.name)}.{name}")
-        key = next(k for k in site.edits if k.name == target.name)
+        key = next(k for k in keys if k.name == target.name)
         edits.append((REGISTRY[target.method], key, tensors))
-    state = base_of(site).state_dict(keep_vars=True)
+    state = base.state_dict(keep_vars=True)
     if any(t.is_meta for t in state.values()):
         return
     changed = merge_edits(state, edits)

@@ -36,6 +36,10 @@ def merges(method: Method, values: dict[str, Any] | None = None) -> bool:
     (the defaults for the rest), on a Linear for a site-level method."""
     arguments = tuple(Argument(name, value, None) for name, value in (values or {}).items())
     args = method.bind(arguments, None)
+    from surgery.methods.experts import ParamMethod
+
+    if isinstance(method, ParamMethod):  # on a 3-D expert parameter, which tiny Llama lacks
+        return method.can_merge(args)
     model = _host()
     target = logical_module(model, method.placement.host_path("model.layers.0.self_attn.q_proj"))
     return method.can_merge(dict(method.edit_key("edit", target, args).options))

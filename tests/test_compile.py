@@ -24,7 +24,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from surgery import METHODS, Site, rewrite
-from surgery.methods import SiteMethod
+from surgery.methods import ModelMethod, SiteMethod
 from surgery.models import from_config, preset_config
 
 D, HIDDEN, VOCAB = 16, 32, 256
@@ -219,7 +219,7 @@ MODEL_LEVEL_RULES = {
     "prefix": "apply prefix(n=3) to layers.*",
     "p_tuning_v2": "apply p_tuning_v2(n=3) to layers.*",
 }
-MODEL_LEVEL_METHODS = sorted(set(METHODS) - set(SITE_METHODS))
+MODEL_LEVEL_METHODS = sorted(n for n, m in METHODS.items() if isinstance(m, ModelMethod))
 
 
 @pytest.mark.parametrize("method", MODEL_LEVEL_METHODS)

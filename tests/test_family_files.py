@@ -77,6 +77,8 @@ def lora_roles(model: nn.Module, family: str) -> list[str]:
         if role.rsplit(".", 1)[-1] not in PROJECTIONS - FUSED:
             continue
         modules = role_modules(model, paths)
+        if not modules:  # parameters, not modules (`experts.down`: tests/test_moe_experts.py)
+            continue
         if all(isinstance(m, nn.Linear) for m in modules):
             roles.append(role)
         elif all(type(m).__name__ == "Conv1D" for m in modules):

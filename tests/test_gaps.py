@@ -189,10 +189,16 @@ TARGETS = {
     "p_tuning_v2": "layers.*",
     "trained_copy": "attn.o",
     "trainable_tokens": "embed",
+    "lora_experts": "experts.gate_up",
+    "ia3_experts": "experts.down",
 }
 # Methods whose defaults cannot apply: the arguments they need and the model they go on
 # (trainable_tokens refuses the tiny Falcon's embedding, which lm_head shares).
-NEEDS = {"trainable_tokens": ("(ids=[1, 2])", "llama")}
+NEEDS = {
+    "trainable_tokens": ("(ids=[1, 2])", "llama"),
+    "lora_experts": ("", "mixtral"),  # 3-D expert parameters
+    "ia3_experts": ("", "mixtral"),
+}
 
 
 def test_every_method_has_a_target() -> None:

@@ -21,8 +21,10 @@ import surgery
 from surgery import plan, rewrite
 from surgery.edit import Edit
 from surgery.graph.logical import base_of, logical_children, logical_module
+from surgery.graph.param_site import PARAM
 from surgery.graph.placement import MODEL, PLACEMENTS, SITE
 from surgery.methods import REGISTRY, ModelMethod, SiteMethod
+from surgery.methods.experts import ParamMethod
 from surgery.models import tiny
 
 PACKAGE = Path(surgery.__file__).parent
@@ -44,10 +46,12 @@ def test_no_placement_kind_branches_in_the_package() -> None:
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_each_method_has_exactly_one_placement_and_only_its_interface(name: str) -> None:
     method = REGISTRY[name]
-    assert isinstance(method, SiteMethod) != isinstance(method, ModelMethod)
+    kinds = {SiteMethod: SITE, ModelMethod: MODEL, ParamMethod: PARAM}  # PARAM: MoE experts
+    (kind,) = [k for k in kinds if isinstance(method, k)]
     assert method.placement in PLACEMENTS
-    assert method.placement is (SITE if isinstance(method, SiteMethod) else MODEL)
-    absent = MODEL_HOOKS if isinstance(method, SiteMethod) else SITE_HOOKS
+    assert method.placement is kinds[kind]
+    absent = {SiteMethod: MODEL_HOOKS, ModelMethod: SITE_HOOKS, ParamMethod: (*MODEL_HOOKS, "emit")}
+    absent = absent[kind]
     assert [hook for hook in absent if hasattr(method, hook)] == []
 
 

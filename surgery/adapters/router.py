@@ -27,6 +27,7 @@ from surgery.adapters.units import check_names
 from surgery.errors import SurgeryError
 from surgery.graph.logical import base_of
 from surgery.graph.model_edit import bind_arguments, edit_keys
+from surgery.graph.param_site import ParamSite
 from surgery.graph.site import EditKey, Emitted, Routed, Site, retemplate, routes
 from surgery.hf import Call
 
@@ -151,6 +152,21 @@ def check_model_edits(model: nn.Module, adapters: Sequence[str]) -> None:
             )
 
 
+def check_parameter_edits(model: nn.Module, adapters: Sequence[str]) -> None:
+    """Edits on parameters (MoE experts) change the weights every row reads: not routed."""
+    for module in model.modules():
+        if isinstance(module, ParamSite):
+            for parameter, held in module.edited():
+                for key in held.keys:
+                    if key.adapter in adapters:
+                        raise RoutingError(
+                            f"{key.method} on {parameter} cannot serve a mixed-adapter batch: "
+                            f"it edits the expert weights every row reads (adapter "
+                            f"'{key.adapter}', edit '{key.name}')",
+                            hint="run this adapter's rows in their own batch with set_active",
+                        )
+
+
 def begin(model: nn.Module, rows: Sequence[Any], batch: int | None) -> Route:
     """Check a routing request and switch every site of `model` to its routed graph."""
     if isinstance(rows, str) or not isinstance(rows, Sequence):
@@ -168,6 +184,7 @@ def begin(model: nn.Module, rows: Sequence[Any], batch: int | None) -> Route:
     route = Route(tuple(rows))
     adapters = route.adapters
     check_model_edits(model, adapters)
+    check_parameter_edits(model, adapters)
     end(model)  # a call that never reached its end hook leaves nothing behind
     sites = _sites(model)
     switches = [_switch(type(site), site, adapters) for site in sites]  # all checked first

@@ -17,6 +17,7 @@ from torch import nn
 
 from surgery.adapters.state import STATE, AdapterState, adapter_state
 from surgery.errors import SurgeryError, did_you_mean
+from surgery.graph.param_site import ParamSite
 from surgery.graph.placement import PLACEMENTS
 from surgery.graph.site import EditKey, Emitted, Site, retemplate
 
@@ -133,6 +134,8 @@ def emit_active(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, Site):
             retemplate(module, active_emission(module, active))
+        elif isinstance(module, ParamSite):  # its forward folds in the active adapters' edits
+            module.active = active
 
 
 def active_emission(site: Site, active: tuple[str, ...] | None) -> Emitted:

@@ -14,8 +14,9 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from surgery.graph.param_site import ParamEdits, ParamSite, parameter_of
 from surgery.graph.placement import PLACEMENTS
-from surgery.graph.site import BASE, Site
+from surgery.graph.site import BASE, EditKey, Site
 
 
 class EditOn(NamedTuple):
@@ -34,7 +35,7 @@ Child = tuple[str, nn.Module, EditOn | None]
 
 def base_of(module: nn.Module) -> nn.Module:
     """The module a site wraps; any other module is its own base."""
-    return module._modules[BASE] if isinstance(module, Site) else module
+    return module._modules[BASE] if isinstance(module, (Site, ParamSite)) else module
 
 
 def logical_children(module: nn.Module) -> Iterator[Child]:
@@ -49,6 +50,9 @@ def logical_children(module: nn.Module) -> Iterator[Child]:
             yield name, child, None
     for name, adapter, key in held:
         yield name, adapter, EditOn(key.method, key.options, key.adapter)
+    if isinstance(module, ParamSite):  # the edits of each parameter, one level further down
+        for name, edits in module.edited():
+            yield name, edits, None
 
 
 def walk(module: nn.Module, path: str = "") -> Iterator[tuple[str, Child]]:
@@ -127,6 +131,19 @@ def replace_child(model: nn.Module, path: str, new: nn.Module) -> Callable[[], N
     return lambda: parent._modules.__setitem__(name, old)
 
 
+def held_edit(model: nn.Module, path: str, name: str) -> tuple[str, EditKey, nn.Module]:
+    """Edit `name` at `path` as a merge needs it: the path of the module whose tensors it
+    changes (a site's wrapped module, or the owner of an edited parameter), its key, its
+    adapter."""
+    holder = logical_module(model, path)
+    if isinstance(holder, ParamEdits):
+        key = next(k for k in holder.keys if k.name == name)
+        return parameter_of(path)[0], key, holder._modules[name]  # type: ignore[return-value]
+    assert isinstance(holder, Site), path
+    key = next(k for k in holder.edits if k.name == name)
+    return path, key, holder.edit_module(name)
+
+
 def joined(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
@@ -134,4 +151,6 @@ def joined(path: str, name: str) -> str:
 def _step(module: nn.Module, name: str) -> nn.Module:
     if isinstance(module, Site) and name in module.edit_names():
         return module._modules[name]
+    if isinstance(module, ParamSite) and module._is_edit_key(f"{name}.x"):
+        return module._modules[name]  # type: ignore[return-value]
     return base_of(module)._modules[name]  # type: ignore[return-value]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from torch import nn
 
 from surgery.graph import model_edit
+from surgery.graph.param_site import PARAM
 from surgery.graph.site import (
     EditKey,
     Site,
@@ -42,6 +43,8 @@ class Placement(Protocol):
 
     def host_path(self, path: str) -> str: ...
 
+    def owner_path(self, path: str) -> str: ...
+
     def reserves(self, name: str) -> bool: ...
 
     def install(self, model: nn.Module, edit: Edit, adapter: nn.Module) -> Undo: ...
@@ -60,6 +63,10 @@ class SitePlacement:
         register_emitter(method.name, method.emit, None if routed is None else method.emit_routed)
 
     def host_path(self, path: str) -> str:
+        return path
+
+    def owner_path(self, path: str) -> str:
+        """The module an edit's method builds its adapter for: the wrapped module."""
         return path
 
     def reserves(self, name: str) -> bool:
@@ -102,6 +109,9 @@ class ModelPlacement:
     def host_path(self, path: str) -> str:
         return ""
 
+    def owner_path(self, path: str) -> str:
+        return ""
+
     def reserves(self, name: str) -> bool:
         return False  # a child of the model: only its attributes, checked by the planner
 
@@ -126,4 +136,5 @@ class ModelPlacement:
 
 SITE = SitePlacement()
 MODEL = ModelPlacement()
-PLACEMENTS: tuple[Placement, ...] = (MODEL, SITE)  # the order of a module's logical children
+# the order of a module's logical children (PARAM: edits on a parameter, graph/param_site.py)
+PLACEMENTS: tuple[Placement, ...] = (MODEL, SITE, PARAM)

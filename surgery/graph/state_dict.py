@@ -71,10 +71,9 @@ class TransparentStateDict(nn.Module):
         right after (which is why it is renamed in place); `report_logical_keys` then names
         what they report missing, unexpected or mismatched by the keys the caller gave."""
         hop = f"{prefix}{BASE}."
-        edits = {e.name for e in self._surgery_edits}
         for key in [k for k in state_dict if k.startswith(prefix)]:
             rest = key[len(prefix) :]
-            if rest.partition(".")[0] not in edits:
+            if not self._is_edit_key(rest):
                 state_dict[hop + rest] = state_dict.pop(key)
         self.__dict__["_surgery_loading"] = (
             prefix,
@@ -83,6 +82,11 @@ class TransparentStateDict(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _is_edit_key(self, rest: str) -> bool:
+        """Whether a key below the site (`lora.A`) is an edit's rather than the wrapped
+        module's."""
+        return rest.partition(".")[0] in {e.name for e in self._surgery_edits}
 
     @staticmethod
     def report_logical_keys(site: nn.Module, incompatible: Any) -> None:

@@ -31,8 +31,8 @@ from torch import nn
 from surgery.edit import Edit, tensor_key
 from surgery.errors import ModelLoadError, PlanError
 from surgery.files import stays_inside
-from surgery.graph.logical import base_of, iter_edits, logical_module, walk
-from surgery.graph.site import Site
+from surgery.graph.logical import base_of, held_edit, iter_edits, logical_module, walk
+from surgery.graph.site import EditKey
 from surgery.io.adapters import ADAPTER_FILE, BASE_FILE
 from surgery.io.load import built_adapter, check_float, read_adapter_dir
 from surgery.io.safe import MARKER_FILE, OutputKind, atomic_directory, check_output
@@ -85,9 +85,11 @@ class _Job:
     trained base values that replace the checkpoint's."""
 
     path: str
-    site: Site | None
+    site: nn.Module | None  # the site (or parameter site) whose module the job rewrites
     tensors: dict[str, tuple[int, TensorInfo]]  # state_dict key -> (shard number, bytes)
-    edits: list[tuple[str, str]] = field(default_factory=list)  # (edit name, method)
+    # (the edit's path, its method, its key, its adapter on the skeleton): an edit on a
+    # parameter sits below the module the job rewrites
+    edits: list[tuple[str, str, EditKey, nn.Module]] = field(default_factory=list)
     trained: dict[str, str] = field(default_factory=dict)  # state_dict key -> key in BASE_FILE
 
     @property
@@ -247,12 +249,12 @@ def _plan_jobs(skeleton: nn.Module, inputs: _Inputs, adapter_dir: Path) -> list[
         )
     jobs: dict[str, _Job] = {}
     for target in targets:
-        if target.path not in jobs:
-            site = logical_module(skeleton, target.path)
-            assert isinstance(site, Site), target.path
+        owner, key, adapter = held_edit(skeleton, target.path, target.name)
+        if owner not in jobs:
+            site = logical_module(skeleton, owner)
             shapes = {k: tuple(v.shape) for k, v in base_of(site).state_dict().items()}
-            jobs[target.path] = _Job(target.path, site, _locate(shapes, target.path, inputs))
-        jobs[target.path].edits.append((target.name, target.method))
+            jobs[owner] = _Job(owner, site, _locate(shapes, owner, inputs))
+        jobs[owner].edits.append((target.path, target.method, key, adapter))
     for key, info in (inputs.trained.tensors if inputs.trained else {}).items():
         assert inputs.trained is not None
         check_float(inputs.trained.path, key, info.dtype)
@@ -369,13 +371,11 @@ def _merge_site(
     order, changes: the same computation as the in-memory merge (`surgery.merging`), fed with
     each edit's tensors read from the adapter file by their keys. Tensors the merges leave
     alone (a bias LoRA does not touch) keep their bytes."""
-    assert job.site is not None
-    keys = {key.name: key for key in job.site.edits}
     edits = []
-    for edit, method in job.edits:
-        names = job.site.edit_module(edit).state_dict().keys()  # on meta: the names only
-        tensors = {n: inputs.adapter.read(tensor_key(job.path, edit, n)) for n in names}
-        edits.append((REGISTRY[method], keys[edit], tensors))
+    for path, method, key, adapter in job.edits:
+        names = adapter.state_dict().keys()  # on meta: the names only
+        tensors = {n: inputs.adapter.read(tensor_key(path, key.name, n)) for n in names}
+        edits.append((REGISTRY[method], key, tensors))
     return merge_edits(values, edits)
 
 

@@ -97,6 +97,14 @@ def add_riders(
         fields, more = codec.export([e for e in edits if e.method == method], tensors, names)
         if more.keys() & weights.keys():  # two codecs writing one PEFT key: a codec's bug
             raise PeftFormatError(f"the PEFT tensor keys of the {method} edits clash with others")
+        clash = next((k for k, v in fields.items() if config.get(k) not in (None, v)), None)
+        if clash is not None:  # one field, two values: PEFT would apply one of them to both
+            raise PeftFormatError(
+                f"the {method} edits need {clash}={fields[clash]!r}, but the adapter's "
+                f"{host} edits have {clash}={config[clash]!r}; PEFT's config holds one",
+                hint=f"give both the same settings, or export the {method} edits as their own "
+                "adapter",
+            )
         config.update(fields)
         weights.update(more)
     for codec in FIELD_CODECS.values():  # the host type's riding fields PEFT reads: null

@@ -61,7 +61,6 @@ from surgery.methods.lora_layers import CONV, EMBEDDING
 UNSUPPORTED: dict[str, Any] = {
     "use_dora": False,
     "layer_replication": None,
-    "target_parameters": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,
     "use_bdlora": None,

@@ -16,7 +16,9 @@ from surgery.lang import ast
 from surgery.merge_rules import node_effects, storage_problem
 from surgery.methods import REGISTRY, Method, get_method
 from surgery.methods.base import Problem, Selection
+from surgery.methods.experts import ParamMethod
 from surgery.parent_calls import skipped_reason
+from surgery.plan.parameters import apply_to_parameters, resolve_targets
 from surgery.plan.planner import ParamState, Planner, Scope, handles, weight_dtype
 from surgery.select import TreeNode, group_parts
 
@@ -35,7 +37,16 @@ def apply(planner: Planner, st: ast.Apply, scope: Scope) -> None:
             span=st.span,
             hint="choose another name with `as NAME`",
         )
-    matched = planner.resolve(st.selectors, modules_only=True, include_adapters=False)
+    matched, on_parameters = resolve_targets(planner, st)
+    if on_parameters:
+        apply_to_parameters(planner, st, method, edit, matched)
+        return
+    if isinstance(method, ParamMethod):
+        raise PlanError(
+            f"{method.name} acts on 3-D expert parameters, and the statement selects modules",
+            span=st.span,
+            hint="name the parameter: `*.mlp.experts.gate_up_proj`",
+        )
     matched, parts = group_parts(matched, method.name, method.acts_on_parts)
     nodes = [node for node, _, _ in matched]
     args = method.complete(args, [node.module for node in nodes])

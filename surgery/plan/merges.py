@@ -12,6 +12,7 @@ from surgery.lang import ast
 from surgery.merge_rules import check_merge_storage, plan_site_merges
 from surgery.methods import REGISTRY
 from surgery.methods.base import BAKE, FOLD
+from surgery.plan.parameters import check_parameter_merge, parameter_merge_order
 from surgery.plan.planner import ParamState, Planner, Scope, handles
 from surgery.select import TreeNode
 
@@ -97,6 +98,9 @@ def _check_mergeable(
             span=st.span,
             hint=f"use `remove {name}` to take it out",
         )
+    if node.kind == "param":  # it writes the parameter itself
+        check_parameter_merge(node, name, method, st.span)
+        return
     _check_not_shared(planner, st, node, name)
     if method.merge_action == FOLD:  # it writes the wrapped module's tensors
         check_merge_storage(node, name, method, st.span)
@@ -114,7 +118,8 @@ def _order_merges(st: ast.Merge, chosen: Chosen) -> Chosen:
             by_site.setdefault(id(item[0]), []).append(item)
     for items in by_site.values():
         node, methods = items[0][0], dict(items[0][0].edits)
-        order = plan_site_merges(node, [name for _, name, _ in items], st.span)
+        plan_merges = parameter_merge_order if node.kind == "param" else plan_site_merges
+        order = plan_merges(node, [name for _, name, _ in items], st.span)
         ordered += [(node, name, methods[name]) for name in order]
     return ordered
 

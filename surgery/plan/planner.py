@@ -25,6 +25,7 @@ from surgery.errors import ResolveError, Span, did_you_mean
 from surgery.lang import ast
 from surgery.plan.types import Plan, Step
 from surgery.select import Alias, TreeNode, build_tree, expand_aliases, match_selector, model_order
+from surgery.select.tree import position
 
 
 @dataclass
@@ -116,7 +117,7 @@ class Planner:
                     raise self._with_alias_hint(error, selector) from None
                 for node in match.nodes:
                     found.setdefault(id(node), (node, selector.span, alias.name if alias else ""))
-        return sorted(found.values(), key=lambda item: order[id(item[0])])
+        return sorted(found.values(), key=lambda item: position(order, item[0]))
 
     def _with_alias_hint(self, error: ResolveError, selector: ast.Selector) -> ResolveError:
         """Add `did you mean the alias 'mlp.up'?` when the user's text is close to an alias."""

@@ -11,7 +11,7 @@ from surgery.lang import ast
 from surgery.select.aliases import Alias
 from surgery.select.hints import _no_match, _similar_names
 from surgery.select.search import _GLOBSTAR, _Search
-from surgery.select.tree import TreeNode
+from surgery.select.tree import TreeNode, position
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def match_selector(
 
 
 def _ordered(nodes: list[TreeNode], order: dict[int, int]) -> list[TreeNode]:
-    return sorted({id(n): n for n in nodes}.values(), key=lambda n: order[id(n)])
+    return sorted({id(n): n for n in nodes}.values(), key=lambda n: position(order, n))
 
 
 def _a(word: str) -> str:

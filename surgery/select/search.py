@@ -81,6 +81,8 @@ class _Search:
         """The children an index list picks, each with the number of the item that picked it."""
         if segment.index and segment.index[0].part is not None:
             return self.parts(node, segment)
+        if node.kind == "param":
+            return expert_subset(node, segment)
         items = [c for name, c in node.children.items() if name.isdigit() and c.kind == "module"]
         items.sort(key=lambda c: int(c.name))
         path = node.path or "the model"
@@ -166,3 +168,56 @@ def _refuse_repeats(segment: ast.Segment, chosen: list[tuple[int, TreeNode]]) ->
             span=segment.item_span(number),
             hint=f"list each entry once: {segment.text}[{', '.join(once)}]",
         )
+
+
+def expert_subset(node: TreeNode, segment: ast.Segment) -> list[tuple[int, TreeNode]]:
+    """`experts.gate_up_proj[0:4, 6]`: some experts of a 3-D expert parameter (index along its
+    first dimension), as one virtual node that every index item picks."""
+    shape = tuple(getattr(node.key, "shape", ()))
+    if len(shape) != 3:
+        raise ResolveError(
+            f"'{node.path}' is a {len(shape)}-D parameter, not a 3-D stack of experts, so it "
+            "has no experts to pick",
+            span=segment.span,
+            hint=f"select the whole parameter ({node.path}) or its module",
+        )
+    n = shape[0]
+    picked: list[tuple[int, int]] = []  # (item number, expert)
+    for number, item in enumerate(segment.index or ()):
+        if not item.is_slice:
+            if not -n <= item.start < n:
+                raise ResolveError(
+                    f"expert {item.start} is out of range: {node.path} has {n} experts "
+                    f"(0..{n - 1})",
+                    span=segment.item_span(number),
+                )
+            picked.append((number, item.start % n))
+            continue
+        for bound in (item.start, item.stop):
+            if bound is not None and not -n <= bound <= n:
+                raise ResolveError(
+                    f"slice [{item}] reaches past the last expert: {node.path} has {n} experts "
+                    f"(0..{n - 1})",
+                    span=segment.item_span(number),
+                )
+        chosen = list(range(n)[slice(item.start, item.stop, item.step)])
+        if not chosen:
+            raise ResolveError(
+                f"slice [{item}] of {node.path} ({n} experts) picks none",
+                span=segment.item_span(number),
+            )
+        picked += [(number, e) for e in chosen]
+    first: dict[int, int] = {}
+    for number, expert in picked:
+        earlier = first.setdefault(expert, number)
+        if earlier != number:
+            items = segment.index or ()
+            raise ResolveError(
+                f"index [{items[number]}] of {segment} picks expert {expert}, already picked by "
+                f"[{items[earlier]}]",
+                span=segment.item_span(number),
+                hint="list each expert once",
+            )
+    experts = tuple(sorted(first))
+    subset = node.subset(experts, ", ".join(map(str, segment.index or ())))
+    return [(number, subset) for number in sorted(set(first.values()))]

@@ -13,6 +13,7 @@ from torch import nn
 
 from surgery.fused import Layout
 from surgery.graph.logical import base_of, logical_children
+from surgery.graph.param_site import ParamEdits
 
 
 @dataclass(eq=False)
@@ -33,7 +34,13 @@ class TreeNode:
     edit_adapters: dict[str, str] = field(default_factory=dict)  # edit name -> its adapter
     layout: Layout | None = None  # a fused module's layout (declared by `fuse`)
     parts: dict[str, TreeNode] = field(default_factory=dict)  # its parts, by layout part name
-    whole: TreeNode | None = None  # a part's fused module
+    whole: TreeNode | None = None  # a part's fused module, or an expert subset's parameter
+    experts: tuple[int, ...] | None = None  # a subset of a 3-D parameter's experts (`w[0:4]`)
+
+    def subset(self, experts: tuple[int, ...], written: str) -> TreeNode:
+        """The virtual node `path[0:4]` for some experts of this 3-D parameter."""
+        return TreeNode(self.name, f"{self.path}[{written}]", "param", numel=self.numel,
+                        key=self.key, whole=self, experts=experts)
 
     def fuse_parts(self, layout: Layout) -> None:
         """Declare this module fused: its parts become nodes `path[q]`, selected by name only."""
@@ -132,15 +139,30 @@ def build_tree(model: nn.Module) -> TreeNode:
                     adapter=adapter,
                 )
         for cname, child, edit in logical_children(module):
-            at = node.child_path(cname)
-            node.children[cname] = visit(child, cname, at, adapter or edit is not None)
-            if edit is not None:
-                node.edits.append((cname, edit.method))
-                node.edit_options[cname] = dict(edit.options)
-                node.edit_adapters[cname] = edit.adapter
+            if isinstance(child, ParamEdits):  # a parameter's edits hang below its own node
+                holder = node.children[cname]
+                for ename, adapter_module, on in logical_children(child):
+                    attach(holder, ename, adapter_module, on)
+                continue
+            attach(node, cname, child, edit, adapter)
         return node
 
+    def attach(
+        node: TreeNode, name: str, child: nn.Module, edit: Any, adapter: bool = True
+    ) -> None:
+        node.children[name] = visit(child, name, node.child_path(name), adapter or edit is not None)
+        if edit is not None:
+            node.edits.append((name, edit.method))
+            node.edit_options[name] = dict(edit.options)
+            node.edit_adapters[name] = edit.adapter
+
     return visit(model, "", "", False)
+
+
+def position(order: dict[int, int], node: TreeNode) -> int:
+    """A node's place in model order; an expert subset (made while matching) takes its
+    parameter's."""
+    return order[id(node.whole)] if node.experts is not None else order[id(node)]
 
 
 def model_order(root: TreeNode) -> dict[int, int]:
