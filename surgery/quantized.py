@@ -265,7 +265,7 @@ KINDS: tuple[Kind, ...] = (
         _bnb4_refusal,
     ),
     Kind(
-        "torchao int8 weight-only",
+        "torchao int8 (Int8Tensor)",
         None,
         (_AO, "Int8Tensor"),
         lambda w, _: w.dequantize().float(),
