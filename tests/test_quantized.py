@@ -315,3 +315,11 @@ def test_surgery_never_imports_a_quantization_library():
         text = path.read_text()
         found += [f"{path.name}: {lib}" for lib in libraries if f'import_module("{lib}' in text]
     assert not found
+
+
+def test_blocks_holding_quantized_layers_are_refused():
+    """A method on a whole block would not know the quantized layers inside it: refused,
+    naming the layer."""
+    message = refused(quantized("nf4"), "apply parallel_adapter to model.layers.0.mlp")
+    assert "gate_proj.weight" in message and "Params4bit" in message
+    assert "a quantized layer inside the selected module" in message
