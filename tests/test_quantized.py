@@ -323,3 +323,32 @@ def test_blocks_holding_quantized_layers_are_refused():
     message = refused(quantized("nf4"), "apply parallel_adapter to model.layers.0.mlp")
     assert "gate_proj.weight" in message and "Params4bit" in message
     assert "a quantized layer inside the selected module" in message
+
+
+def test_adapters_route_and_save_over_a_quantized_base(tmp_path):
+    """Per-row routing (DoRA's norm from the dequantized weight) equals each adapter alone; a
+    saved adapter loads onto a fresh quantized model and computes the same logits."""
+    from surgery import load_adapter
+    from surgery.adapters.units import set_active
+    from surgery.io import write_adapter_dir
+
+    rules = "adapter b { apply dora(r=4) to *.q_proj }\nadapter a { apply lora(r=4) to *.q_proj }"
+    model = quantized("bnb8")
+    report = rewrite(model, rules)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    with torch.no_grad():
+        routed = model(input_ids=IDS, adapter_names=["a", "b"]).logits
+    alone = {}
+    for name in ("a", "b"):
+        set_active(model, name)
+        alone[name] = logits(model)
+    assert torch.allclose(routed[0], alone["a"][0], atol=1e-5)
+    assert torch.allclose(routed[1], alone["b"][1], atol=1e-5)
+    write_adapter_dir(model, tmp_path / "b", rules_text=rules, plan=report.plan, adapter="b")
+    fresh = quantized("bnb8")
+    load_adapter(fresh, tmp_path / "b")
+    assert torch.allclose(logits(fresh), alone["b"], atol=1e-6)
