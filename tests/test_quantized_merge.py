@@ -158,3 +158,40 @@ def test_merge_matches_peft(kind):
     assert torch.allclose(logits(ours), logits(merged), atol=1e-5, rtol=0)
     assert not any(isinstance(m, Site) for m in ours.modules())
     assert torch.isfinite(logits(ours)).all() and IDS.shape[0] == 2
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_bnb4_cpu_packed_layout(double):
+    """On CPUs with AVX512-BF16 an inference forward repacks a Linear4bit's storage into a
+    CPU-only layout (absmax transposed, rounded to bf16). Emulated here: the weight still
+    dequantizes to what the layer computes with, and re-quantizes into the standard layout."""
+    import copy
+
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    from test_quantized import bnb4
+
+    layer = bnb4("nf4", double)(nn.Linear(256, 64))
+    kind = kind_of(layer)
+    data, state = layer.weight.data.clone(), layer.weight.quant_state
+    rounded = copy.copy(state)  # the standard layout with the absmax rounded as packing does
+    if double:
+        rounded.absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2)
+        rounded.absmax += state.offset
+        rounded.nested = False
+    rounded.absmax = rounded.absmax.to(torch.bfloat16).float()
+    reference = bnb_functional.dequantize_4bit(data, rounded).float()
+    packed_data, packed_state = bnb_functional._convert_weight_packed_for_cpu(data, state)
+    layer.weight.data, layer.weight.quant_state = packed_data, packed_state
+    assert torch.equal(kind.dequantize(layer), reference)
+    assert layer.weight.quant_state.packing_format_for_cpu  # read, never rewritten
+    merged = reference + 0.01
+    undo = kind.requantize(layer, merged)
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert layer.weight.quant_state.nested == double
+    expected = bnb_functional.quantize_4bit(
+        merged, blocksize=64, compress_statistics=double, quant_type="nf4"
+    )[0]
+    assert torch.equal(layer.weight.data, expected)
+    undo()
+    assert layer.weight.data_ptr() == packed_data.data_ptr()
+    assert layer.weight.quant_state is packed_state
