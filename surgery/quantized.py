@@ -117,10 +117,10 @@ def _bnb8_requantize(module: nn.Module, weight: torch.Tensor) -> Undo:
 
 def _bnb8_refusal(module: nn.Module) -> str | None:
     weight = module.weight
+    if getattr(weight, "has_fp16_weights", False):
+        return "it trains fp16 weights and quantizes them on the fly (has_fp16_weights=True)"
     if weight.dtype != torch.int8 or _bnb8_scales(weight, module.state) is None:
         return "its 8-bit weight is not quantized yet (move the model to its device first)"
-    if getattr(weight, "has_fp16_weights", False):
-        return "it keeps fp16 weights beside the int8 ones (has_fp16_weights=True)"
     return None
 
 
