@@ -265,7 +265,7 @@ def _never(_: nn.Module) -> str | None:
 
 
 def _hqq_refusal(_: nn.Module) -> str:
-    return "merging into HQQ layers is not verified (hqq is not installed where surgery is tested)"
+    return "merging into HQQ layers is not supported yet"
 
 
 KINDS: tuple[Kind, ...] = (
@@ -310,8 +310,9 @@ KINDS: tuple[Kind, ...] = (
         _quanto_requantize,
         _quanto_refusal,
     ),
-    # HQQ (not installed here: recognised only when hqq is imported; apply through the
-    # module's own forward, dequantize by its `dequantize()`; merge refused as unverified)
+    # HQQ: recognised when hqq is imported, dequantized by the layer's own `dequantize()`;
+    # edits are refused for now: HQQLinear holds no `weight` tensor, which the methods read
+    # for the adapters' dtype and device
     Kind(
         "HQQ HQQLinear",
         ("hqq.core.quantize", "HQQLinear"),
@@ -320,8 +321,8 @@ KINDS: tuple[Kind, ...] = (
         None,
         _hqq_refusal,
         dequantize_module=lambda m: m.dequantize().float(),
-        apply_refusal="hqq is not installed where surgery is tested, so edits over HQQ "
-        "layers are not verified",
+        apply_refusal="edits over HQQ layers are not supported yet (HQQLinear holds no "
+        "`weight` tensor; see docs/quantization.md)",
     ),
 )
 
