@@ -64,13 +64,9 @@ class Kind:
         return self.dequantize_module(module)
 
 
-def _loaded(name: str) -> Any:
-    """The library module `name` when the process has imported it, else None (never imports)."""
-    return sys.modules.get(name)
-
-
 def _class_of(module_name: str, class_name: str) -> type | None:
-    lib = _loaded(module_name)
+    """The class when the process has imported its library, else None (never imports it)."""
+    lib = sys.modules.get(module_name)
     return getattr(lib, class_name, None) if lib is not None else None
 
 
@@ -332,11 +328,6 @@ def kind_of(module: nn.Module) -> Kind | None:
     return next((kind for kind in KINDS if kind.recognise(module)), None)
 
 
-def dims(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of a quantized layer: its logical features, not its packed storage's."""
-    return int(module.in_features), int(module.out_features)
-
-
 def dequantized(weight: torch.Tensor, context: Any = None) -> torch.Tensor:
     """A quantized weight tensor in fp32, given its kind's `weight_context` (a site graph calls
     this: DoRA's norm reads it)."""
@@ -362,7 +353,13 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight if kind is None else kind.dequantize(module)
 
 
-def check_method(method: str, supported: bool, module: nn.Module, dense: bool) -> str | None:
+# The methods whose edits may stand over a quantized layer: each builds its tensors from the
+# layer's logical shape and computes through the layer's own forward (DoRA's norm reads the
+# dequantized weight), verified against PEFT in tests/test_quantized.py.
+SUPPORTED_METHODS = ("lora", "dora", "ia3")
+
+
+def check_method(method: str, module: nn.Module, dense: bool) -> str | None:
     """Why `method` cannot attach to the quantized `module` (None when it can, or when the
     module is not quantized). `dense`: the method reads the weight's values while it runs."""
     kind = kind_of(module)
@@ -370,10 +367,10 @@ def check_method(method: str, supported: bool, module: nn.Module, dense: bool) -
         return None
     if kind.apply_refusal is not None:
         return f"{type(module).__name__} ({kind.name}): {kind.apply_refusal}"
-    if not supported:
+    if method not in SUPPORTED_METHODS:
         return (
             f"{method} does not support quantized bases ({type(module).__name__}: {kind.name}); "
-            "lora, dora and ia3 do"
+            f"{', '.join(SUPPORTED_METHODS)} do"
         )
     if dense and kind.dequantize_weight is None:
         return f"{method} reads the weight's values, which {kind.name} layers cannot give"
