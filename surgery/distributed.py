@@ -1,0 +1,112 @@
+"""Models wrapped for data-parallel training: what the planner refuses on them, and why.
+
+A wrapper takes hold of the parameters that exist when it is built: DDP registers them for its
+gradient all-reduce, FSDP1 flattens them into one sharded `FlatParameter` per unit (each rank
+keeps a slice; the original tensors become views of it, or disappear), FSDP2's `fully_shard`
+turns each into a `DTensor` that holds one rank's rows. An adapter built afterwards is in none
+of these (no rank would synchronize its gradient: each rank would train its own copy), and a
+merge that reads or writes a sharded weight sees only a slice. Both would be silent wrong
+results, so both are refused while planning, on every rank alike (each rank plans the same
+rules on the same structure), naming the fix; see docs/distributed.md.
+
+The wrapper classes are looked up in `sys.modules`: a model cannot hold an FSDP or DTensor
+object unless the module defining it has been imported, so the check never imports
+`torch.distributed` and costs a dictionary lookup on an ordinary model.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from surgery.methods.base import Problem
+
+DOCS = "docs/distributed.md"
+REWRITE_FIRST = f"rewrite the plain model first, then wrap it (see {DOCS})"
+FSDP1_MERGE = (
+    "merge a gathered copy: under `FullyShardedDataParallel.summon_full_params(model)` take "
+    "the adapter tensors (`surgery.io.adapters.adapter_state_dict`) on rank 0, load them into "
+    f"the rewritten plain model and merge there (see {DOCS})"
+)
+FSDP2_MERGE = (
+    "merge a gathered copy: `get_model_state_dict(model, options=StateDictOptions("
+    "full_state_dict=True, cpu_offload=True))` gives rank 0 the whole state dict; load it into "
+    f"the rewritten plain model and merge there (see {DOCS})"
+)
+
+
+def _class(module: str, name: str) -> type | None:
+    """`module.name` if that module is imported (else no object of the class can exist)."""
+    return getattr(sys.modules.get(module), name, None)
+
+
+def _is(value: object, module: str, name: str) -> bool:
+    cls = _class(module, name)
+    return cls is not None and isinstance(value, cls)
+
+
+def wrapper_kind(modules: Iterable[nn.Module]) -> str | None:
+    """The data-parallel wrapper among `modules` (a node's ancestors and itself), if any."""
+    for module in modules:
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            return "DistributedDataParallel (DDP)"
+        if _is(module, "torch.distributed.fsdp", "FullyShardedDataParallel"):
+            return "FullyShardedDataParallel (FSDP1)"
+    return None
+
+
+def _tensors(module: nn.Module) -> Iterable[torch.Tensor]:
+    """Every tensor `module` and its children hold: parameters, buffers, and the plain tensor
+    attributes FSDP1 (`use_orig_params=False`) leaves where its parameters were."""
+    for child in module.modules():
+        yield from (p for p in child._parameters.values() if p is not None)
+        yield from (v for v in vars(child).values() if isinstance(v, torch.Tensor))
+
+
+def sharding(module: nn.Module) -> str | None:
+    """How `module`'s tensors are sharded across ranks, if they are."""
+    for tensor in _tensors(module):
+        if getattr(tensor, "_fsdp_flattened", False) or getattr(
+            tensor._base, "_fsdp_flattened", False
+        ):
+            return "flattened into an FSDP1 FlatParameter (each rank holds a slice)"
+        if _is(tensor, "torch.distributed.tensor", "DTensor"):
+            return "a DTensor sharded across ranks (FSDP2 `fully_shard`, or tensor parallel)"
+    return None
+
+
+def apply_problem(ancestors: list[nn.Module], module: nn.Module) -> Problem | None:
+    """Why no adapter may be added to `module` (below `ancestors`) of a wrapped model."""
+    wrapper = wrapper_kind([*ancestors, module])
+    if wrapper is not None:
+        return Problem(
+            f"the model is wrapped in {wrapper}, which took hold of its parameters when it was "
+            "built: a new adapter's gradients would not be synchronized across ranks",
+            hint=REWRITE_FIRST,
+        )
+    how = sharding(module)
+    if how is not None:
+        return Problem(
+            f"its weights are {how}: an adapter added now would not be sharded, nor its "
+            "gradients synchronized across ranks",
+            hint=REWRITE_FIRST,
+        )
+    return None
+
+
+def merge_problem(ancestors: list[nn.Module], modules: list[nn.Module]) -> Problem | None:
+    """Why `modules` (a site's module and an edit's) may not merge here: their tensors are
+    sharded, so each rank would fold its own slice (a DDP replica holds whole tensors: fine)."""
+    hows = [how for how in map(sharding, modules) if how is not None]
+    wrapper = wrapper_kind([*ancestors, *modules])
+    if not hows and wrapper is not None and "FSDP1" in wrapper:
+        hows = ["managed by an FSDP1 wrapper (each rank holds a slice)"]
+    if not hows:
+        return None
+    return Problem(
+        f"its tensors are {hows[0]}: a merge would fold one rank's slice",
+        hint=FSDP1_MERGE if "FSDP1" in hows[0] else FSDP2_MERGE,
+    )
