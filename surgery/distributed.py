@@ -7,7 +7,8 @@ turns each into a `DTensor` that holds one rank's rows. An adapter built afterwa
 of these (no rank would synchronize its gradient: each rank would train its own copy), and a
 merge that reads or writes a sharded weight sees only a slice. Both would be silent wrong
 results, so both are refused while planning, on every rank alike (each rank plans the same
-rules on the same structure), naming the fix; see docs/distributed.md.
+rules on the same structure), naming the fix; see docs/distributed.md. (A merge on a DDP
+replica is allowed: it holds whole tensors.)
 
 The wrapper classes are looked up in `sys.modules`: a model cannot hold an FSDP or DTensor
 object unless the module defining it has been imported, so the check never imports
@@ -26,15 +27,22 @@ from surgery.methods.base import Problem
 
 DOCS = "docs/distributed.md"
 REWRITE_FIRST = f"rewrite the plain model first, then wrap it (see {DOCS})"
-FSDP1_MERGE = (
-    "merge a gathered copy: under `FullyShardedDataParallel.summon_full_params(model)` take "
-    "the adapter tensors (`surgery.io.adapters.adapter_state_dict`) on rank 0, load them into "
-    f"the rewritten plain model and merge there (see {DOCS})"
+GATHERED = "load them into the rewritten plain model and merge there (see " + DOCS + ")"
+# how each kind of sharding looks, and how to get whole tensors to merge from
+FSDP1 = (
+    "flattened into an FSDP1 FlatParameter (each rank holds a slice)",
+    "merge a gathered copy: under `FullyShardedDataParallel.summon_full_params(model)` take the "
+    "adapter tensors (`surgery.io.adapters.adapter_state_dict`) on rank 0, " + GATHERED,
 )
-FSDP2_MERGE = (
+FSDP2 = (
+    "a DTensor sharded across ranks (FSDP2 `fully_shard`, or tensor parallel)",
     "merge a gathered copy: `get_model_state_dict(model, options=StateDictOptions("
-    "full_state_dict=True, cpu_offload=True))` gives rank 0 the whole state dict; load it into "
-    f"the rewritten plain model and merge there (see {DOCS})"
+    "full_state_dict=True, cpu_offload=True))` gives rank 0 the whole state dict; " + GATHERED,
+)
+ZERO3 = (
+    "partitioned by DeepSpeed ZeRO-3 (each rank holds a slice)",
+    "merge a gathered copy: the whole weights from `save_16bit_model` or `zero_to_fp32`; "
+    + GATHERED,
 )
 
 
@@ -66,15 +74,18 @@ def _tensors(module: nn.Module) -> Iterable[torch.Tensor]:
         yield from (v for v in vars(child).values() if isinstance(v, torch.Tensor))
 
 
-def sharding(module: nn.Module) -> str | None:
-    """How `module`'s tensors are sharded across ranks, if they are."""
+def sharding(module: nn.Module) -> tuple[str, str] | None:
+    """How `module`'s tensors are sharded across ranks, if they are, and how to merge anyway:
+    FSDP1, FSDP2 or ZERO3."""
     for tensor in _tensors(module):
         if getattr(tensor, "_fsdp_flattened", False) or getattr(
             tensor._base, "_fsdp_flattened", False
         ):
-            return "flattened into an FSDP1 FlatParameter (each rank holds a slice)"
+            return FSDP1
         if _is(tensor, "torch.distributed.tensor", "DTensor"):
-            return "a DTensor sharded across ranks (FSDP2 `fully_shard`, or tensor parallel)"
+            return FSDP2
+        if hasattr(tensor, "ds_id"):  # DeepSpeed marks each partitioned parameter so
+            return ZERO3
     return None
 
 
@@ -90,7 +101,7 @@ def apply_problem(ancestors: list[nn.Module], module: nn.Module) -> Problem | No
     how = sharding(module)
     if how is not None:
         return Problem(
-            f"its weights are {how}: an adapter added now would not be sharded, nor its "
+            f"its weights are {how[0]}: an adapter added now would not be sharded, nor its "
             "gradients synchronized across ranks",
             hint=REWRITE_FIRST,
         )
@@ -103,10 +114,9 @@ def merge_problem(ancestors: list[nn.Module], modules: list[nn.Module]) -> Probl
     hows = [how for how in map(sharding, modules) if how is not None]
     wrapper = wrapper_kind([*ancestors, *modules])
     if not hows and wrapper is not None and "FSDP1" in wrapper:
-        hows = ["managed by an FSDP1 wrapper (each rank holds a slice)"]
+        hows = [FSDP1]
     if not hows:
         return None
     return Problem(
-        f"its tensors are {hows[0]}: a merge would fold one rank's slice",
-        hint=FSDP1_MERGE if "FSDP1" in hows[0] else FSDP2_MERGE,
+        f"its tensors are {hows[0][0]}: a merge would fold one rank's slice", hint=hows[0][1]
     )

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -77,6 +79,60 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
     after = model.state_dict()
     return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
+MARK = re.compile(r"<!-- (executed: (?P<name>\S+)|not executed) -->")
+
+
+def doc_blocks(text: str) -> list[tuple[str | None, str]]:
+    """Each fenced block of a doc: (the name its `<!-- executed: NAME -->` line gives it, or
+    "" after `<!-- not executed -->`, or None when unmarked; its text)."""
+    blocks: list[tuple[str | None, str]] = []
+    mark: str | None = None
+    body: list[str] | None = None  # the lines of the block being read
+    for line in text.splitlines(keepends=True):
+        fence = line.strip().startswith("```")
+        if body is not None:
+            if fence:
+                blocks.append((mark, "".join(body)))
+                body, mark = None, None
+            else:
+                body.append(line)
+        elif found := MARK.fullmatch(line.strip()):
+            mark = found["name"] or ""
+        elif fence:
+            body = []
+        elif line.strip():
+            mark = None
+    return blocks
+
+
+def run_doc_scripts(out: Path) -> None:
+    """Run docs/distributed.md's executed scripts, each in its own folder beside the rules
+    file the doc gives them, as `torchrun` would: `script.py OUT` on this rank. They run in
+    this launch's process group: their `init_process_group` and `destroy_process_group` calls
+    do nothing here (a group initialized again in one process may meet the previous one's
+    rendezvous keys in torchrun's store and hang)."""
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    named = {name: body for name, body in doc_blocks(DOC.read_text()) if name}
+    keep_group = (
+        mock.patch.object(dist, "init_process_group", lambda *a, **k: None),
+        mock.patch.object(dist, "destroy_process_group", lambda *a, **k: None),
+    )
+    for name, body in named.items():
+        if not name.endswith(".py"):
+            continue
+        folder = out / "docs" / Path(name).stem
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "rules.surg").write_text(named["rules.surg"])
+        os.chdir(folder)
+        sys.argv = [name, str(folder)]
+        with keep_group[0], keep_group[1]:
+            exec(compile(body, f"{DOC}:{name}", "exec"), {"__name__": "__main__"})
 
 
 def main(out: Path) -> None:
@@ -179,6 +235,7 @@ def main(out: Path) -> None:
     result["fsdp1_flat_apply"] = refusal(model, APPLY_MORE)
 
     (out / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
+    run_doc_scripts(out)
     dist.barrier()
     dist.destroy_process_group()
 
