@@ -12,13 +12,14 @@ replica is allowed: it holds whole tensors.)
 
 The wrapper classes are looked up in `sys.modules`: a model cannot hold an FSDP or DTensor
 object unless the module defining it has been imported, so the check never imports
-`torch.distributed` and costs a dictionary lookup on an ordinary model.
+`torch.distributed` itself.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -28,18 +29,26 @@ from surgery.methods.base import Problem
 DOCS = "docs/distributed.md"
 REWRITE_FIRST = f"rewrite the plain model first, then wrap it (see {DOCS})"
 GATHERED = "load them into the rewritten plain model and merge there (see " + DOCS + ")"
-# how each kind of sharding looks, and how to get whole tensors to merge from
-FSDP1 = (
+
+
+class Sharding(NamedTuple):
+    """A way of sharding tensors across ranks: what it is, and where whole tensors come from."""
+
+    what: str
+    merge_fix: str
+
+
+FSDP1 = Sharding(
     "flattened into an FSDP1 FlatParameter (each rank holds a slice)",
     "merge a gathered copy: under `FullyShardedDataParallel.summon_full_params(model)` take the "
     "adapter tensors (`surgery.io.adapters.adapter_state_dict`) on rank 0, " + GATHERED,
 )
-FSDP2 = (
+FSDP2 = Sharding(
     "a DTensor sharded across ranks (FSDP2 `fully_shard`, or tensor parallel)",
     "merge a gathered copy: `get_model_state_dict(model, options=StateDictOptions("
     "full_state_dict=True, cpu_offload=True))` gives rank 0 the whole state dict; " + GATHERED,
 )
-ZERO3 = (
+ZERO3 = Sharding(
     "partitioned by DeepSpeed ZeRO-3 (each rank holds a slice)",
     "merge a gathered copy: the whole weights from `save_16bit_model` or `zero_to_fp32`; "
     + GATHERED,
@@ -74,9 +83,8 @@ def _tensors(module: nn.Module) -> Iterable[torch.Tensor]:
         yield from (v for v in vars(child).values() if isinstance(v, torch.Tensor))
 
 
-def sharding(module: nn.Module) -> tuple[str, str] | None:
-    """How `module`'s tensors are sharded across ranks, if they are, and how to merge anyway:
-    FSDP1, FSDP2 or ZERO3."""
+def sharding(module: nn.Module) -> Sharding | None:
+    """How `module`'s tensors are sharded across ranks (FSDP1, FSDP2 or ZERO3), if they are."""
     for tensor in _tensors(module):
         if getattr(tensor, "_fsdp_flattened", False) or getattr(
             tensor._base, "_fsdp_flattened", False
@@ -101,7 +109,7 @@ def apply_problem(ancestors: list[nn.Module], module: nn.Module) -> Problem | No
     how = sharding(module)
     if how is not None:
         return Problem(
-            f"its weights are {how[0]}: an adapter added now would not be sharded, nor its "
+            f"its weights are {how.what}: an adapter added now would not be sharded, nor its "
             "gradients synchronized across ranks",
             hint=REWRITE_FIRST,
         )
@@ -118,5 +126,6 @@ def merge_problem(ancestors: list[nn.Module], modules: list[nn.Module]) -> Probl
     if not hows:
         return None
     return Problem(
-        f"its tensors are {hows[0][0]}: a merge would fold one rank's slice", hint=hows[0][1]
+        f"its tensors are {hows[0].what}: a merge would fold one rank's slice",
+        hint=hows[0].merge_fix,
     )
