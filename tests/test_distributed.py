@@ -31,7 +31,7 @@ from surgery.models import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")
-TIMEOUT_S = 240  # the launch takes ~45 s on a busy 2-core machine; a hang fails, not blocks
+TIMEOUT_S = 240  # the launch took 60-70 s on 2 cores shared with other jobs; a hang fails
 CLOSE = {"rtol": 1e-6, "atol": 1e-6}
 
 
