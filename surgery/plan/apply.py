@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from surgery import distributed
 from surgery.adapters.names import DEFAULT
 from surgery.edit import Edit
 from surgery.errors import PlanError, Span
@@ -67,6 +68,8 @@ def apply(planner: Planner, st: ast.Apply, scope: Scope) -> None:
         host_node = node if path == node.path else planner.node(path)
         host = hosts.setdefault(path, (host_node, set()))
         host[1].add(role)
+    if "" in hosts:  # a model placement: its tensors join the model as a whole
+        _refuse_wrapped_model(planner, st, method)
     arguments = tuple(sorted(args.items()))
     records = []
     for node, node_roles in hosts.values():
@@ -103,6 +106,16 @@ def apply(planner: Planner, st: ast.Apply, scope: Scope) -> None:
     planner.record(
         st, "apply", method=method.name, edit=edit, arguments=arguments, targets=tuple(records)
     )
+
+
+def _refuse_wrapped_model(planner: Planner, st: ast.Apply, method: Method) -> None:
+    problem = distributed.apply_problem([], planner.model)
+    if problem is not None:
+        raise PlanError(
+            f"cannot apply {method.name} to the model: {problem.message}",
+            span=st.span,
+            hint=problem.hint,
+        )
 
 
 def _check_selection(
@@ -199,6 +212,11 @@ def _site_problem(planner: Planner, node: TreeNode) -> Problem | None:
             "sites wrap submodules",
             hint="select the modules inside it, e.g. `** : Linear`",
         )
+    parts = node.path.split(".")
+    ancestors = [planner.node(".".join(parts[:depth])).module for depth in range(len(parts))]
+    wrapped = distributed.apply_problem(ancestors, node.module)
+    if wrapped is not None:
+        return wrapped
     storage = storage_problem(node.module)
     if storage is not None:
         return Problem(
@@ -206,8 +224,6 @@ def _site_problem(planner: Planner, node: TreeNode) -> Problem | None:
             "surgery knows",
             hint="apply the edits before quantizing the model, or to other modules",
         )
-    parts = node.path.split(".")
-    ancestors = [planner.node(".".join(parts[:depth])).module for depth in range(len(parts))]
     reason = skipped_reason(ancestors, parts, node.module)
     if reason is None:
         return None

@@ -5,6 +5,7 @@ encoder into a plain, frozen table, and the edit stays with that table."""
 
 from __future__ import annotations
 
+from surgery import distributed
 from surgery.adapters.names import DEFAULT
 from surgery.edit import Edit
 from surgery.errors import PlanError, did_you_mean
@@ -102,6 +103,7 @@ def _check_mergeable(
         check_parameter_merge(node, name, method, st.span)
         return
     _check_not_shared(planner, st, node, name)
+    _check_not_sharded(planner, st, node, name)
     if method.merge_action == FOLD:  # it writes the wrapped module's tensors
         check_merge_storage(node, name, method, st.span)
 
@@ -157,4 +159,18 @@ def _check_alternatives(planner: Planner, st: ast.Merge, chosen: Chosen) -> None
             "computes: a merge writes into the base every adapter shares",
             span=st.span,
             hint=f"`remove {others[0]}` first" + (" (and the others)" if others[1:] else ""),
+        )
+
+
+def _check_not_sharded(planner: Planner, st: ast.Merge, node: TreeNode, edit: str) -> None:
+    """A merge reads whole tensors: refuse where FSDP holds each rank's slice of them."""
+    parts = node.path.split(".") if node.path else []
+    ancestors = [planner.node(".".join(parts[:depth])).module for depth in range(len(parts))]
+    modules = [m for m in (node.module, node.children[edit].module) if m is not None]
+    problem = distributed.merge_problem([m for m in ancestors if m is not None], modules)
+    if problem is not None:
+        raise PlanError(
+            f"cannot merge '{edit}' into {node.path or 'the model'}: {problem.message}",
+            span=st.span,
+            hint=problem.hint,
         )
