@@ -261,6 +261,10 @@ class _Builder:
             self.span(how), self.arguments(arguments),
         )  # fmt: skip
 
+    def prepare_stmt(self, node: lark.Tree) -> ast.Prepare:
+        kind, arguments = node.children
+        return ast.Prepare(self.span(node), str(kind), self.span(kind), self.arguments(arguments))
+
     # arguments and values
     def arguments(self, node: lark.Tree | None) -> tuple[ast.Argument, ...]:
         """`(name=value, ...)` (None: not written), each name at most once."""
