@@ -38,7 +38,8 @@ CHECKPOINTING_ENABLE = (
     ("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
     ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs"),
 )
-INPUT_GRAD_HOOKS = "_require_grads_hooks"  # where transformers keeps enable_input_require_grads'
+# where transformers keeps the hooks of `enable_input_require_grads` (the list, and its first)
+INPUT_GRAD_HOOKS = ("_require_grads_hooks", "_require_grads_hook")
 
 
 def _backend(cls: type) -> str | None:
@@ -75,12 +76,8 @@ def checkpointing_problem(model: nn.Module, reentrant: bool) -> str | None:
     return None
 
 
-def checkpointing_on(model: nn.Module) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-
-
 def input_grads_on(model: nn.Module) -> bool:
-    return bool(getattr(model, INPUT_GRAD_HOOKS, None))
+    return bool(getattr(model, INPUT_GRAD_HOOKS[0], None))
 
 
 def run_prepare(model: nn.Module, step: Step, tx: Transaction) -> None:
@@ -107,16 +104,17 @@ def _setter(param: nn.Parameter, data: torch.Tensor) -> Callable[[], None]:
 
 def _enable_checkpointing(model: nn.Module, reentrant: bool, tx: Transaction) -> None:
     """Turn on the model's own checkpointing with `use_reentrant` given explicitly (torch warns
-    when it is not); the undo puts back every flag and function transformers set."""
-    flagged = list(_flagged(model))
+    when it is not); the undo puts back every flag, function and hook transformers set.
+    (transformers also hooks the input embeddings when it enables checkpointing on a model of
+    `input_ids`; the hook is added here when it did not, as reentrant checkpointing needs it.)"""
     saved = [(m, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func", _NO))
-             for m in flagged]  # fmt: skip
-    tx.undo.append(lambda: _restore_flags(saved))
-    if reentrant and not input_grads_on(model):
-        model.enable_input_require_grads()  # type: ignore[operator]
-        tx.undo.append(lambda: _disable_input_grads(model))
+             for m in _flagged(model)]  # fmt: skip
+    hooks = {name: model.__dict__.get(name, _NO) for name in INPUT_GRAD_HOOKS}
+    tx.undo.append(lambda: _restore(model, saved, hooks))
     name, keyword = next((n, k) for n, k in CHECKPOINTING_ENABLE if hasattr(model, n))
     getattr(model, name)(**{keyword: {"use_reentrant": reentrant}})
+    if reentrant and not input_grads_on(model):
+        model.enable_input_require_grads()  # type: ignore[operator]
 
 
 _NO = object()
@@ -126,17 +124,23 @@ def _flagged(model: nn.Module) -> Iterator[nn.Module]:
     return (m for m in model.modules() if hasattr(m, "gradient_checkpointing"))
 
 
-def _restore_flags(saved: list[tuple[nn.Module, Any, Any]]) -> None:
+def _restore(
+    model: nn.Module, saved: list[tuple[nn.Module, Any, Any]], hooks: dict[str, Any]
+) -> None:
+    """Put back the checkpointing flags and functions, and the input-embedding hooks."""
     for module, flag, function in saved:
         module.gradient_checkpointing = flag
         if function is _NO:
             module.__dict__.pop("_gradient_checkpointing_func", None)
         else:
             module._gradient_checkpointing_func = function
-
-
-def _disable_input_grads(model: nn.Module) -> None:
-    for hook in getattr(model, INPUT_GRAD_HOOKS, ()):
-        hook.remove()
-    model.__dict__.pop(INPUT_GRAD_HOOKS, None)
-    model.__dict__.pop("_require_grads_hook", None)
+    listed = hooks[INPUT_GRAD_HOOKS[0]]
+    kept = {id(h) for h in listed} if listed is not _NO else set()
+    for hook in model.__dict__.get(INPUT_GRAD_HOOKS[0], ()):
+        if id(hook) not in kept:
+            hook.remove()
+    for name, value in hooks.items():
+        if value is _NO:
+            model.__dict__.pop(name, None)
+        else:
+            model.__dict__[name] = value
