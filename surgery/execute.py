@@ -29,6 +29,8 @@ from surgery.merging import merge_edits, rounded
 from surgery.methods import REGISTRY
 from surgery.methods.base import BAKE, FOLD
 from surgery.plan.types import Plan, Step, totals_line
+from surgery.quantized import kind_of, logical_numel
+from surgery.quantized_merge import Requantization, merge_into_quantized
 
 
 @dataclass
@@ -38,6 +40,8 @@ class Report:
     plan: Plan
     trainable: int
     total: int
+    # what re-quantizing each merged quantized weight cost (surgery.quantized_merge)
+    requantized: tuple[Requantization, ...] = ()
 
     @property
     def steps(self) -> tuple[Step, ...]:
@@ -52,7 +56,8 @@ class Report:
             f"{'site(s)' if s.targets else 'parameter(s)'}"
             for s in self.plan.steps
         ]
-        return "\n".join([*lines, *self.plan.adapter_lines(), self.totals_line()])
+        requantized = [r.line() for r in self.requantized]
+        return "\n".join([*lines, *requantized, *self.plan.adapter_lines(), self.totals_line()])
 
 
 def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -68,7 +73,10 @@ def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) numbers of parameters, each shared tensor counted once."""
     params = unique_parameters(model)
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return (
+        sum(logical_numel(p) for p in params if p.requires_grad),
+        sum(logical_numel(p) for p in params),
+    )
 
 
 class Transaction:
@@ -76,6 +84,7 @@ class Transaction:
         self.model = model
         self.undo: list[Callable[[], None]] = []
         self.flags: dict[nn.Parameter, bool] = {}
+        self.requantized: list[Requantization] = []
 
     def set_requires_grad(self, param: nn.Parameter, value: bool) -> None:
         if param.requires_grad != value:
@@ -104,7 +113,7 @@ def execute(model: nn.Module, plan: Plan) -> Report:
             ) from error
         raise
     settle(model, [edit.adapter for edit in plan.edits])
-    return Report(plan, *count_parameters(model))
+    return Report(plan, *count_parameters(model), tuple(transaction.requantized))
 
 
 def _apply(model: nn.Module, step: Step, tx: Transaction) -> None:
@@ -162,6 +171,11 @@ def _merge_into_base(site: Site, path: str, targets: list[Edit], tx: Transaction
             check_finite_adapter(tensor, f"{_joined(path, target.name)}.{name}")
         key = next(k for k in site.edits if k.name == target.name)
         edits.append((REGISTRY[target.method], key, tensors))
+    if kind_of(base_of(site)) is not None:  # dequantize, merge in fp32, re-quantize in place
+        undo, requantized = merge_into_quantized(base_of(site), path, edits)
+        tx.undo.append(undo)
+        tx.requantized += [requantized] if requantized is not None else []
+        return
     state = base_of(site).state_dict(keep_vars=True)
     if any(t.is_meta for t in state.values()):
         return

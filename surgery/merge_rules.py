@@ -42,6 +42,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from surgery import quantized
 from surgery.errors import ExecutionError, PlanError, Span
 from surgery.graph.site import (
     EDIT_META,
@@ -275,8 +276,16 @@ def plan_site_merges(node: TreeNode, chosen: list[str], span: Span) -> list[str]
 def check_merge_storage(node: TreeNode, edit: str, method: Method, span: Span) -> None:
     """A merge writes the wrapped module's tensors: each must be one the method can write."""
     assert node.module is not None
+    refusal = quantized.merge_problem(node.module)
+    if refusal is not None:
+        raise PlanError(
+            f"cannot merge '{edit}' ({method.name}) into {node.path}: {refusal}",
+            span=span,
+            hint=f"`remove {edit}` instead, or merge into the full-precision checkpoint",
+        )
+    owned = ("weight",) if quantized.kind_of(node.module) is not None else ()
     for name, param in node.module.named_parameters(recurse=False):
-        if not method.can_merge_into(param):
+        if name not in owned and not method.can_merge_into(param):
             raise PlanError(
                 f"cannot merge '{edit}' ({method.name}) into {node.path}: its parameter "
                 f"'{name}' is {describe_storage(param)}, which {method.name} cannot merge into",
@@ -301,10 +310,18 @@ def is_plain_float(tensor: torch.Tensor) -> bool:
 
 def storage_problem(module: nn.Module) -> str | None:
     """Why edits cannot be built over `module`: a parameter that is not a plain float tensor
-    (adapters take their dtype from the weight, and the site computes in it)."""
+    (adapters take their dtype from the weight, and the site computes in it), unless it is the
+    weight of a quantized layer kind surgery knows (surgery.quantized)."""
+    why = quantized.unsupported(module)
+    if why is not None:
+        return why
+    owned = ("weight",) if quantized.kind_of(module) is not None else ()
     for name, param in module._parameters.items():  # a plain walk: planning 7B skeletons
-        if param is not None and not is_plain_float(param):
-            return f"its parameter '{name}' is {describe_storage(param)}"
+        if param is not None and name not in owned and not is_plain_float(param):
+            return (
+                f"its parameter '{name}' is {describe_storage(param)} ({type(module).__name__} "
+                "is not a quantized layer kind surgery knows: see docs/quantization.md)"
+            )
     for child_name, child in module._modules.items():
         problem = storage_problem(child) if child is not None else None
         if problem is not None:

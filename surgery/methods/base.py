@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from surgery import quantized
 from surgery.errors import PlanError, Span, did_you_mean
 from surgery.fused import projection_dims
 from surgery.graph.placement import MODEL, SITE, Placement, Undo
@@ -104,15 +105,16 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     casts the small adapter tensors, not the activations), as autocast would, so it adds no
     fp32 traffic over the activations and the model's dtype is unchanged.
     """
-    if weight.dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
+    if weight.dtype in (torch.float16, torch.bfloat16) or not is_plain_float(weight):
+        return torch.float32  # over quantized storage too (docs/quantization.md)
     return weight.dtype
 
 
 def needs_cast(weight: torch.Tensor) -> bool:
     """Whether adapters over this weight are stored in another dtype (fp32 over a half base), so
-    the site graph must cast them to the activation dtype."""
-    return adapter_dtype(weight) != weight.dtype
+    the site graph must cast them to the activation dtype (a quantized base computes in its
+    compute dtype, whatever its storage dtype says)."""
+    return adapter_dtype(weight) != weight.dtype or not is_plain_float(weight)
 
 
 def require_linear(method: str, module: nn.Module) -> Problem | None:
@@ -156,6 +158,8 @@ class Selection:
     model_edits: tuple[tuple[str, Method, str], ...]
     adapter: str = "default"  # the adapter the new edit belongs to
 
+
+QUANTIZED_HINT = "see docs/quantization.md for what each method does on quantized bases"
 
 FOLD = "fold"  # `merge` writes the edit into the base tensors; the edit leaves the model
 BAKE = "bake"  # `merge` turns the edit's training form into a plain table; the edit stays
@@ -254,6 +258,9 @@ class SiteMethod(Method):
     # ONE batched computation, each row using its own (surgery.adapters.router). None: the
     # method cannot serve mixed-adapter batches, and a routed call naming it is refused.
     emit_routed: ClassVar[Callable[..., None] | None] = None
+    # whether edits may stand over a quantized layer kind (surgery.quantized): the method
+    # builds its tensors from the layer's logical shape and computes through its forward
+    quantized_bases: ClassVar[bool] = False
 
     def can_merge(self, options: dict[str, Any]) -> bool:
         """A site method merges when it defines `merged` (derived, never declared beside it); a
@@ -273,7 +280,8 @@ class SiteMethod(Method):
         refusals: list[Refusal] = []
         for i, (_, module, args) in enumerate(selection.targets):
             problem = (
-                self.check_target(module, args)
+                self.check_quantized(module, args)
+                or self.check_target(module, args)
                 or selection.site_problem(i)
                 or self.check_shared(module, args, selection.shared(i))
                 or selection.graph_problem(i, self.edit_key(selection.edit, module, args))
@@ -283,6 +291,12 @@ class SiteMethod(Method):
         return refusals
 
     # ---- hooks for subclasses
+    def check_quantized(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
+        """Why this method cannot attach to `module` if it is a quantized layer (None when it
+        can, or when `module` is not quantized): see surgery.quantized."""
+        why = quantized.check_method(self.name, self.quantized_bases, module, dense=False)
+        return None if why is None else Problem(why, hint=QUANTIZED_HINT)
+
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
         """Why this method cannot attach to `module` with `args`, or None when it can."""
         raise NotImplementedError

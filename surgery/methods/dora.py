@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery import quantized
 from surgery.errors import PlanError
 from surgery.graph.site import EditKey, GraphBuilder, is_base_call
 from surgery.methods import register
+from surgery.methods.base import QUANTIZED_HINT, Problem
 from surgery.methods.lora import LoRA, LoRAAdapter
 from surgery.methods.lora_layers import layer_kind
 from surgery.methods.lora_routed import emit_dora_routed
@@ -89,6 +91,11 @@ class DoRA(LoRA):
         if p.name != "bias"
     )
 
+    def check_quantized(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
+        """The norm reads the weight's values: the kind must dequantize it."""
+        why = quantized.check_method(self.name, True, module, dense=True)
+        return None if why is None else Problem(why, hint=QUANTIZED_HINT)
+
     def parameter_shapes(
         self, module: nn.Module, args: dict[str, Any]
     ) -> dict[str, tuple[int, ...]]:
@@ -98,7 +105,11 @@ class DoRA(LoRA):
     def edit_key(self, name: str, module: nn.Module, args: dict[str, Any]) -> EditKey:
         key = super().edit_key(name, module, args)
         bias = getattr(module, "bias", None) is not None  # an Embedding has none
-        return EditKey(name, self.name, (*key.options, ("bias", bias)))
+        options = (*key.options, ("bias", bias))
+        kind = quantized.kind_of(module)
+        if kind is not None:  # the norm reads the dequantized weight (and the kind's context)
+            options += (("dequantize", kind.weight_context or ""),)
+        return EditKey(name, self.name, options)
 
     def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:
         lora = super().build(module, args)
@@ -107,7 +118,7 @@ class DoRA(LoRA):
         if not m.is_meta and kind is not None:
             m = _layers().layer_weight_norm(kind, module.weight, lora.A, lora.B, lora.scaling)
         elif not m.is_meta:
-            m = weight_norm(module.weight, lora.A, lora.B, lora.scaling)
+            m = weight_norm(quantized.dense_weight(module), lora.A, lora.B, lora.scaling)
         return DoRAAdapter(
             lora.A, lora.B, nn.Parameter(m), lora.scaling, args["dropout"], args["lr_ratio"]
         )
@@ -130,11 +141,11 @@ class DoRA(LoRA):
         if b.edit.option("dropout"):
             x = b.module("dropout", x)
         A, B, s = b.attr("A"), b.attr("B"), b.edit.option("scaling")
-        g = b.function(
-            operator.truediv,
-            b.attr("m"),
-            b.function(weight_norm, b.base_attr("weight"), A, B, s),
-        )
+        weight, context = b.base_attr("weight"), b.edit.option("dequantize")
+        if context is not None:  # a quantized base, dequantized as PEFT does for DoRA
+            holder = b.base_attr(context) if context else None
+            weight = b.function(quantized.dequantized, weight, holder)
+        g = b.function(operator.truediv, b.attr("m"), b.function(weight_norm, weight, A, B, s))
         gs = g if s == 1.0 else b.function(operator.mul, g, s)
         B = b.function(operator.mul, B, b.method("unsqueeze", gs, -1))  # g·s·B: [out, r]
         g1 = b.function(operator.sub, g, 1.0)

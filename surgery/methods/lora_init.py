@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery import quantized
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods.base import Problem
 from surgery.methods.lora_bias import branch_bias
@@ -43,6 +44,8 @@ def check_residual_init(method: str, module: nn.Module, args: dict[str, Any]) ->
     where = None
     if not isinstance(module, nn.Linear):
         where = type(module).__name__
+    elif quantized.kind_of(module) is not None:  # the factorization reads the weight's values
+        where = f"a quantized {type(module).__name__}"
     elif args.get("parts") is not None:
         where = "parts of a fused projection"
     if where is None:

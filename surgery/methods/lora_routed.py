@@ -138,10 +138,11 @@ def dora_form(
     the bias term -(g - 1) ⊙ b, exactly as the single-adapter graph folds them."""
     from surgery.methods.dora import weight_norm
     from surgery.methods.dora_layers import layer_weight_norm
+    from surgery.quantized import dense_weight
 
     A, B = module.A, module.B
     if layer is None:
-        norm = weight_norm(owner.weight, A, B, scaling)
+        norm = weight_norm(dense_weight(owner), A, B, scaling)
     else:
         norm = layer_weight_norm(layer[0], owner.weight, A, B, scaling)
     g = module.m / norm

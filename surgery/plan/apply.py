@@ -191,8 +191,8 @@ def _site_problem(planner: Planner, node: TreeNode) -> Problem | None:
     storage = storage_problem(node.module)
     if storage is not None:
         return Problem(
-            f"{storage}; edits need plain floating-point weights (integer and quantized "
-            "storage are not supported yet)",
+            f"{storage}; edits need plain floating-point weights or a quantized layer kind "
+            "surgery knows",
             hint="apply the edits before quantizing the model, or to other modules",
         )
     parts = node.path.split(".")

@@ -13,6 +13,7 @@ from torch import nn
 
 from surgery.fused import Layout
 from surgery.graph.logical import base_of, logical_children
+from surgery.quantized import logical_numel
 
 
 @dataclass(eq=False)
@@ -127,7 +128,7 @@ def build_tree(model: nn.Module) -> TreeNode:
                     pname,
                     node.child_path(pname),
                     "param",
-                    numel=param.numel(),
+                    numel=logical_numel(param),
                     key=param,
                     adapter=adapter,
                 )

@@ -1,0 +1,376 @@
+"""The one place that knows quantized layer kinds (bitsandbytes, torchao, optimum-quanto, HQQ).
+
+Each kind is a small `Kind` entry: how to recognise a module of that kind, how to dequantize
+its weight to fp32, and how to re-quantize an fp32 weight back into the module in place (or why
+a merge into it is refused). Libraries are never imported here: a kind is recognised only when
+its library is already in `sys.modules` (a model that uses a bitsandbytes layer has imported
+bitsandbytes), so surgery costs nothing to users without them.
+
+The planner asks this module whether edits may stand over a module's storage
+(`storage_problem`, via surgery.merge_rules), whether a method supports a quantized base
+(`check_method`), and whether a merge into it is possible (`merge_problem`); the executor
+merges through `surgery.quantized_merge`. See docs/quantization.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+Undo = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One quantized layer kind."""
+
+    name: str  # as the docs and messages name it
+    # (library module, class name) of the layer, and of its weight tensor (None: any)
+    layer_class: tuple[str, str] | None
+    weight_class: tuple[str, str] | None
+    # the module's weight in fp32, [out, in], from the weight tensor and, for a kind that keeps
+    # part of its state on the module (`weight_context`, an attribute name), that attribute:
+    # DoRA's norm reads it inside the site graph. None: `dequantize_module` is used
+    dequantize_weight: Callable[[torch.Tensor, Any], torch.Tensor] | None
+    # write an fp32 [out, in] weight into the module's quantized storage in place: the undo
+    requantize: Callable[[nn.Module, torch.Tensor], Undo] | None
+    # why a merge into this module is refused (None: `requantize` can take it)
+    merge_refusal: Callable[[nn.Module], str | None]
+    dequantize_module: Callable[[nn.Module], torch.Tensor] | None = None
+    # why no edit may stand over this kind yet (a kind recognised but not verified)
+    apply_refusal: str | None = None
+    weight_context: str | None = None
+
+    def recognise(self, module: nn.Module) -> bool:
+        return (self.layer_class is None or _is(module, *self.layer_class)) and (
+            self.weight_class is None or self.holds(getattr(module, "weight", None))
+        )
+
+    def holds(self, weight: Any) -> bool:
+        """Whether `weight` is this kind's quantized weight tensor."""
+        return self.weight_class is not None and _is(weight, *self.weight_class)
+
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
+        if self.dequantize_weight is not None:
+            context = getattr(module, self.weight_context) if self.weight_context else None
+            return self.dequantize_weight(module.weight, context)
+        assert self.dequantize_module is not None
+        return self.dequantize_module(module)
+
+
+def _loaded(name: str) -> Any:
+    """The library module `name` when the process has imported it, else None (never imports)."""
+    return sys.modules.get(name)
+
+
+def _class_of(module_name: str, class_name: str) -> type | None:
+    lib = _loaded(module_name)
+    return getattr(lib, class_name, None) if lib is not None else None
+
+
+def _is(obj: Any, module_name: str, class_name: str) -> bool:
+    cls = _class_of(module_name, class_name)
+    return cls is not None and isinstance(obj, cls)
+
+
+# ---- bitsandbytes ------------------------------------------------------------------------------
+
+
+def _bnb_functional() -> Any:
+    return sys.modules["bitsandbytes.functional"]
+
+
+def _bnb8_scales(weight: torch.Tensor, state: Any) -> torch.Tensor:
+    """The row scales (SCB): on the weight until its first forward, then on the module's
+    `state` (bitsandbytes moves them there)."""
+    scb = getattr(weight, "SCB", None)
+    return scb if scb is not None else state.SCB
+
+
+def _bnb8_dequantize(weight: torch.Tensor, state: Any) -> torch.Tensor:
+    """LLM.int8() storage: W = CB · SCB / 127 per output row."""
+    return weight.data.float() * (_bnb8_scales(weight, state).float()[:, None] / 127.0)
+
+
+def _bnb8_requantize(module: nn.Module, weight: torch.Tensor) -> Undo:
+    param = module.weight
+    CB, SCB, _ = _bnb_functional().int8_vectorwise_quant(weight.to(torch.float16).float())
+    scales = _bnb8_scales(param, module.state)
+    data, scb = param.data.clone(), scales.clone()
+    with torch.no_grad():
+        param.data.copy_(CB)
+        scales.copy_(SCB)
+
+    def undo() -> None:
+        with torch.no_grad():
+            param.data.copy_(data)
+            scales.copy_(scb)
+
+    return undo
+
+
+def _bnb8_refusal(module: nn.Module) -> str | None:
+    weight = module.weight
+    if weight.dtype != torch.int8 or _bnb8_scales(weight, module.state) is None:
+        return "its 8-bit weight is not quantized yet (move the model to its device first)"
+    if getattr(weight, "has_fp16_weights", False):
+        return "it keeps fp16 weights beside the int8 ones (has_fp16_weights=True)"
+    return None
+
+
+def _bnb4_dequantize(weight: torch.Tensor, _: Any) -> torch.Tensor:
+    return _bnb_functional().dequantize_4bit(weight.data, weight.quant_state).float()
+
+
+def _bnb4_requantize(module: nn.Module, weight: torch.Tensor) -> Undo:
+    """Quantize with the same block size, type, double quantization and storage; the packed
+    data is copied into the parameter and its quant_state replaced (the parameter stays)."""
+    param, state = module.weight, module.weight.quant_state
+    packed, new_state = _bnb_functional().quantize_4bit(
+        weight.to(state.dtype),
+        blocksize=state.blocksize,
+        compress_statistics=state.nested,
+        quant_type=state.quant_type,
+        quant_storage=param.dtype,
+    )
+    data = param.data.clone()
+    with torch.no_grad():
+        param.data.copy_(packed.view(param.data.shape))
+    param.quant_state = new_state
+
+    def undo() -> None:
+        with torch.no_grad():
+            param.data.copy_(data)
+        param.quant_state = state
+
+    return undo
+
+
+def _bnb4_refusal(module: nn.Module) -> str | None:
+    if getattr(module.weight, "quant_state", None) is None:
+        return "its 4-bit weight is not quantized yet (move the model to its device first)"
+    return None
+
+
+# ---- tensor subclasses: torchao, optimum-quanto ------------------------------------------------
+
+
+def _leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors a wrapper tensor subclass holds, depth first (itself when plain)."""
+    if type(tensor) in (torch.Tensor, nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor.data if isinstance(tensor, nn.Parameter) else tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [leaf for name in names for leaf in _leaves(getattr(tensor, name))]
+
+
+def _copy_into(param: torch.Tensor, new: torch.Tensor) -> Undo:
+    """Copy the inner tensors of `new` (same subclass and layout) into `param`'s in place."""
+    targets, sources = _leaves(param), _leaves(new)
+    if len(targets) != len(sources) or any(
+        t.shape != s.shape or t.dtype != s.dtype for t, s in zip(targets, sources, strict=True)
+    ):
+        raise RuntimeError(f"re-quantized {type(param).__name__} has another layout")
+    saved = [t.clone() for t in targets]
+    with torch.no_grad():
+        for target, source in zip(targets, sources, strict=True):
+            target.copy_(source)
+
+    def undo() -> None:
+        with torch.no_grad():
+            for target, value in zip(targets, saved, strict=True):
+                target.copy_(value)
+
+    return undo
+
+
+_AO = "torchao.quantization"
+
+
+def _ao_int8_requantize(module: nn.Module, weight: torch.Tensor) -> Undo:
+    granularity = sys.modules["torchao.quantization.granularity"]
+    param = module.weight
+    per_row = list(param.block_size) == [1, param.shape[1]]
+    new = type(param).from_hp(
+        weight.to(param.dtype), granularity.PerRow() if per_row else granularity.PerTensor()
+    )
+    return _copy_into(param, new)
+
+
+def _ao_int8_refusal(module: nn.Module) -> str | None:
+    w = module.weight
+    if getattr(w, "act_quant_kwargs", None) is not None:
+        return "it also quantizes activations (only weight-only int8 is re-quantized)"
+    if list(w.block_size) not in ([1, w.shape[1]], list(w.shape)):
+        return f"its block size {list(w.block_size)} is neither per row nor per tensor"
+    if getattr(w, "zero_point", None) is not None and bool(w.zero_point.any()):
+        return "its quantization is asymmetric (non-zero zero points)"
+    return None
+
+
+def _ao_nf4_requantize(module: nn.Module, weight: torch.Tensor) -> Undo:
+    param = module.weight
+    to_nf4 = sys.modules[_AO].to_nf4
+    return _copy_into(
+        param, to_nf4(weight.to(param.dtype), param.block_size, param.scaler_block_size)
+    )
+
+
+def _quanto_requantize(module: nn.Module, weight: torch.Tensor) -> Undo:
+    """The module quantizes a float weight its own way (`qweight`), then the result's inner
+    tensors are copied into the frozen weight."""
+    param = module.weight
+    module.weight = nn.Parameter(weight.to(param.dtype), requires_grad=False)
+    try:
+        new = module.qweight
+    finally:
+        module.weight = param
+    return _copy_into(param, new.detach())
+
+
+def _quanto_refusal(module: nn.Module) -> str | None:
+    if getattr(module, "activation_qtype", None) is not None:
+        return "it also quantizes activations, so no weight reproduces the adapted output"
+    return None
+
+
+def _never(_: nn.Module) -> str | None:
+    return None
+
+
+def _hqq_refusal(_: nn.Module) -> str:
+    return "merging into HQQ layers is not verified (hqq is not installed where surgery is tested)"
+
+
+KINDS: tuple[Kind, ...] = (
+    Kind(
+        "bitsandbytes Linear8bitLt",
+        ("bitsandbytes.nn", "Linear8bitLt"),
+        ("bitsandbytes.nn", "Int8Params"),
+        _bnb8_dequantize,
+        _bnb8_requantize,
+        _bnb8_refusal,
+        weight_context="state",
+    ),
+    Kind(
+        "bitsandbytes Linear4bit",
+        ("bitsandbytes.nn", "Linear4bit"),
+        ("bitsandbytes.nn", "Params4bit"),
+        _bnb4_dequantize,
+        _bnb4_requantize,
+        _bnb4_refusal,
+    ),
+    Kind(
+        "torchao int8 weight-only",
+        None,
+        (_AO, "Int8Tensor"),
+        lambda w, _: w.dequantize().float(),
+        _ao_int8_requantize,
+        _ao_int8_refusal,
+    ),
+    Kind(
+        "torchao NF4",
+        None,
+        (_AO, "NF4Tensor"),
+        lambda w, _: w.get_original_weight().float(),
+        _ao_nf4_requantize,
+        _never,
+    ),
+    Kind(
+        "optimum-quanto QLinear",
+        ("optimum.quanto", "QLinear"),
+        ("optimum.quanto", "QTensor"),  # frozen: an unfrozen QLinear is refused (`unsupported`)
+        lambda w, _: w.dequantize().float(),
+        _quanto_requantize,
+        _quanto_refusal,
+    ),
+    # HQQ (not installed here: recognised only when hqq is imported; apply through the
+    # module's own forward, dequantize by its `dequantize()`; merge refused as unverified)
+    Kind(
+        "HQQ HQQLinear",
+        ("hqq.core.quantize", "HQQLinear"),
+        None,
+        None,
+        None,
+        _hqq_refusal,
+        dequantize_module=lambda m: m.dequantize().float(),
+        apply_refusal="hqq is not installed where surgery is tested, so edits over HQQ "
+        "layers are not verified",
+    ),
+)
+
+
+def kind_of(module: nn.Module) -> Kind | None:
+    """The quantized kind of `module`, or None for anything else."""
+    return next((kind for kind in KINDS if kind.recognise(module)), None)
+
+
+def dims(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a quantized layer: its logical features, not its packed storage's."""
+    return int(module.in_features), int(module.out_features)
+
+
+def dequantized(weight: torch.Tensor, context: Any = None) -> torch.Tensor:
+    """A quantized weight tensor in fp32, given its kind's `weight_context` (a site graph calls
+    this: DoRA's norm reads it)."""
+    for kind in KINDS:
+        if kind.dequantize_weight is not None and kind.holds(weight):
+            return kind.dequantize_weight(weight, context)
+    raise TypeError(f"not a quantized weight surgery knows: {type(weight).__name__}")
+
+
+def unsupported(module: nn.Module) -> str | None:
+    """Why a module of a known quantization library cannot take edits in its present state."""
+    if _is(module, "optimum.quanto", "QLinear") and not module.frozen:
+        return (
+            f"{type(module).__name__} is not frozen: it re-quantizes its float weight on every "
+            "call (run optimum.quanto.freeze(model) first)"
+        )
+    return None
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The weight's values: dequantized to fp32 for a quantized kind, else the weight itself."""
+    kind = kind_of(module)
+    return module.weight if kind is None else kind.dequantize(module)
+
+
+def check_method(method: str, supported: bool, module: nn.Module, dense: bool) -> str | None:
+    """Why `method` cannot attach to the quantized `module` (None when it can, or when the
+    module is not quantized). `dense`: the method reads the weight's values while it runs."""
+    kind = kind_of(module)
+    if kind is None:
+        return None
+    if kind.apply_refusal is not None:
+        return f"{type(module).__name__} ({kind.name}): {kind.apply_refusal}"
+    if not supported:
+        return (
+            f"{method} does not support quantized bases ({type(module).__name__}: {kind.name}); "
+            "lora, dora and ia3 do"
+        )
+    if dense and kind.dequantize_weight is None:
+        return f"{method} reads the weight's values, which {kind.name} layers cannot give"
+    return None
+
+
+def merge_problem(module: nn.Module) -> str | None:
+    """Why a merge into the quantized `module` is refused; None when it re-quantizes."""
+    kind = kind_of(module)
+    if kind is None:
+        return None
+    why = kind.merge_refusal(module)
+    if why is None and kind.requantize is None:
+        why = "it has no re-quantization"
+    return None if why is None else f"{type(module).__name__} ({kind.name}): {why}"
+
+
+def logical_numel(param: torch.Tensor) -> int:
+    """A parameter's number of elements as PEFT counts it: bitsandbytes packs two 4-bit values
+    per byte of storage (`Params4bit`), every other kind reports its logical shape."""
+    if _is(param, "bitsandbytes.nn", "Params4bit"):
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
