@@ -106,8 +106,16 @@ def run(work: Path, steps: int = 40, lr: float = 1e-2) -> Result:
     write_adapter_dir(model, adapter_dir, rules_text=RULES, plan=report.plan)
 
     # 6. stream it into the original fp32 checkpoint, with the command line
-    command = ["merge", "--model", str(base_dir), "--adapter", str(adapter_dir),
-               "--out", str(merged_dir), "--no-progress"]  # fmt: skip
+    command = [
+        "merge",
+        "--model",
+        str(base_dir),
+        "--adapter",
+        str(adapter_dir),
+        "--out",
+        str(merged_dir),
+        "--no-progress",
+    ]
     print("surgery " + " ".join(command))
     assert surgery_cli(command) == 0
 
@@ -126,8 +134,10 @@ def run(work: Path, steps: int = 40, lr: float = 1e-2) -> Result:
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         logits_error = (merged(probe).logits - adapted).abs().max().item()
-    print(f"merged checkpoint == in-memory merge, bit for bit: {merged_equal}; "
-          f"logits vs fp32 base + adapter: max |diff| {logits_error:.2e}")  # fmt: skip
+    print(
+        f"merged checkpoint == in-memory merge, bit for bit: {merged_equal}; "
+        f"logits vs fp32 base + adapter: max |diff| {logits_error:.2e}"
+    )
     return Result(losses, cast, merged_equal, logits_error, time.perf_counter() - start)
 
 

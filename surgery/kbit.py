@@ -21,17 +21,18 @@ import torch
 from torch import nn
 
 from surgery.graph.logical import edit_adapters, logical_parameter
+from surgery.quantized import kind_of
 
 if TYPE_CHECKING:
     from surgery.execute import Transaction
     from surgery.plan.types import Step
 
 HALF = (torch.float16, torch.bfloat16)
-# Backends whose layers compute in the dtype of their (dequantized) weights: casting the norms
-# around them to fp32 would hand them fp32 activations, so PEFT casts nothing on these models.
-# bitsandbytes layers cast their input to the compute dtype themselves, so fp32 norms are fine.
-NO_CAST_BACKENDS = ("torchao", "optimum.quanto", "hqq")
-BACKENDS = ("bitsandbytes", *NO_CAST_BACKENDS)
+# The quantized kinds (surgery.quantized) that cast their input to their compute dtype, so fp32
+# norms and embeddings around them are fine. The others (torchao, optimum-quanto, HQQ) compute in
+# their weights' dtype and would get fp32 activations: on a model holding any of them nothing is
+# cast, as PEFT does for torchao and HQQ.
+CASTS_AROUND = ("bitsandbytes Linear8bitLt", "bitsandbytes Linear4bit")
 # transformers 5 renamed gradient checkpointing "activation checkpointing"; the old names stay as
 # deprecated aliases (removed in v6), so the new name is tried first.
 CHECKPOINTING_ENABLE = (
@@ -42,20 +43,15 @@ CHECKPOINTING_ENABLE = (
 INPUT_GRAD_HOOKS = ("_require_grads_hooks", "_require_grads_hook")
 
 
-def _backend(cls: type) -> str | None:
-    module = cls.__module__
-    return next((b for b in BACKENDS if module == b or module.startswith(b + ".")), None)
+def quantized_kinds(model: nn.Module) -> tuple[str, ...]:
+    """The names of the quantized layer kinds the model holds (surgery.quantized), sorted."""
+    kinds = {kind_of(module) for module in model.modules()}
+    return tuple(sorted(kind.name for kind in kinds if kind is not None))
 
 
-def quantized_backends(model: nn.Module) -> tuple[str, ...]:
-    """The quantization libraries whose layers or weight tensors the model holds, sorted."""
-    found = set()
-    for module in model.modules():
-        found.add(_backend(type(module)))
-        for param in module._parameters.values():
-            if param is not None:
-                found.update((_backend(type(param)), _backend(type(param.data))))
-    return tuple(sorted(b for b in found if b is not None))
+def casts_nothing(model: nn.Module) -> bool:
+    """Whether the model holds a quantized kind that fp32 activations would not suit."""
+    return any(name not in CASTS_AROUND for name in quantized_kinds(model))
 
 
 def casts(param: torch.Tensor) -> bool:

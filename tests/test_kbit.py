@@ -70,8 +70,8 @@ def test_same_as_peft_on_an_nf4_model(checkpoint: Path) -> None:
     assert embeds_require_grad(ours) and embeds_require_grad(theirs)
 
 
-def test_lora_trains_through_reentrant_checkpoints() -> None:
-    model = tiny("llama").to(torch.bfloat16)
+def test_lora_trains_through_reentrant_checkpoints(checkpoint: Path) -> None:
+    model = nf4(checkpoint)
     rewrite(model, "prepare kbit\napply lora(r=4) to *.self_attn.<q,v>_proj")
     model.train()
     batch = (torch.arange(16) % 8).repeat(2, 1)
@@ -181,3 +181,14 @@ def test_lint_checks_the_statement_and_warns_of_an_overridden_unfreeze() -> None
         lint(surgery.parse("prepare qlora"))
     (warning,) = lint(surgery.parse("unfreeze **.norm\nprepare kbit"))
     assert "overridden by the prepare" in warning.message
+
+
+def test_nothing_is_cast_around_torchao_layers() -> None:
+    """torchao computes in its weights' dtype: fp32 norms would hand it fp32 activations (PEFT
+    casts nothing on torchao models either)."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = tiny("llama").to(torch.bfloat16)
+    quantize_(model.model, Int8WeightOnlyConfig())
+    (step,) = plan(model, "prepare kbit(gradient_checkpointing=false)").steps
+    assert step.param_paths == () and step.trainable_after == 0

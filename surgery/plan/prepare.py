@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from surgery.errors import PlanError, did_you_mean
-from surgery.kbit import NO_CAST_BACKENDS, casts, checkpointing_problem, quantized_backends
+from surgery.kbit import casts, casts_nothing, checkpointing_problem
 from surgery.lang import ast
 from surgery.methods.base import Param
 from surgery.plan.planner import Planner, Scope, handles
@@ -68,8 +68,7 @@ def prepare(planner: Planner, st: ast.Prepare, scope: Scope) -> None:
                 span=st.span,
                 hint="write gradient_checkpointing=false",
             )
-    backends = quantized_backends(planner.model)
-    cast_none = any(b in NO_CAST_BACKENDS for b in backends)
+    cast_none = casts_nothing(planner.model)
     cast: dict[int, str] = {}
     for pnode in planner.tree.params():
         if pnode.adapter:
