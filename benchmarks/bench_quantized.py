@@ -1,19 +1,27 @@
-"""LoRA training on quantized bases (bitsandbytes nf4 and int8) vs the bf16 base, surgery vs PEFT:
-peak memory and step time, each contender in its own process.
+"""LoRA training on quantized bases (bitsandbytes nf4 and int8) vs the full-precision base, surgery
+vs PEFT: peak memory and step time, each contender in its own process.
 
-A random Llama (default hidden 1024, 8 layers, vocab 32000: 166M parameters) is saved once as a
-bf16 safetensors checkpoint. Each contender is a fresh Python process (`--worker`) that loads it
-(bf16, or quantized on load by transformers' `BitsAndBytesConfig`, on the CPU), prepares it the
-same way for both libraries, adds LoRA r=8 on q,k,v,o,gate,up,down, and runs training steps
-(forward, backward, AdamW step) on the same tokens:
+A random Llama (default hidden 1024, 8 layers, vocab 32000: 168M parameters) is saved once as a
+safetensors checkpoint in `--dtype` (fp32 or bf16). Each contender is a fresh Python process
+(`--worker`) that loads it (as it is, or quantized on load by transformers'
+`BitsAndBytesConfig`, on the CPU, computing in `--dtype`), prepares it the same way for both
+libraries, adds LoRA r=8 on q,k,v,o,gate,up,down, and runs training steps (forward, backward,
+AdamW step) on the same tokens:
 
 - nf4 / int8: `surgery.prepare_kbit(model)` vs PEFT's `prepare_model_for_kbit_training(model)`
-  (frozen base, norms, embeddings and head cast to fp32, reentrant gradient checkpointing);
-- bf16: no cast (it would double the base); the same checkpointing, turned on by transformers.
+  (frozen base; with bf16, the norms, embeddings and head cast to fp32; reentrant gradient
+  checkpointing);
+- the full-precision base: nothing cast (it would double the base); the same checkpointing.
 
-Memory is the process's resident set (Linux): after the model is loaded, and its peak over the
-training steps (`VmHWM`, reset through /proc/self/clear_refs once the model is ready), so each
-figure is one library's training footprint on one base and nothing of another contender's.
+`--dtype bf16` is the usual GPU setting. On a CPU without bf16 matrix units (AVX512-BF16, AMX)
+torch emulates bf16 matmuls some 30x slower than fp32 (a step of the default model takes over a
+minute), so the default is fp32: the quantized layers dequantize to fp32, the reference is fp32.
+
+Memory is the process's resident set (Linux) less its resident set once every library is
+imported (torch, transformers, bitsandbytes, PEFT, surgery: the same in every worker): after the
+model is loaded, and its peak over the training steps (`VmHWM`, reset through
+/proc/self/clear_refs once the model is ready). So each figure is the model's and one library's
+training footprint on one base, and nothing of another contender's.
 
 Correctness first: every worker sets its adapters to the same seeded values (B non-zero, by
 module path), so on one base surgery and PEFT compute the same function from the same quantized
@@ -40,11 +48,12 @@ import torch
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-BASES = ("bf16", "nf4", "int8")
 LIBRARIES = ("surgery", "peft")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RULES = "apply lora(r=8, alpha=16) to *.self_attn.<q,k,v,o>_proj, *.mlp.<gate,up,down>_proj"
-LOSS_TOLERANCE = 2e-2  # bf16 compute: the two libraries may order the adapter's sums differently
+# the two libraries may order the adapter's sums differently; bf16 rounds each partial sum
+LOSS_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -58,7 +67,8 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--bases", default=",".join(BASES))
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    parser.add_argument("--bases", default="full,nf4,int8", help="full: the --dtype model")
     parser.add_argument("--plot", type=Path, help="draw the figure into this PNG")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     parser.add_argument(
@@ -87,18 +97,18 @@ def reset_peak() -> None:
         refs.write("5")
 
 
-def load(directory: str, base: str) -> nn.Module:
+def load(directory: str, base: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = {
-        "bf16": None,
+        "full": None,
         "nf4": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         ),
         "int8": BitsAndBytesConfig(load_in_8bit=True),
     }[base]
     return AutoModelForCausalLM.from_pretrained(
-        directory, quantization_config=quantization, device_map="cpu", dtype=torch.bfloat16
+        directory, quantization_config=quantization, device_map="cpu", dtype=dtype
     )
 
 
@@ -107,7 +117,7 @@ def with_lora(model: nn.Module, base: str, library: str) -> nn.Module:
     if library == "surgery":
         import surgery
 
-        if base == "bf16":
+        if base == "full":
             checkpointing(model)
         else:
             surgery.prepare_kbit(model)
@@ -115,7 +125,7 @@ def with_lora(model: nn.Module, base: str, library: str) -> nn.Module:
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if base == "bf16":
+    if base == "full":
         checkpointing(model)
     else:
         prepare_model_for_kbit_training(
@@ -155,8 +165,15 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     started = time.perf_counter()
-    model = load(directory, base)
-    loaded = memory_status()["VmRSS"]
+    import bitsandbytes  # noqa: F401  (every library in every worker: one resident baseline)
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    import surgery  # noqa: F401
+
+    libraries = memory_status()["VmRSS"]
+    model = load(directory, base, DTYPES[args.dtype])
+    loaded = memory_status()["VmRSS"] - libraries
     model = with_lora(model, base, library)
     adapters = fill_adapters(model, library)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -177,8 +194,9 @@ def worker(args: argparse.Namespace) -> None:
     result = {
         "base": base,
         "library": library,
+        "libraries_rss": libraries,
         "loaded_rss": loaded,
-        "peak_rss": memory_status()["VmHWM"],
+        "peak_rss": memory_status()["VmHWM"] - libraries,
         "step_s": statistics.median(seconds[1:]),
         "steps_s": seconds[1:],
         "losses": losses,
@@ -206,7 +224,7 @@ def save_checkpoint(args: argparse.Namespace, directory: Path) -> int:
         num_key_value_heads=args.heads,
         max_position_embeddings=max(args.seq, 512),
     )
-    model = from_config(config, seed=0, dtype=torch.bfloat16)
+    model = from_config(config, seed=0, dtype=DTYPES[args.dtype])
     model.save_pretrained(directory)
     return sum(p.numel() for p in model.parameters())
 
@@ -229,6 +247,8 @@ def run_contender(args: argparse.Namespace, directory: Path, base: str, library:
         str(args.seq),
         "--vocab",
         str(args.vocab),
+        "--dtype",
+        args.dtype,
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -237,13 +257,13 @@ def run_contender(args: argparse.Namespace, directory: Path, base: str, library:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def check_losses(results: dict[tuple[str, str], dict]) -> list[str]:
+def check_losses(results: dict[tuple[str, str], dict], tolerance: float) -> list[str]:
     """Surgery's and PEFT's first loss on each base (same weights, same adapters) must agree."""
     lines = []
     for base in dict.fromkeys(b for b, _ in results):
         ours, theirs = results[base, "surgery"], results[base, "peft"]
         a, b = ours["losses"][0], theirs["losses"][0]
-        if abs(a - b) > LOSS_TOLERANCE or ours["trainable"] != theirs["trainable"]:
+        if abs(a - b) > tolerance or ours["trainable"] != theirs["trainable"]:
             raise SystemExit(
                 f"{base}: surgery and PEFT disagree: loss {a} vs {b}, trainable "
                 f"{ours['trainable']} vs {theirs['trainable']}"
@@ -255,16 +275,21 @@ def check_losses(results: dict[tuple[str, str], dict]) -> list[str]:
     return lines
 
 
-def table(results: dict[tuple[str, str], dict]) -> str:
-    """A markdown table: memory and time per contender, with ratios to the bf16 base and to PEFT."""
+def shown(base: str, dtype: str) -> str:
+    return dtype if base == "full" else base
+
+
+def table(results: dict[tuple[str, str], dict], dtype: str) -> str:
+    """A markdown table: memory and time per contender, with ratios to the full-precision base
+    (same library) and to PEFT (same base)."""
     mb = 1024**2
     rows = [
-        "| base | library | RSS loaded | peak RSS training | vs bf16 (same library) | step | "
-        "step vs bf16 | surgery / PEFT (peak, step) |",
+        f"| base | library | model loaded | peak in training | vs {dtype} | step | "
+        f"step vs {dtype} | surgery / PEFT (peak, step) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for (base, library), r in results.items():
-        ref = results.get(("bf16", library))
+        ref = results.get(("full", library))
         other = results.get((base, "peft"))
         memory_ratio = f"{r['peak_rss'] / ref['peak_rss']:.2f}x" if ref else "-"
         time_ratio = f"{r['step_s'] / ref['step_s']:.2f}x" if ref else "-"
@@ -274,13 +299,14 @@ def table(results: dict[tuple[str, str], dict]) -> str:
                 f"{r['peak_rss'] / other['peak_rss']:.2f}x, {r['step_s'] / other['step_s']:.2f}x"
             )
         rows.append(
-            f"| {base} | {library} | {r['loaded_rss'] / mb:,.0f} MB | {r['peak_rss'] / mb:,.0f} MB "
-            f"| {memory_ratio} | {r['step_s']:.2f} s | {time_ratio} | {versus} |"
+            f"| {shown(base, dtype)} | {library} | {r['loaded_rss'] / mb:,.0f} MB "
+            f"| {r['peak_rss'] / mb:,.0f} MB | {memory_ratio} | {r['step_s']:.2f} s "
+            f"| {time_ratio} | {versus} |"
         )
     return "\n".join(rows)
 
 
-def plot(results: dict[tuple[str, str], dict], path: Path, title: str) -> None:
+def plot(results: dict[tuple[str, str], dict], path: Path, title: str, dtype: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -291,7 +317,10 @@ def plot(results: dict[tuple[str, str], dict], path: Path, title: str) -> None:
     width = 0.38
     for panel, (key, label, scale) in zip(
         axes,
-        (("peak_rss", "peak RSS in training (MB)", 1024**2), ("step_s", "training step (s)", 1.0)),
+        (
+            ("peak_rss", "peak memory in training (MB)", 1024**2),
+            ("step_s", "training step (s)", 1.0),
+        ),
         strict=True,
     ):
         for i, library in enumerate(LIBRARIES):
@@ -300,7 +329,7 @@ def plot(results: dict[tuple[str, str], dict], path: Path, title: str) -> None:
                 [x + (i - 0.5) * width for x in range(len(bases))], values, width, label=library
             )
             panel.bar_label(bars, fmt="%.0f" if key == "peak_rss" else "%.2f", fontsize=8)
-        panel.set_xticks(range(len(bases)), [f"{b} base" for b in bases])
+        panel.set_xticks(range(len(bases)), [f"{shown(b, dtype)} base" for b in bases])
         panel.set_title(label, fontsize=10)
     axes[0].legend(frameon=False)
     figure.suptitle(title, fontsize=9)
@@ -321,8 +350,9 @@ def main(argv: list[str] | None = None) -> None:
         params = save_checkpoint(args, directory)
         setup = (
             f"Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
-            f"vocab {args.vocab} ({params / 1e6:.0f}M params, bf16 checkpoint); batch {args.batch}"
-            f" x seq {args.seq}; LoRA r=8 on 7 projections; {args.threads} threads; CPU"
+            f"vocab {args.vocab} ({params / 1e6:.0f}M params, {args.dtype} weights and compute); "
+            f"batch {args.batch} x seq {args.seq}; LoRA r=8 on 7 projections; {args.threads} "
+            "threads; CPU"
         )
         print(setup)
         results = {}
@@ -331,16 +361,17 @@ def main(argv: list[str] | None = None) -> None:
                 results[base, library] = run_contender(args, directory, base, library)
                 r = results[base, library]
                 print(
-                    f"  {library:7s} on {base}: peak {r['peak_rss'] / 1024**2:,.0f} MB, "
+                    f"  {library:7s} on {shown(base, args.dtype)}: "
+                    f"peak {r['peak_rss'] / 1024**2:,.0f} MB, "
                     f"step {r['step_s']:.2f} s ({r['total_s']:.0f} s in all)",
                     flush=True,
                 )
-    print("\n".join(check_losses(results)))
-    print(table(results))
+    print("\n".join(check_losses(results, LOSS_TOLERANCE[args.dtype])))
+    print(table(results, args.dtype))
     if args.json:
         args.json.write_text(json.dumps({"setup": setup, "results": list(results.values())}))
     if args.plot:
-        plot(results, args.plot, setup)
+        plot(results, args.plot, setup, args.dtype)
         print(f"figure: {args.plot}")
 
 
