@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -64,13 +65,14 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     parser.add_argument("--bases", default="full,nf4,int8", help="full: the --dtype model")
     parser.add_argument("--plot", type=Path, help="draw the figure into this PNG")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    parser.add_argument("--replot", type=Path, help="table and figure from a --json file, no run")
     parser.add_argument(
         "--worker", nargs=3, metavar=("DIR", "BASE", "LIBRARY"), help=argparse.SUPPRESS
     )
@@ -89,6 +91,20 @@ def memory_status() -> dict[str, int]:
             if key in ("VmRSS", "VmHWM"):
                 found[key] = int(value.split()[0]) * 1024
     return found
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand the allocator's free pages back to the OS (glibc `malloc_trim`),
+    so that what loading freed does not stay in the resident set of one contender and not
+    another."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figures include the allocator's cache
+        pass
 
 
 def reset_peak() -> None:
@@ -171,8 +187,10 @@ def worker(args: argparse.Namespace) -> None:
 
     import surgery  # noqa: F401
 
+    release_free_memory()
     libraries = memory_status()["VmRSS"]
     model = load(directory, base, DTYPES[args.dtype])
+    release_free_memory()
     loaded = memory_status()["VmRSS"] - libraries
     model = with_lora(model, base, library)
     adapters = fill_adapters(model, library)
@@ -181,6 +199,7 @@ def worker(args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator)
     model.train()
+    release_free_memory()
     reset_peak()
     losses, seconds = [], []
     for _ in range(1 + args.steps):
@@ -332,7 +351,7 @@ def plot(results: dict[tuple[str, str], dict], path: Path, title: str, dtype: st
         panel.set_xticks(range(len(bases)), [f"{shown(b, dtype)} base" for b in bases])
         panel.set_title(label, fontsize=10)
     axes[0].legend(frameon=False)
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(textwrap.fill(title, 120), fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
@@ -344,6 +363,24 @@ def main(argv: list[str] | None = None) -> None:
         return
     import surgery  # noqa: F401  (fail early, in the driver, if the checkout does not import)
 
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        setup, results = saved["setup"], {(r["base"], r["library"]): r for r in saved["results"]}
+        args.dtype = saved.get("dtype", args.dtype)
+    else:
+        setup, results = run_all(args)
+    print("\n".join(check_losses(results, LOSS_TOLERANCE[args.dtype])))
+    print(table(results, args.dtype))
+    if args.json:
+        saved = {"setup": setup, "dtype": args.dtype, "results": list(results.values())}
+        args.json.write_text(json.dumps(saved))
+    if args.plot:
+        plot(results, args.plot, setup, args.dtype)
+        print(f"figure: {args.plot}")
+
+
+def run_all(args: argparse.Namespace) -> tuple[str, dict[tuple[str, str], dict]]:
+    """Save the checkpoint, run every contender in its own process; the setup line, results."""
     bases = [b for b in args.bases.split(",") if b]
     with tempfile.TemporaryDirectory(prefix="bench-quantized-") as temp:
         directory = Path(temp) / "llama"
@@ -362,17 +399,12 @@ def main(argv: list[str] | None = None) -> None:
                 r = results[base, library]
                 print(
                     f"  {library:7s} on {shown(base, args.dtype)}: "
+                    f"loaded {r['loaded_rss'] / 1024**2:,.0f} MB, "
                     f"peak {r['peak_rss'] / 1024**2:,.0f} MB, "
                     f"step {r['step_s']:.2f} s ({r['total_s']:.0f} s in all)",
                     flush=True,
                 )
-    print("\n".join(check_losses(results, LOSS_TOLERANCE[args.dtype])))
-    print(table(results, args.dtype))
-    if args.json:
-        args.json.write_text(json.dumps({"setup": setup, "results": list(results.values())}))
-    if args.plot:
-        plot(results, args.plot, setup, args.dtype)
-        print(f"figure: {args.plot}")
+    return setup, results
 
 
 if __name__ == "__main__":
