@@ -308,22 +308,30 @@ def is_plain_float(tensor: torch.Tensor) -> bool:
     return type(tensor) in (torch.Tensor, nn.Parameter) and tensor.dtype in PLAIN_FLOATS
 
 
-def storage_problem(module: nn.Module) -> str | None:
+def storage_problem(module: nn.Module, target: bool = True) -> str | None:
     """Why edits cannot be built over `module`: a parameter that is not a plain float tensor
     (adapters take their dtype from the weight, and the site computes in it), unless it is the
-    weight of a quantized layer kind surgery knows (surgery.quantized)."""
+    weight of the `target` itself and that is a quantized layer kind surgery knows
+    (surgery.quantized; the method's `check_quantized` decides whether it may stand there).
+    Quantized layers inside a targeted block are refused: the block's method would not know
+    them."""
     why = quantized.unsupported(module)
     if why is not None:
         return why
-    owned = ("weight",) if quantized.kind_of(module) is not None else ()
+    known = quantized.kind_of(module) is not None
+    owned = ("weight",) if target and known else ()
     for name, param in module._parameters.items():  # a plain walk: planning 7B skeletons
         if param is not None and name not in owned and not is_plain_float(param):
-            return (
-                f"its parameter '{name}' is {describe_storage(param)} ({type(module).__name__} "
-                "is not a quantized layer kind surgery knows: see docs/quantization.md)"
+            why = (
+                "a quantized layer inside the selected module: methods take quantized layers "
+                "only as their own targets"
+                if known
+                else "not a quantized layer kind surgery knows: see docs/quantization.md"
             )
+            kind = type(module).__name__
+            return f"its parameter '{name}' is {describe_storage(param)} ({kind}: {why})"
     for child_name, child in module._modules.items():
-        problem = storage_problem(child) if child is not None else None
+        problem = storage_problem(child, target=False) if child is not None else None
         if problem is not None:
             return problem.replace("parameter '", f"parameter '{child_name}.", 1)
     return None

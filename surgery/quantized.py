@@ -14,6 +14,7 @@ merges through `surgery.quantized_merge`. See docs/quantization.md.
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,30 +124,51 @@ def _bnb8_refusal(module: nn.Module) -> str | None:
     return None
 
 
+def _bnb4_standard(weight: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """The weight's data and quant_state in bitsandbytes' standard 4-bit format. On CPUs with
+    AVX512-BF16, an inference forward repacks them in place into a CPU-only layout
+    (`packing_format_for_cpu`: nibbles reordered, absmax de-nested, transposed to [blocks, out]
+    and rounded to bf16) that `dequantize_4bit` does not read. Undone here on a copy of the
+    state (bitsandbytes' inverse rewrites the state object it is given, and leaves a
+    non-nested absmax transposed): the weight as the layer now computes it."""
+    state = weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return weight.data, state
+    standard = copy.copy(state)
+    standard.original_nested = False  # the absmax is restored here, not re-quantized
+    qweight, standard = _bnb_functional()._convert_weight_packed_for_cpu_inverse(
+        weight.data, standard
+    )
+    standard.absmax = state.absmax.T.reshape(-1).float()
+    return qweight, standard
+
+
 def _bnb4_dequantize(weight: torch.Tensor, _: Any) -> torch.Tensor:
-    return _bnb_functional().dequantize_4bit(weight.data, weight.quant_state).float()
+    return _bnb_functional().dequantize_4bit(*_bnb4_standard(weight)).float()
 
 
 def _bnb4_requantize(module: nn.Module, weight: torch.Tensor) -> Undo:
-    """Quantize with the same block size, type, double quantization and storage; the packed
-    data is copied into the parameter and its quant_state replaced (the parameter stays)."""
+    """Quantize with the same block size, type, double quantization and storage dtype into the
+    standard format; the parameter object stays, its data and quant_state are replaced (the
+    module's copy of the state too, which bitsandbytes reads when the weight's is lost)."""
     param, state = module.weight, module.weight.quant_state
+    _, standard = _bnb4_standard(param)
     packed, new_state = _bnb_functional().quantize_4bit(
-        weight.to(state.dtype),
-        blocksize=state.blocksize,
-        compress_statistics=state.nested,
-        quant_type=state.quant_type,
-        quant_storage=param.dtype,
+        weight.to(standard.dtype),
+        blocksize=standard.blocksize,
+        compress_statistics=getattr(state, "original_nested", state.nested),
+        quant_type=standard.quant_type,
+        quant_storage=getattr(standard, "original_storage_type", None) or param.dtype,
     )
-    data = param.data.clone()
-    with torch.no_grad():
-        param.data.copy_(packed.view(param.data.shape))
-    param.quant_state = new_state
+    data, module_state = param.data, getattr(module, "quant_state", None)
+    param.data, param.quant_state = packed, new_state
+    if module_state is not None:
+        module.quant_state = new_state
 
     def undo() -> None:
-        with torch.no_grad():
-            param.data.copy_(data)
-        param.quant_state = state
+        param.data, param.quant_state = data, state
+        if module_state is not None:
+            module.quant_state = module_state
 
     return undo
 
@@ -265,7 +287,7 @@ KINDS: tuple[Kind, ...] = (
         _bnb4_refusal,
     ),
     Kind(
-        "torchao int8 weight-only",
+        "torchao int8 (Int8Tensor)",
         None,
         (_AO, "Int8Tensor"),
         lambda w, _: w.dequantize().float(),
