@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -40,8 +40,9 @@ class Report:
     plan: Plan
     trainable: int
     total: int
-    # what re-quantizing each merged quantized weight cost (surgery.quantized_merge)
-    requantized: tuple[Requantization, ...] = ()
+    # what re-quantizing each merged quantized weight cost (surgery.quantized_merge); keyword
+    # only, so that subclasses (LoadReport) keep their positional fields
+    requantized: tuple[Requantization, ...] = field(default=(), kw_only=True)
 
     @property
     def steps(self) -> tuple[Step, ...]:
@@ -113,7 +114,7 @@ def execute(model: nn.Module, plan: Plan) -> Report:
             ) from error
         raise
     settle(model, [edit.adapter for edit in plan.edits])
-    return Report(plan, *count_parameters(model), tuple(transaction.requantized))
+    return Report(plan, *count_parameters(model), requantized=tuple(transaction.requantized))
 
 
 def _apply(model: nn.Module, step: Step, tx: Transaction) -> None:
