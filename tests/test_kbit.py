@@ -125,7 +125,7 @@ def test_a_full_precision_model_is_allowed_and_casts_nothing() -> None:
 @pytest.mark.parametrize(
     "rules, message, column",
     [
-        ("prepare kbits", "unknown preparation 'kbits'", 9),
+        ("prepare kbits", "unknown preparation 'kbits'", 1),
         ("prepare kbit(checkpointing=true)", "kbit has no parameter 'checkpointing'", 14),
         ("prepare kbit(gradient_checkpointing=1)", "must be true or false", 14),
         (

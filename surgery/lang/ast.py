@@ -231,5 +231,4 @@ class Prepare(Statement):
     training (surgery.kbit); `kind` names it."""
 
     kind: str
-    kind_span: Span = field(compare=False)
     arguments: tuple[Argument, ...] = ()

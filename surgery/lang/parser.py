@@ -262,8 +262,7 @@ class _Builder:
         )  # fmt: skip
 
     def prepare_stmt(self, node: lark.Tree) -> ast.Prepare:
-        kind, arguments = node.children
-        return ast.Prepare(self.span(node), str(kind), self.span(kind), self.arguments(arguments))
+        return ast.Prepare(self.span(node), str(node.children[0]), self.arguments(node.children[1]))
 
     # arguments and values
     def arguments(self, node: lark.Tree | None) -> tuple[ast.Argument, ...]:

@@ -36,7 +36,7 @@ def bind(st: ast.Prepare) -> dict[str, Any]:
     if st.kind not in KINDS:
         raise PlanError(
             f"unknown preparation '{st.kind}'",
-            span=st.kind_span,
+            span=st.span,
             hint=did_you_mean(st.kind, KINDS) or f"known: {', '.join(KINDS)}",
         )
     values = {name: p.default for name, p in PARAMS.items()}
