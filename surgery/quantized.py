@@ -64,13 +64,9 @@ class Kind:
         return self.dequantize_module(module)
 
 
-def _loaded(name: str) -> Any:
-    """The library module `name` when the process has imported it, else None (never imports)."""
-    return sys.modules.get(name)
-
-
 def _class_of(module_name: str, class_name: str) -> type | None:
-    lib = _loaded(module_name)
+    """The class when the process has imported its library, else None (never imports it)."""
+    lib = sys.modules.get(module_name)
     return getattr(lib, class_name, None) if lib is not None else None
 
 
@@ -117,10 +113,10 @@ def _bnb8_requantize(module: nn.Module, weight: torch.Tensor) -> Undo:
 
 def _bnb8_refusal(module: nn.Module) -> str | None:
     weight = module.weight
+    if getattr(weight, "has_fp16_weights", False):
+        return "it trains fp16 weights and quantizes them on the fly (has_fp16_weights=True)"
     if weight.dtype != torch.int8 or _bnb8_scales(weight, module.state) is None:
         return "its 8-bit weight is not quantized yet (move the model to its device first)"
-    if getattr(weight, "has_fp16_weights", False):
-        return "it keeps fp16 weights beside the int8 ones (has_fp16_weights=True)"
     return None
 
 
@@ -265,7 +261,7 @@ def _never(_: nn.Module) -> str | None:
 
 
 def _hqq_refusal(_: nn.Module) -> str:
-    return "merging into HQQ layers is not verified (hqq is not installed where surgery is tested)"
+    return "merging into HQQ layers is not supported yet"
 
 
 KINDS: tuple[Kind, ...] = (
@@ -310,8 +306,9 @@ KINDS: tuple[Kind, ...] = (
         _quanto_requantize,
         _quanto_refusal,
     ),
-    # HQQ (not installed here: recognised only when hqq is imported; apply through the
-    # module's own forward, dequantize by its `dequantize()`; merge refused as unverified)
+    # HQQ: recognised when hqq is imported, dequantized by the layer's own `dequantize()`;
+    # edits are refused for now: HQQLinear holds no `weight` tensor, which the methods read
+    # for the adapters' dtype and device
     Kind(
         "HQQ HQQLinear",
         ("hqq.core.quantize", "HQQLinear"),
@@ -320,8 +317,8 @@ KINDS: tuple[Kind, ...] = (
         None,
         _hqq_refusal,
         dequantize_module=lambda m: m.dequantize().float(),
-        apply_refusal="hqq is not installed where surgery is tested, so edits over HQQ "
-        "layers are not verified",
+        apply_refusal="edits over HQQ layers are not supported yet (HQQLinear holds no "
+        "`weight` tensor; see docs/quantization.md)",
     ),
 )
 
@@ -329,11 +326,6 @@ KINDS: tuple[Kind, ...] = (
 def kind_of(module: nn.Module) -> Kind | None:
     """The quantized kind of `module`, or None for anything else."""
     return next((kind for kind in KINDS if kind.recognise(module)), None)
-
-
-def dims(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of a quantized layer: its logical features, not its packed storage's."""
-    return int(module.in_features), int(module.out_features)
 
 
 def dequantized(weight: torch.Tensor, context: Any = None) -> torch.Tensor:
@@ -361,7 +353,13 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight if kind is None else kind.dequantize(module)
 
 
-def check_method(method: str, supported: bool, module: nn.Module, dense: bool) -> str | None:
+# The methods whose edits may stand over a quantized layer: each builds its tensors from the
+# layer's logical shape and computes through the layer's own forward (DoRA's norm reads the
+# dequantized weight), verified against PEFT in tests/test_quantized.py.
+SUPPORTED_METHODS = ("lora", "dora", "ia3")
+
+
+def check_method(method: str, module: nn.Module, dense: bool) -> str | None:
     """Why `method` cannot attach to the quantized `module` (None when it can, or when the
     module is not quantized). `dense`: the method reads the weight's values while it runs."""
     kind = kind_of(module)
@@ -369,10 +367,10 @@ def check_method(method: str, supported: bool, module: nn.Module, dense: bool) -
         return None
     if kind.apply_refusal is not None:
         return f"{type(module).__name__} ({kind.name}): {kind.apply_refusal}"
-    if not supported:
+    if method not in SUPPORTED_METHODS:
         return (
             f"{method} does not support quantized bases ({type(module).__name__}: {kind.name}); "
-            "lora, dora and ia3 do"
+            f"{', '.join(SUPPORTED_METHODS)} do"
         )
     if dense and kind.dequantize_weight is None:
         return f"{method} reads the weight's values, which {kind.name} layers cannot give"

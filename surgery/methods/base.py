@@ -258,9 +258,6 @@ class SiteMethod(Method):
     # ONE batched computation, each row using its own (surgery.adapters.router). None: the
     # method cannot serve mixed-adapter batches, and a routed call naming it is refused.
     emit_routed: ClassVar[Callable[..., None] | None] = None
-    # whether edits may stand over a quantized layer kind (surgery.quantized): the method
-    # builds its tensors from the layer's logical shape and computes through its forward
-    quantized_bases: ClassVar[bool] = False
 
     def can_merge(self, options: dict[str, Any]) -> bool:
         """A site method merges when it defines `merged` (derived, never declared beside it); a
@@ -294,7 +291,7 @@ class SiteMethod(Method):
     def check_quantized(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
         """Why this method cannot attach to `module` if it is a quantized layer (None when it
         can, or when `module` is not quantized): see surgery.quantized."""
-        why = quantized.check_method(self.name, self.quantized_bases, module, dense=False)
+        why = quantized.check_method(self.name, module, dense=False)
         return None if why is None else Problem(why, hint=QUANTIZED_HINT)
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:

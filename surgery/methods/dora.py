@@ -93,7 +93,7 @@ class DoRA(LoRA):
 
     def check_quantized(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
         """The norm reads the weight's values: the kind must dequantize it."""
-        why = quantized.check_method(self.name, True, module, dense=True)
+        why = quantized.check_method(self.name, module, dense=True)
         return None if why is None else Problem(why, hint=QUANTIZED_HINT)
 
     def parameter_shapes(

@@ -102,7 +102,6 @@ def full_vector(
 @register
 class IA3(SiteMethod):
     name = "ia3"
-    quantized_bases = True  # it scales the module's input or output (docs/quantization.md)
     summary = "learned vector rescaling a Linear layer's output (or input)"
     paper = (
         "Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper "

@@ -191,7 +191,6 @@ class LoRA(SiteMethod):
 
     # the layer kinds beyond Linear/Conv1D this method attaches to (surgery/methods/lora_layers.py)
     layer_kinds: tuple[str, ...] = ("embedding", "conv")
-    quantized_bases = True  # the branch reads the input only (docs/quantization.md)
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
         kind = layer_kind(module)
