@@ -8,7 +8,7 @@ from surgery.adapters import units as _units
 from surgery.adapters.combine import combine_adapters as _combine_adapters
 from surgery.adapters.lifecycle import HotSwapError, delete_adapter, hot_swap, merge_adapter
 from surgery.adapters.router import RoutingError
-from surgery.api import load_rules, plan, rewrite
+from surgery.api import load_rules, plan, prepare_kbit, rewrite
 from surgery.arguments import checked
 from surgery.errors import (
     ExecutionError,
@@ -71,6 +71,7 @@ __all__ = [
     "parse",
     "parse_file",
     "plan",
+    "prepare_kbit",
     "rewrite",
     "set_active",
 ]

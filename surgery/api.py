@@ -77,3 +77,16 @@ def plan(model: nn.Module, rules: Rules) -> Plan:
     """The plan `rewrite` would follow; the model is not changed."""
     with _paused_gc():
         return make_plan(model, load_rules(rules))
+
+
+@checked
+def prepare_kbit(
+    model: nn.Module, *, gradient_checkpointing: bool = True, use_reentrant: bool | None = None
+) -> Report:
+    """`prepare kbit(...)` from Python (surgery.kbit): freeze the base, cast its plain fp16/bf16
+    parameters to fp32, turn on gradient checkpointing; the same plan, checks and transaction as
+    the statement. `use_reentrant` defaults to true with checkpointing (PEFT's default) and must
+    not be given without it. The report's plan step lists what was cast."""
+    given = {"gradient_checkpointing": gradient_checkpointing, "use_reentrant": use_reentrant}
+    text = ", ".join(f"{k}={str(v).lower()}" for k, v in given.items() if v is not None)
+    return rewrite(model, f"prepare kbit({text})")

@@ -24,6 +24,7 @@ from surgery.graph.logical import (
 )
 from surgery.graph.param_site import ParamEdits, parameter_of
 from surgery.graph.site import EditKey, Site
+from surgery.kbit import run_prepare
 from surgery.merge_rules import check_finite_adapter
 from surgery.merging import merge_edits, rounded
 from surgery.methods import REGISTRY
@@ -264,6 +265,7 @@ _STEP_RUNNERS: dict[str, Callable[[nn.Module, Step, Transaction], None]] = {
     "freeze": lambda m, s, t: _set_trainable(m, s, t, False),
     "unfreeze": lambda m, s, t: _set_trainable(m, s, t, True),
     "combine": _combine,
+    "prepare": run_prepare,
 }
 
 STEP_ACTIONS = tuple(_STEP_RUNNERS)  # the actions a plan's steps may have

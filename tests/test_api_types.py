@@ -32,6 +32,7 @@ from surgery import (
     parse,
     parse_file,
     plan,
+    prepare_kbit,
     rewrite,
     set_active,
 )
@@ -82,6 +83,9 @@ CALLS: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], str]] = [
     (combine_adapters, (None, "m", ["a"], [1.0]), {"how": "cat"}, "model"),
     (load_adapters, (M, None), {}, "directory"),
     (load_adapters, (None, "d"), {}, "model"),
+    (prepare_kbit, (None,), {}, "model"),
+    (prepare_kbit, (M,), {"gradient_checkpointing": 1}, "gradient_checkpointing"),
+    (prepare_kbit, (M,), {"use_reentrant": "yes"}, "use_reentrant"),
 ]
 
 

@@ -111,8 +111,11 @@ def _add_step_rows(table: Table, step: Step, full: bool) -> None:
     label = step.action + (f" {step.method}" if step.method else "")
     if step.method and step.edit and step.edit != step.method:
         label += f" as {step.edit}"
-    if step.action in ("freeze", "unfreeze"):
+    if step.action == "prepare":  # its rows: the parameters it casts to fp32
+        label = f"prepare {dict(step.arguments)['kind']} (casts to fp32)"
+    if step.action in ("freeze", "unfreeze", "prepare"):
         rows = [(p, 1) for p in step.param_paths] if full else group_paths(list(step.param_paths))
+        rows = rows or [("(nothing)", 0)]
         for i, (text, n) in enumerate(rows[:1] if not full else rows):
             more = f" (+{len(rows) - 1} more groups)" if not full and len(rows) > 1 else ""
             table.add_row(

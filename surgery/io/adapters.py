@@ -93,7 +93,7 @@ def unfrozen_base_parameters(model: nn.Module, plan: Plan) -> dict[str, nn.Param
     adapter_ids = {id(p) for _, _, edit in iter_edits(model) for p in edit.parameters()}
     unfrozen: dict[int, nn.Parameter] = {}
     for step in plan.steps:
-        if step.action == "apply":
+        if step.action in ("apply", "prepare"):  # both freeze the whole base
             unfrozen.clear()
         for path in step.param_paths if step.action in ("freeze", "unfreeze") else ():
             param = by_path.get(path)  # None: an edit's parameter on a model not yet rewritten

@@ -228,3 +228,12 @@ class Combine(Statement):
     how: str = "linear"
     how_span: Span | None = field(default=None, compare=False)
     arguments: tuple[Argument, ...] = ()
+
+
+@dataclass(frozen=True)
+class Prepare(Statement):
+    """`prepare kbit(gradient_checkpointing=true)`: make the whole model ready for a kind of
+    training (surgery.kbit); `kind` names it."""
+
+    kind: str
+    arguments: tuple[Argument, ...] = ()

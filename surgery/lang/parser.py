@@ -264,6 +264,9 @@ class _Builder:
             self.span(how), self.arguments(arguments),
         )  # fmt: skip
 
+    def prepare_stmt(self, node: lark.Tree) -> ast.Prepare:
+        return ast.Prepare(self.span(node), str(node.children[0]), self.arguments(node.children[1]))
+
     # arguments and values
     def arguments(self, node: lark.Tree | None) -> tuple[ast.Argument, ...]:
         """`(name=value, ...)` (None: not written), each name at most once."""

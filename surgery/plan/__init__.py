@@ -7,7 +7,7 @@ checks). Importing the package registers every handler.
 """
 
 from surgery.families import family_index
-from surgery.plan import apply, combine, merges, statements  # noqa: F401  (registers the handlers)
+from surgery.plan import apply, combine, merges, prepare, statements  # noqa: F401  (registers)
 from surgery.plan.document import MalformedPlan
 from surgery.plan.lint import LintWarning, lint
 from surgery.plan.planner import HANDLERS, Planner, handles, make_plan

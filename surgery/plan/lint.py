@@ -12,6 +12,7 @@ from surgery.lang import ast
 from surgery.methods import REGISTRY, get_method
 from surgery.plan.combine import check_combination
 from surgery.plan.planner import source_key
+from surgery.plan.prepare import bind as bind_prepare
 
 
 class LintWarning(SurgeryError):
@@ -59,6 +60,18 @@ def lint(program: ast.Program) -> list[LintWarning]:
                 parent_family(st, prog, (*including, prog.source.name))  # raises on a mistake
             elif isinstance(st, (ast.Freeze, ast.Unfreeze)):
                 trainability.append(st)
+            elif isinstance(st, ast.Prepare):
+                bind_prepare(st)
+                warnings.extend(
+                    LintWarning(
+                        f"this {type(earlier).__name__.lower()} is overridden by the prepare at "
+                        f"{st.span.location}: prepare freezes every non-adapter parameter",
+                        span=earlier.span,
+                        hint="move it after the prepare",
+                    )
+                    for earlier in trainability
+                )
+                trainability.clear()
             elif isinstance(st, (ast.Merge, ast.Remove)) and st.target is not None:
                 if st.target not in edit_names and st.target not in REGISTRY:
                     warnings.append(

@@ -22,7 +22,7 @@ from surgery.lang import ast
 class Step:
     """What one statement will do."""
 
-    action: str  # apply | merge | remove | freeze | unfreeze
+    action: str  # apply | merge | remove | freeze | unfreeze | combine | prepare
     text: str  # the statement as written
     location: str
     method: str | None = None
