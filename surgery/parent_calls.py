@@ -307,18 +307,23 @@ def shared_input_calls(cls: type) -> tuple[tuple[str, ...], ...]:
     """Groups of two or more children that `cls.forward` calls with one same variable as their
     only argument (`self.q_proj(x)`, `self.k_proj(x)`, `self.v_proj(x)`), in the order of their
     first calls: children called no other way, with a variable the forward never modifies in
-    place (`x += ...`, `x[...] = ...`, `x.add_(...)`, `out=x`). Empty without source. This only
-    proposes: `surgery.graph.shared_input` checks at run time that the tensors are the same."""
+    place (`x += ...`, `x[...] = ...`, `x.add_(...)`, `out=x`) nor binds again between the
+    calls. Empty without source. This only proposes: `surgery.graph.shared_input` checks at run
+    time that the tensors are the same."""
     classes = [klass for klass in cls.__mro__ if klass not in (nn.Module, object)]
     functions = _lookup(classes, 0, "forward")[1]
     nodes = _function_nodes(functions[0]) if functions else None
     if nodes is None:
         return ()
     arguments: dict[str, set[str | None]] = {}  # child -> the variables it is called with
+    lines: dict[str, list[int]] = {}  # child -> the lines calling it
     first: dict[str, tuple[int, int]] = {}
     mutated: set[str] = set()
+    stores: dict[str, list[int]] = {}  # variable -> the lines binding it
     for node in nodes:
         mutated |= _mutated(node)
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            stores.setdefault(node.id, []).append(node.lineno)
         if not (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
@@ -331,12 +336,19 @@ def shared_input_calls(cls: type) -> tuple[tuple[str, ...], ...]:
         arguments.setdefault(child, set()).add(args[0].id if one else None)  # type: ignore[union-attr]
         where = (node.lineno, node.col_offset)
         first[child] = min(first.get(child, where), where)
+        lines.setdefault(child, []).append(node.lineno)
     groups: dict[str, list[str]] = {}
     for child in sorted(arguments, key=first.__getitem__):
         (variable, *others) = arguments[child]
         if not others and variable is not None and variable not in mutated:
             groups.setdefault(variable, []).append(child)
-    return tuple(tuple(children) for children in groups.values() if len(children) > 1)
+    found = []
+    for variable, children in groups.items():
+        called = [line for child in children for line in lines[child]]
+        rebound = any(min(called) <= line < max(called) for line in stores.get(variable, ()))
+        if len(children) > 1 and not rebound:  # `x = self.a(x)` before `self.b(x)`: not one x
+            found.append(tuple(children))
+    return tuple(found)
 
 
 def _mutated(node: ast.AST) -> set[str]:
