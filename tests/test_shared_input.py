@@ -228,9 +228,17 @@ def test_several_adapters_active_inactive_disabled() -> None:
     model = two_adapters()  # a active, b inactive: b's edits join no group
     assert all(names == ["a"] for names in shared_edits(model).values())
     same_as_alone(model)
-    set_active(model, ["a", "b"])  # both: one group of both adapters' A per parent
+    with torch.no_grad():
+        only_a = model(input_ids=IDS).logits
+    set_active(model, ["a", "b"])  # both: one group per adapter and parent
     assert all(names == ["a", "b"] for names in shared_edits(model).values())
+    assert {len(g.adapters) for s in scopes(model) for g in s.groups.values()} == {2, 3}
     same_as_alone(model)
+    with torch.no_grad():  # b's edits (B = 0) add exactly nothing: a rounds as it did alone
+        for path, param in model.named_parameters():
+            if path.endswith(".b.B"):
+                param.zero_()
+        assert torch.equal(model(input_ids=IDS).logits, only_a)
     groups = {id(g) for s in scopes(model) for g in s.groups.values()}
     with disabled(model):
         assert not shared_edits(model)

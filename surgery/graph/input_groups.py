@@ -2,7 +2,8 @@
 sites compute changes (`surgery.adapters.units.emit_active`: apply, merge, remove, load,
 `set_active`, `disabled`).
 
-A group holds the active edits, on children of one parent, whose method reads the input through
+A group holds the active edits of one name (so other adapters never change how an adapter
+rounds), on children of one parent, whose method reads the input through
 `GraphBuilder.down_projection` and says the edit can share it (`register_shared_input`: a plain
 LoRA without dropout, since each dropout draws its own mask), where the parent's forward calls
 those children with one variable (`surgery.parent_calls.shared_input_calls`), and whose A
@@ -92,11 +93,13 @@ def _candidates(site: Site) -> list[Member]:
 
 
 def _compatible(members: list[Member]) -> list[list[Member]]:
-    """`members` split by what one concatenation needs to agree on; parts of two or more."""
+    """`members` split by edit name (one group per edit: adding, removing or activating another
+    adapter never changes how this one rounds) and by what one concatenation needs to agree on;
+    the parts of two or more."""
     parts: dict[tuple, list[Member]] = {}
     for member in members:
         A = member[2].A
-        what = (A.dtype, A.device, A.shape[1], bool(member[1].option("cast")))
+        what = (member[1].name, A.dtype, A.device, A.shape[1], bool(member[1].option("cast")))
         parts.setdefault(what, []).append(member)
     return [part for part in parts.values() if len(part) > 1]
 
