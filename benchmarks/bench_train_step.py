@@ -8,6 +8,8 @@ to None before each step, outside the timed region.
 Contenders, all built from the same seed (bit-identical base weights) and fed the same tokens:
 
 (a) surgery: `rewrite(model, "apply lora(r=8, alpha=16) to ...")` on q,k,v,o,gate,up,down;
+    q, k, v (and gate, up) compute their down-projections as one matmul (shared-input groups,
+    surgery/graph/shared_input.py); (a') is the same model with the groups off, each edit alone;
 (b) PEFT: `get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0, ...))`, with
     surgery's A and B copied in, so both compute the same function;
 (c) frozen base: the same model with every parameter `requires_grad=False` and
@@ -23,7 +25,8 @@ checks that surgery's and PEFT's losses and adapter gradients agree. Repetitions
 
 Run: `python benchmarks/bench_train_step.py [--steps 15] [--warmup 2] [--threads 2]`; add
 `--profile 6` for the per-op table (torch.profiler, self CPU time per step) that shows where the
-gap to the frozen base goes.
+gap to the frozen base goes, and `--compile` to time (a), (b) and (c) again, each compiled whole
+with `torch.compile` (`--backend inductor` by default; the warm-up steps include compilation).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ from _common import (
 )
 from rich.table import Table
 from torch import nn
+
+from surgery.graph.input_groups import set_input_sharing
 
 
 def frozen_base(args: argparse.Namespace) -> nn.Module:
@@ -131,6 +136,39 @@ def profile_ops(models: dict[str, nn.Module], ids: torch.Tensor, steps: int) -> 
     return table
 
 
+def compiled_run(args: argparse.Namespace, models: dict[str, nn.Module], ids: torch.Tensor) -> bool:
+    """The three contenders compiled whole; their losses must equal the eager ones."""
+    compiled = {name: torch.compile(model, backend=args.backend) for name, model in models.items()}
+    ok = True
+    for name, model in models.items():
+        model.zero_grad(set_to_none=True)
+        eager = step(model, ids).item()
+        model.zero_grad(set_to_none=True)
+        again = step(compiled[name], ids).item()  # also the first compilation
+        model.zero_grad(set_to_none=True)
+        ok &= abs(eager - again) <= 1e-5 * max(abs(eager), 1.0)
+        console.print(f"compiled {name}: loss {again:.6f} (eager {eager:.6f})")
+    results = interleave(
+        {f"{name}, compiled": contender(model, ids) for name, model in compiled.items()},
+        args.steps,
+        args.warmup,
+    )
+    s, p, f = results.values()
+    console.print(timing_table(f"compiled ({args.backend}), forward + backward", [s, p, f]))
+    warn_if_noisy([s, p, f])
+    console.print(
+        ratio_table(
+            "ratios (compiled step time)",
+            [
+                ("surgery / PEFT", s, p, "<= 1.0x"),
+                ("surgery / frozen base", s, f, "<= 1.03x"),
+                ("PEFT / frozen base", p, f, "-"),
+            ],
+        )
+    )
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=15, help="timed steps each (default 15)")
@@ -142,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="also profile N steps of each with torch.profiler and print the op table",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the three compiled (torch.compile)"
+    )
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     add_model_args(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -155,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ids = token_batch(args)
     surgery = surgery_lora(args).train()
+    alone = surgery_lora(args).train()
+    set_input_sharing(alone, False)
     peft = peft_lora(args, like=surgery).train()
     frozen = frozen_base(args).train()
     trainable = {
@@ -169,25 +213,30 @@ def main(argv: list[str] | None = None) -> int:
     results = interleave(
         {
             "(a) surgery LoRA": contender(surgery, ids),
+            "(a') surgery LoRA, groups off": contender(alone, ids),
             "(b) PEFT LoRA": contender(peft, ids),
             "(c) frozen base (floor)": contender(frozen, ids),
         },
         args.steps,
         args.warmup,
     )
-    s, p, f = results.values()
-    console.print(timing_table("forward + backward, one step", [s, p, f]))
-    warn_if_noisy([s, p, f])
+    s, a, p, f = results.values()
+    console.print(timing_table("forward + backward, one step", [s, a, p, f]))
+    warn_if_noisy([s, a, p, f])
     console.print(
         ratio_table(
             "ratios (step time)",
             [
                 ("surgery / PEFT", s, p, "<= 1.0x"),
                 ("surgery / frozen base", s, f, "<= 1.05x"),
+                ("surgery, groups off / frozen base", a, f, "-"),
                 ("PEFT / frozen base", p, f, "-"),
             ],
         )
     )
+    if args.compile:
+        models = {"(a) surgery LoRA": surgery, "(b) PEFT LoRA": peft, "(c) frozen base": frozen}
+        ok &= compiled_run(args, models, ids)
     if args.profile:
         models = {"surgery": surgery, "PEFT": peft, "frozen base": frozen}
         console.print(profile_ops(models, ids, args.profile))

@@ -297,3 +297,71 @@ def _only_metadata(read: ast.Attribute, parents: dict[ast.AST, ast.AST]) -> bool
     if isinstance(above, ast.Compare):
         return all(isinstance(op, (ast.Is, ast.IsNot)) for op in above.ops)
     return False
+
+
+# ---- children called with one input ---------------------------------------------------------
+
+
+@cache
+def shared_input_calls(cls: type) -> tuple[tuple[str, ...], ...]:
+    """Groups of two or more children that `cls.forward` calls with one same variable as their
+    only argument (`self.q_proj(x)`, `self.k_proj(x)`, `self.v_proj(x)`), in the order of their
+    first calls: children called no other way, with a variable the forward never modifies in
+    place (`x += ...`, `x[...] = ...`, `x.add_(...)`, `out=x`) nor binds again between the
+    calls. Empty without source. This only proposes: `surgery.graph.shared_input` checks at run
+    time that the tensors are the same."""
+    classes = [klass for klass in cls.__mro__ if klass not in (nn.Module, object)]
+    functions = _lookup(classes, 0, "forward")[1]
+    nodes = _function_nodes(functions[0]) if functions else None
+    if nodes is None:
+        return ()
+    arguments: dict[str, set[str | None]] = {}  # child -> the variables it is called with
+    lines: dict[str, list[int]] = {}  # child -> the lines calling it
+    first: dict[str, tuple[int, int]] = {}
+    mutated: set[str] = set()
+    stores: dict[str, list[int]] = {}  # variable -> the lines binding it
+    for node in nodes:
+        mutated |= _mutated(node)
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            stores.setdefault(node.id, []).append(node.lineno)
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "self"
+        ):
+            continue
+        child, args = node.func.attr, node.args
+        one = len(args) == 1 and not node.keywords and isinstance(args[0], ast.Name)
+        arguments.setdefault(child, set()).add(args[0].id if one else None)  # type: ignore[union-attr]
+        where = (node.lineno, node.col_offset)
+        first[child] = min(first.get(child, where), where)
+        lines.setdefault(child, []).append(node.lineno)
+    groups: dict[str, list[str]] = {}
+    for child in sorted(arguments, key=first.__getitem__):
+        (variable, *others) = arguments[child]
+        if not others and variable is not None and variable not in mutated:
+            groups.setdefault(variable, []).append(child)
+    found = []
+    for variable, children in groups.items():
+        called = [line for child in children for line in lines[child]]
+        rebound = any(min(called) <= line < max(called) for line in stores.get(variable, ()))
+        if len(children) > 1 and not rebound:  # `x = self.a(x)` before `self.b(x)`: not one x
+            found.append(tuple(children))
+    return tuple(found)
+
+
+def _mutated(node: ast.AST) -> set[str]:
+    """The variables `node` modifies in place: `x += y`, `x[i] = y`, `x.add_(y)`, `f(out=x)`."""
+    targets: list[ast.AST] = []
+    if isinstance(node, ast.AugAssign):
+        targets.append(node.target)
+    elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+        assigned = node.targets if isinstance(node, ast.Assign) else [node.target]
+        targets += [t.value for t in assigned if isinstance(t, ast.Subscript)]
+    elif isinstance(node, ast.Call):
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr.endswith("_") and func.attr[0] != "_":
+            targets.append(func.value)
+        targets += [k.value for k in node.keywords if k.arg == "out"]
+    return {t.id for t in targets if isinstance(t, ast.Name)}

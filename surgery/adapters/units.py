@@ -17,6 +17,7 @@ from torch import nn
 
 from surgery.adapters.state import STATE, AdapterState, adapter_state
 from surgery.errors import SurgeryError, did_you_mean
+from surgery.graph.input_groups import share_inputs
 from surgery.graph.param_site import ParamSite
 from surgery.graph.placement import PLACEMENTS
 from surgery.graph.site import EditKey, Emitted, Site, retemplate
@@ -114,6 +115,7 @@ def settle(model: nn.Module, added: Sequence[str] = ()) -> None:
     if not present:
         model.__dict__.pop(STATE, None)
         uninstall_hooks(model)
+        share_inputs(model)  # takes off the scope hooks of groups that are gone
         return
     install_hooks(model)
     kept = [u for u in (state.order if state else []) if u in present]
@@ -136,6 +138,7 @@ def emit_active(model: nn.Module) -> None:
             retemplate(module, active_emission(module, active))
         elif isinstance(module, ParamSite):  # its forward folds in the active adapters' edits
             module.active = active
+    share_inputs(model)  # sibling edits that read one input: one down-projection
 
 
 def active_emission(site: Site, active: tuple[str, ...] | None) -> Emitted:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch.fx as fx
+import torch.nn.functional as F
 
+from surgery.graph.shared_input import shared_linear
 from surgery.graph.state_dict import BASE
 
 EDIT_META = "surgery_edit"  # node.meta key: the name of the edit that created the node
@@ -30,6 +32,30 @@ class EditKey:
         return dict(self.options).get(key, default)
 
 
+@dataclass(frozen=True)
+class Shared(EditKey):
+    """An edit that its site computes through a shared-input group (surgery/graph/shared_input.py):
+    the site's attribute `_surgery_shared{index}` holds its `Membership` (`index` numbers the
+    site's shared edits). Group and slot are not part of the graph: q, k and v of every layer
+    share one template."""
+
+    index: int = 0
+    PREFIX: ClassVar[str] = "_surgery_shared"
+
+    @classmethod
+    def of(cls, key: EditKey, index: int) -> Shared:
+        return cls(key.name, key.method, key.options, key.adapter, index)
+
+    @property
+    def key(self) -> EditKey:
+        """The edit itself, computed alone."""
+        return EditKey(self.name, self.method, self.options, self.adapter)
+
+    @property
+    def attribute(self) -> str:
+        return f"{self.PREFIX}{self.index}"
+
+
 class GraphBuilder:
     """What a method sees while it adds its nodes to a site graph.
 
@@ -41,10 +67,17 @@ class GraphBuilder:
     """
 
     def __init__(
-        self, graph: fx.Graph, input: fx.Node, value: fx.Node, base: fx.Node, edit: EditKey
+        self,
+        graph: fx.Graph,
+        input: fx.Node,
+        value: fx.Node,
+        base: fx.Node,
+        edit: EditKey,
+        shared: Shared | None = None,
     ):
         self.graph, self.input, self.value, self.edit = graph, input, value, edit
         self._base = base
+        self.shared = shared  # set when this edit reads its input through a shared-input group
 
     @property
     def base_input(self) -> fx.Node:
@@ -92,6 +125,17 @@ class GraphBuilder:
     def set_output(self, node: fx.Node) -> None:
         node.meta[REPLACES_META] = self.value.name
         self.value = node
+
+    def down_projection(self, x: fx.Node, A: fx.Node, dtype: fx.Node | None = None) -> fx.Node:
+        """`F.linear(x, A)`, A cast to `dtype` when given: a low-rank branch's first matmul. When
+        x is the site's input and the edit is in a shared-input group, it is this edit's columns
+        of the group's one product, which equal it (`surgery.graph.shared_input`)."""
+        if self.shared is not None and x is self.input:
+            member = self._tag(self.graph.get_attr(self.shared.attribute))
+            return self.function(shared_linear, member, x, A, dtype)
+        if dtype is not None:
+            A = self.method("to", A, dtype)
+        return self.function(F.linear, x, A)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from surgery.graph.builder import (
     GraphBuilder,
     Routed,
     RoutedBuilder,
+    Shared,
 )
 from surgery.graph.compare import same_structure
 from surgery.graph.state_dict import BASE, TransparentStateDict
@@ -118,7 +119,7 @@ class Site(TransparentStateDict, fx.GraphModule):
                 self._surgery_edits,
                 dict(self._modules),
                 self.training,
-                None if self._routed() else self._surgery_emitted,
+                None if self._routed() else unshared(self._surgery_emitted, self._surgery_edits),
             ),
         )
 
@@ -157,7 +158,8 @@ def is_reserved_edit_name(name: str) -> bool:
 Emitter = Callable[[GraphBuilder], None]
 RoutedEmitter = Callable[[RoutedBuilder], None]
 # What a site's graph computes: None = every edit in order (the usual case); else the edits of
-# the active adapters (EditKeys) or, during a routed call, groups (`Routed`) and EditKeys.
+# the active adapters (EditKeys; `Shared` ones are computed through a shared-input group:
+# surgery/graph/shared_input.py) or, during a routed call, groups (`Routed`) and EditKeys.
 Emitted = tuple["EditKey | Routed", ...] | None
 TemplateKey = tuple[Signature, tuple[EditKey, ...], Emitted]
 _EMITTERS: dict[str, Emitter] = {}
@@ -198,6 +200,9 @@ def build_graph(
         if isinstance(item, Routed):
             builder: GraphBuilder = RoutedBuilder(graph, primary, value, base, item)
             _ROUTED_EMITTERS[item.method](builder)  # type: ignore[arg-type]
+        elif isinstance(item, Shared):
+            builder = GraphBuilder(graph, primary, value, base, item.key, shared=item)
+            _EMITTERS[item.method](builder)
         else:
             builder = GraphBuilder(graph, primary, value, base, item)
             _EMITTERS[item.method](builder)
@@ -211,6 +216,15 @@ def _template(
 ) -> type[Site]:
     key = (signature, edits, emitted)
     return _TEMPLATES.get(key) or _publish(key, build_graph(*key))
+
+
+def unshared(emitted: Emitted, edits: tuple[EditKey, ...]) -> Emitted:
+    """`emitted` with its shared-input edits computed alone (None when that is every edit):
+    a pickled or copied site holds no group (`surgery.graph.input_groups` forms them)."""
+    if emitted is None or not any(isinstance(item, Shared) for item in emitted):
+        return emitted
+    alone = tuple(item.key if isinstance(item, Shared) else item for item in emitted)
+    return None if alone == edits else alone
 
 
 def retemplate(site: Site, emitted: Emitted) -> None:

@@ -322,19 +322,18 @@ class LoRA(SiteMethod):
             return
         # s is folded into B (an [out, r] op) rather than applied to the [..., out] output, and
         # fp32 adapters over a half-precision base are cast to the activation dtype (a few
-        # kilobytes) rather than casting the activations to fp32: the branch then costs two
-        # thin matmuls and one add over the output, and the model's dtype never changes.
+        # kilobytes) rather than the activations to fp32; x @ A^T may be shared with siblings.
         x = b.input
         if b.edit.option("dropout"):
             x = b.module("dropout", x)
         A, B, dtype = b.attr("A"), b.attr("B"), None
         if b.edit.option("cast"):
             dtype = b.function(getattr, x, "dtype")
-            A, B = b.method("to", A, dtype), b.method("to", B, dtype)
+            B = b.method("to", B, dtype)
         if b.edit.option("scaling") != 1.0:
             B = b.function(operator.mul, B, b.edit.option("scaling"))
         bias = branch_bias(b, dtype)
-        h = b.function(F.linear, b.function(F.linear, x, A), B, bias)
+        h = b.function(F.linear, b.down_projection(x, A, dtype), B, bias)
         b.set_output(b.function(operator.add, b.value, h))
 
     emit_routed = staticmethod(emit_lora_routed)  # per row: a bank of A and s·B, two bmms
