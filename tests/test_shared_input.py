@@ -347,3 +347,15 @@ def test_compiled_in_one_graph_like_each_edit_alone() -> None:
     compiled(input_ids=IDS)  # the same groups again: the first frame's guards still hold
     assert backend.frame_count == 2 and not counters["graph_break"]
     torch._dynamo.reset()
+
+
+def test_inference_mode_computes_each_edit_alone() -> None:
+    # inference tensors keep no version counter (reading it raises): `surgery generate` runs
+    # under torch.inference_mode, so an edit computes its own product there, and equals the
+    # unshared result bit for bit
+    model = llama()
+    with torch.inference_mode():
+        shared = model(input_ids=IDS).logits
+        set_input_sharing(model, False)
+        alone = model(input_ids=IDS).logits
+    assert torch.equal(shared, alone)

@@ -83,6 +83,9 @@ def shared_linear(
     taken from the group's product when that is exactly this value, else computed with every
     member's A at once and kept for the others."""
     group, slot = member
+    if not torch.compiler.is_compiling() and (x.is_inference() or A.is_inference()):
+        # inference tensors keep no version counter, so an in-place change could not be seen
+        return F.linear(x, A if dtype is None else A.to(dtype))
     entry = group.entry
     if (
         entry is not None
