@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
+from unittest import mock
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from placement_cases import methods_of
 from torch import nn
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from surgery import PlanError, rewrite
+from surgery import ExecutionError, PlanError, rewrite
 from surgery.graph.param_site import PARAM, ParamSite
+from surgery.methods import REGISTRY
 from surgery.methods.experts import PARAMETER_FORMS
 
 IDS = torch.arange(1, 13).reshape(2, 6)
@@ -90,8 +93,9 @@ def build(config: MixtralConfig, seed: int) -> nn.Module:
 
 
 @st.composite
-def statements(draw: st.DrawFn, config: MixtralConfig) -> list[dict[str, Any]]:
-    """1-3 edits: method, arguments, parameter, chosen experts (None: all) and the rule line."""
+def statements(draw: st.DrawFn, config: MixtralConfig, prefix: str = "e") -> list[dict[str, Any]]:
+    """1-3 edits (named prefix0, prefix1, ...): method, arguments, parameter, chosen experts
+    (None: all) and the rule line."""
     found = []
     for i in range(draw(st.integers(1, 3))):
         method = draw(st.sampled_from(methods_of(PARAM)))
@@ -107,7 +111,7 @@ def statements(draw: st.DrawFn, config: MixtralConfig) -> list[dict[str, Any]]:
         name = draw(st.sampled_from([method, RULE_NAMES.get(method, method)]))
         written = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
                             for k, v in args.items())
-        line = f"apply {name}({written}) to *.mlp.experts.{parameter}{index} as e{i}"
+        line = f"apply {name}({written}) to *.mlp.experts.{parameter}{index} as {prefix}{i}"
         found.append(dict(method=method, args=args, parameter=parameter, experts=experts,
                           line=line))
     return found
@@ -117,6 +121,18 @@ def sides(config: MixtralConfig, parameter: str) -> tuple[int, int]:
     """(in, out) features of one expert's matrix."""
     hidden, inner = config.hidden_size, config.intermediate_size
     return (hidden, 2 * inner) if parameter == "gate_up_proj" else (inner, hidden)
+
+
+def over_limits(config: MixtralConfig) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: REFUSED[e["method"]](*sides(config, e["parameter"]), e["args"])
+
+
+def perturb(model: nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
 
 
 def state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[tuple[str, type]]]:
@@ -143,7 +159,7 @@ def test_parameter_edits_keep_every_invariant(drawn: tuple, data: st.DataObject)
     before, base = state(model), logits(model)
     edits = data.draw(statements(config), label="edits")
     program = "\n".join(e["line"] for e in edits)
-    if any(REFUSED[e["method"]](*sides(config, e["parameter"]), e["args"]) for e in edits):
+    if any(map(over_limits(config), edits)):
         try:
             rewrite(model, program)
         except PlanError:
@@ -165,10 +181,7 @@ def test_parameter_edits_keep_every_invariant(drawn: tuple, data: st.DataObject)
     assert report.trainable == expected == sum(p.numel() for p in trainable.values())
     assert all(".mlp.experts." in n and n.split(".")[-2].startswith("e") for n in trainable)
 
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in trainable.values():
-            param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    perturb(model, seed)
     edited = logits(model)
     for layer in model.model.layers:  # only the chosen experts' weights change
         site = layer.mlp.experts
@@ -199,3 +212,50 @@ def test_parameter_edits_keep_every_invariant(drawn: tuple, data: st.DataObject)
 
     rewrite(model, "remove")
     assert_same(model, before)
+
+
+@PROPERTIES
+@given(drawn=mixtrals(), data=st.data(), where=st.sampled_from(["build", "merged"]))
+def test_a_failed_execution_restores_the_model(
+    drawn: tuple, data: st.DataObject, where: str
+) -> None:
+    """Edits already in place (trained a little), then a program that adds edits and merges
+    them all; a failure injected at any build or merge leaves the model as it was."""
+    config, seed = drawn
+    model = build(config, seed)
+    first = data.draw(statements(config, "a"), label="first")
+    second = data.draw(statements(config, "b"), label="second")
+    assume(not any(map(over_limits(config), first + second)))
+    rewrite(model, "\n".join(e["line"] for e in first))
+    perturb(model, seed)
+    program = "\n".join([*(e["line"] for e in second), "merge"])
+    calls = len(second if where == "build" else first + second) * config.num_hidden_layers
+    fail_at = data.draw(st.integers(1, calls), label="fail_at")
+    before, expected = state(model), logits(model)
+    count = 0
+
+    def failing(original: Callable) -> Callable:
+        def call(self: Any, *args: Any) -> Any:
+            nonlocal count
+            count += 1
+            result = original(self, *args)
+            if count == fail_at:  # a merge's earlier results are written by now
+                raise RuntimeError("injected failure")
+            return result
+        return call
+
+    with ExitStack() as patches:
+        for name in methods_of(PARAM):
+            cls = type(REGISTRY[name])
+            patches.enter_context(mock.patch.object(cls, where, failing(getattr(cls, where))))
+        try:
+            rewrite(model, program)
+        except ExecutionError:
+            pass
+        else:
+            raise AssertionError("the injected failure was not raised")
+    assert count == fail_at
+    assert_same(model, before)
+    assert torch.equal(logits(model), expected)
+    rewrite(model, program)  # the program itself is valid
+    assert not any(isinstance(m, ParamSite) for m in model.modules())
