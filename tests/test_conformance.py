@@ -101,9 +101,10 @@ BENCHES: dict[Placement, Bench] = {
                  moe_checkpoint, {"parameter": "gate_up_proj", "experts": None}),
 }
 EXCUSED = {
-    MODEL: "virtual tokens sit on the model, not on a module or a parameter: they change the "
-    "outputs at insertion (prompts are prepended), and merge bakes or is refused; their own "
-    "suites are tests/test_prompts.py and tests/test_virtual_tokens_hf524.py",
+    MODEL: "virtual tokens sit on the model, not on a module or a parameter: no target for a "
+    "pair to share, and `merge` bakes them into a table that stays (or is refused) instead of "
+    "folding them into base tensors; their own suites are tests/test_prompts.py and "
+    "tests/test_virtual_tokens_hf524.py",
 }
 
 
