@@ -18,13 +18,15 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from placement_cases import assert_every_placement_decided, methods_of, moe
 from test_load import fill  # non-zero trainables: LoRA's B = 0 would hide the branch
 from torch import fx, nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
-from surgery import METHODS, Site, rewrite
-from surgery.methods import ModelMethod, SiteMethod
+from surgery import Site, rewrite
+from surgery.graph.param_site import PARAM, ParamSite
+from surgery.graph.placement import MODEL, SITE
 from surgery.models import from_config, preset_config
 
 D, HIDDEN, VOCAB = 16, 32, 256
@@ -51,7 +53,12 @@ RULES = {
     "trained_copy": "apply trained_copy to mlp.down\napply lora(r=2) to mlp.down",
     "trainable_tokens": "apply trainable_tokens(ids=[25, 7, 185]) to embed",
 }
-SITE_METHODS = sorted(name for name, method in METHODS.items() if isinstance(method, SiteMethod))
+SITE_METHODS = methods_of(SITE)
+
+
+def test_every_placement_is_tested() -> None:
+    """Site, model-level and parameter methods each have their compile test below."""
+    assert_every_placement_decided((SITE, MODEL, PARAM), {})
 
 
 class Attention(nn.Module):
@@ -219,7 +226,7 @@ MODEL_LEVEL_RULES = {
     "prefix": "apply prefix(n=3) to layers.*",
     "p_tuning_v2": "apply p_tuning_v2(n=3) to layers.*",
 }
-MODEL_LEVEL_METHODS = sorted(n for n, m in METHODS.items() if isinstance(m, ModelMethod))
+MODEL_LEVEL_METHODS = methods_of(MODEL)
 
 
 @pytest.mark.parametrize("method", MODEL_LEVEL_METHODS)
@@ -232,6 +239,43 @@ def test_virtual_token_method_compiles(method: str) -> None:
     rewrite(model, "use falcon\n" + MODEL_LEVEL_RULES[method])
     fill(model)
     assert_compiles_like_eager(model, logits, "eager", frames=2)
+
+
+# ---- parameter methods (MoE expert parameters) ------------------------------------------------
+
+PARAMETER_RULES = {
+    "lora_experts": "apply lora(r=2, alpha=4) to *.experts.gate_up_proj[0, 2], *.experts.down_proj",
+    "ia3_experts": "apply ia3 to *.experts.gate_up_proj\n"
+    "apply ia3(on=input) to *.experts.down_proj[1:]",
+}
+
+
+class EditedValues(nn.Module):
+    """A parameter site's edited weights, flattened into one tensor: the part of its forward
+    that is the edits' own (the experts module's routing loop branches on data, as it always
+    did, so the whole MoE block is no single graph)."""
+
+    def __init__(self, site: ParamSite) -> None:
+        super().__init__()
+        self.site = site
+
+    def forward(self) -> torch.Tensor:
+        return torch.cat([value.flatten() for value in self.site.values().values()])
+
+
+@pytest.mark.parametrize("method", methods_of(PARAM))
+def test_parameter_method_compiles(method: str) -> None:
+    """The edited weights compile in one graph (fullgraph) with eager values and gradients; the
+    experts module then reads them as it reads its own weights (the whole compiled Mixtral, with
+    its loop's graph breaks, is tests/test_moe_experts.py's)."""
+    if method not in PARAMETER_RULES:
+        pytest.fail(f"no rule for method '{method}' in PARAMETER_RULES")
+    model = moe()
+    rewrite(model, PARAMETER_RULES[method])
+    fill(model)
+    (site,) = [m for m in model.modules() if isinstance(m, ParamSite)]
+    assert {k.method for _, held in site.edited() for k in held.keys} == {method}
+    assert_compiles_like_eager(EditedValues(site), lambda m: m())
 
 
 # ---- merge and remove after compiling ----------------------------------------------------------

@@ -1,19 +1,23 @@
 """Per-row routing of site methods (`model(..., adapter_names=[...])`): every registered site
 method either routes, each row equal to running that row alone with its adapter active (or all
-adapters disabled for `__base__`), or is refused by name before anything runs."""
+adapters disabled for `__base__`), or is refused by name before anything runs. Every parameter
+method (MoE experts) is refused by name, the model unchanged; model-level methods route through
+the model's hooks (tests/test_routing_tokens.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from placement_cases import MOE_IDS, assert_every_placement_decided, methods_of, moe, moe_logits
 from torch import nn
 
 from surgery import rewrite
 from surgery.adapters.names import BASE_ROW
 from surgery.adapters.router import RoutingError
 from surgery.adapters.units import active_adapters, disabled, set_active
+from surgery.graph.param_site import PARAM
+from surgery.graph.placement import MODEL, SITE
 from surgery.graph.site import Site, routes
-from surgery.methods import REGISTRY, SiteMethod
 from surgery.models import tiny
 
 ATOL = 1e-5
@@ -121,7 +125,15 @@ def ids_for(rows: int, length: int = 6, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 100, (rows, length), generator=torch.Generator().manual_seed(seed))
 
 
-SITE_METHODS = sorted(n for n, m in REGISTRY.items() if isinstance(m, SiteMethod))
+SITE_METHODS = methods_of(SITE)
+EXCUSED = {
+    MODEL: "virtual tokens route through the model's hooks, not through sites: "
+    "tests/test_routing_tokens.py",
+}
+
+
+def test_every_placement_is_tested_or_excused() -> None:
+    assert_every_placement_decided((SITE, PARAM), EXCUSED)
 
 
 @pytest.mark.parametrize("method", SITE_METHODS)
@@ -219,3 +231,28 @@ def test_generate_with_left_padding_equals_each_row_alone() -> None:
             one = model.generate(ids[i : i + 1], attention_mask=mask[i : i + 1], **settings)
             set_active(model, before)
             assert torch.equal(mixed[i], one[0]), row
+
+
+# Per parameter method: a body for two adapters (the weights every row reads: never routed).
+PARAMETER_REFUSED = {
+    "lora_experts": "apply lora(r=2) to *.experts.gate_up_proj",
+    "ia3_experts": "apply ia3(on=input) to *.experts.down_proj[0:2]",
+}
+
+
+@pytest.mark.parametrize("method", methods_of(PARAM))
+def test_every_parameter_method_is_refused_by_name(method: str) -> None:
+    assert method in PARAMETER_REFUSED, f"give {method} a rule in PARAMETER_REFUSED"
+    model = moe()
+    body = PARAMETER_REFUSED[method]
+    rewrite(model, f"adapter a {{ {body} }}\nadapter b {{ {body} }}")
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.2 * torch.randn_like(param))
+        expected = moe_logits(model)
+        before = [(n, type(m)) for n, m in model.named_modules()]
+        with pytest.raises(RoutingError, match=method):
+            model(MOE_IDS.repeat(2, 1), adapter_names=["a", "b"])
+        assert [(n, type(m)) for n, m in model.named_modules()] == before
+        torch.testing.assert_close(moe_logits(model), expected, atol=0, rtol=0)

@@ -19,7 +19,7 @@ from surgery.methods import REGISTRY, Method, get_method
 from surgery.methods.base import Problem, Selection
 from surgery.methods.experts import ParamMethod
 from surgery.parent_calls import skipped_reason
-from surgery.plan.parameters import apply_to_parameters, resolve_targets
+from surgery.plan.parameters import apply_to_parameters, refuse_mixed_placements, resolve_targets
 from surgery.plan.planner import ParamState, Planner, Scope, handles, weight_dtype
 from surgery.select import TreeNode, group_parts
 
@@ -74,6 +74,7 @@ def apply(planner: Planner, st: ast.Apply, scope: Scope) -> None:
     records = []
     for node, node_roles in hosts.values():
         _check_name(st, method, node, edit)
+        refuse_mixed_placements(node, False, st.span)
         selected = parts.get(id(node))
         module = node.module
         targs = with_parts(args, selected)

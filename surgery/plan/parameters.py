@@ -144,6 +144,32 @@ def apply_to_parameters(
     return records
 
 
+def edits_on_parameters(node: TreeNode) -> list[str]:
+    """The edits on `node`'s own parameters (`experts.gate_up_proj.lora`)."""
+    return [
+        f"{child.name}.{name}"
+        for child in node.children.values()
+        if child.kind == "param"
+        for name, _ in child.edits
+    ]
+
+
+def refuse_mixed_placements(node: TreeNode, on_parameter: bool, span: Span) -> None:
+    """A module takes edits on itself (a site around it) or on its parameters (a parameter
+    site around it), never both: either site would wrap the plain module, and the later one
+    would drop the earlier one's edits or read its parameters where they no longer are."""
+    held = [name for name, _ in node.edits] if on_parameter else edits_on_parameters(node)
+    if not held:
+        return
+    where = "on itself" if on_parameter else "on its parameters"
+    raise PlanError(
+        f"{node.path} already carries edits {where} ({', '.join(held)}); a module takes edits "
+        "on itself or on its parameters, not both",
+        span=span,
+        hint="remove or merge those edits first",
+    )
+
+
 def _check(
     planner: Planner,
     st: ast.Apply,
@@ -163,6 +189,7 @@ def _check(
                 span=span,
                 hint=f"name each application: ... as {edit}2",
             )
+        refuse_mixed_placements(planner.node(parameter_of(whole.path)[0]), True, span)
         problem = _site_problem(planner, planner.node(parameter_of(whole.path)[0]))
         if problem is not None:
             raise PlanError(
