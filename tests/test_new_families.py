@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from surgery import PlanError, ResolveError, plan, rewrite
+from surgery import PlanError, plan, rewrite
 from surgery.cli import main
 from surgery.families import describe_family
 from surgery.fused import LAYOUTS
@@ -163,29 +163,29 @@ def test_surgery_plan_on_the_full_size_presets(family: str, capsys) -> None:
     assert f"trainable params: {expected:,} || all params: {every:,}" in out
 
 
+def expert_shape(config) -> tuple[int, int]:
+    """(experts, each expert's intermediate size) from an experts-only family's config."""
+    experts = getattr(config, "num_local_experts", None) or config.num_experts
+    inner = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    return experts, inner
+
+
 @pytest.mark.parametrize("family", EXPERTS_ONLY)
-def test_experts_only_families_refuse_the_portable_mlp_down_at_plan_time(
-    family: str, capsys, tmp_path: Path
-) -> None:
-    """Their feed-forward is 3-D expert parameters: `mlp.down` names nothing, and saying so
-    (not skipping the statement) is the rule. Attention is portable as everywhere."""
-    tiny, preset = NEW[family]
-    model = load_model(tiny)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ResolveError) as caught:
-        rewrite(model, PORTABLE)
-    assert "`mlp.down` matches nothing" in caught.value.message
-    span = caught.value.span
-    assert span is not None and "as ia3_ffn" in span.source.text.splitlines()[span.line - 1]
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    rules = tmp_path / "attention.surg"
-    rules.write_text("use auto\napply lora(r=8) to attn.q, attn.v\n", encoding="utf-8")
-    assert main(["plan", str(rules), "--model", preset, "--meta"]) == 0
-    config = meta_model(preset).config
-    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    q, v = config.num_attention_heads * head, config.num_key_value_heads * head
-    expected = config.num_hidden_layers * 8 * ((config.hidden_size + q) + (config.hidden_size + v))
-    assert f"trainable params: {expected:,}" in capsys.readouterr().out
+def test_experts_only_families_take_the_portable_mlp_down_per_expert(family: str) -> None:
+    """Their feed-forward is 3-D expert parameters: `mlp.down` is every expert's down_proj, so
+    the portable IA3 on its input is one vector of the intermediate size per expert; attention
+    is portable as everywhere. Counted from the config, on the tiny and full-size presets."""
+    for model in (load_model(NEW[family][0]), load_model(NEW[family][1], meta=True)):
+        config = model.config
+        head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        q, kv = config.num_attention_heads * head, config.num_key_value_heads * head
+        experts, inner = expert_shape(config)
+        per_layer = 8 * (config.hidden_size + q) + 8 * (config.hidden_size + kv) + 2 * kv
+        expected = config.num_hidden_layers * (per_layer + experts * inner)
+        report = rewrite(model, PORTABLE)
+        assert report.trainable == report.plan.trainable == expected
+        methods = {edit.method for edit in report.plan.edits}
+        assert methods == {"lora", "ia3", "ia3_experts"}
 
 
 # ---- DeepSeek-V3: the kv_b_proj layout against the modeling code ------------------------------

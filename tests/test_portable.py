@@ -1,8 +1,5 @@
-"""examples/portable.surg runs unchanged on the tiny preset and full-size skeleton of every family
-with a Linear feed-forward.
-
-T5 is left out: its family file names encoder.attn.q and decoder.attn.q (the two stacks apart)
-and no plain attn.q, so a rule meant for decoder-only and encoder-only models does not apply.
+"""examples/portable.surg runs unchanged on the tiny preset of every family, and on the full-size
+skeletons listed in FULL (the experts-only families' full-size plans: tests/test_new_families.py).
 """
 
 from __future__ import annotations
@@ -17,15 +14,16 @@ from surgery.execute import count_parameters
 from surgery.models import load_model
 
 RULES = Path(__file__).resolve().parents[1] / "examples" / "portable.surg"
-# Not Mixtral, Qwen3-MoE, gpt-oss: their feed-forward is experts only, so `mlp.down` names
-# nothing there and the rules are refused (tests/test_new_families.py).
+# Mixtral, Qwen3-MoE and gpt-oss have an experts-only feed-forward: `mlp.down` is every expert's
+# down_proj there (a parameter edit, not a Site; counts in tests/test_new_families.py).
 TINY = [
     "llama", "falcon", "gpt2", "gpt-neox", "phi3", "bert", "roberta", "t5",
-    "gemma2", "gemma3-text", "qwen3", "olmo2", "deepseek-v3",
+    "gemma2", "gemma3-text", "qwen3", "olmo2", "deepseek-v3", "mixtral", "qwen3-moe", "gpt-oss",
 ]
 FULL = [
     "llama-2-7b", "falcon-7b", "gpt2-medium", "pythia-1.4b", "phi-3-mini", "roberta-base",
     "t5-base", "gemma-2-9b", "gemma-3-1b", "qwen3-8b", "olmo-2-7b", "deepseek-v3",
+    "mixtral-8x7b", "qwen3-30b-a3b", "gpt-oss-20b",
 ]
 
 
