@@ -62,7 +62,9 @@ def test_describe_family_lists_the_inherited_names_through_two_generations() -> 
 
 def test_without_drops_inherited_names() -> None:
     mixtral = describe_family("mixtral")
-    assert not [r for r in mixtral.roles if r.startswith("mlp")]
+    # the dense mlp roles are dropped; mlp.down is defined again, over the experts' down_proj
+    assert [r for r in mixtral.roles if r.startswith("mlp")] == ["mlp.down"]
+    assert mixtral.roles["mlp.down"] != describe_family("llama").roles["mlp.down"]
     assert mixtral.roles["attn.q"] == describe_family("llama").roles["attn.q"]
     assert list(mixtral.roles)[-1] == "router"
     deepseek = describe_family("deepseek_v3")  # attn.k, attn.v: dropped, then fused parts
