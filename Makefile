@@ -11,6 +11,9 @@ LOCK   := requirements/lock.txt
 TORCH  ?= torch==2.13.0
 TOOLS  := .venv-tools
 LATEST := .venv-latest
+# hqq ships only as an sdist whose build also tries to compile CUDA kernels (and ignores the
+# failure); this skips that step: surgery uses hqq's PyTorch backend, which runs on CPU.
+export DISABLE_CUDA := 1
 
 .PHONY: setup demo demo-multi test test-latest lock lint bench clean
 
