@@ -321,7 +321,7 @@ def storage_problem(module: nn.Module, target: bool = True) -> str | None:
         return why
     kind = quantized.kind_of(module)
     known = kind is not None
-    owned = (kind.storage,) if target and kind is not None else ()
+    owned = (kind.storage,) if target and known else ()
     for name, param in module._parameters.items():  # a plain walk: planning 7B skeletons
         if param is not None and name not in owned and not is_plain_float(param):
             why = (
