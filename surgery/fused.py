@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery import quantized
 from surgery.errors import PlanError, Span, did_you_mean
 
 
@@ -104,13 +105,14 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def projection_dims(module: nn.Module) -> tuple[int, int] | None:
-    """(in, out) of a Linear or Conv1D; None for anything else."""
+    """(in, out) of a Linear, Conv1D or a quantized Linear of another class (HQQLinear); None
+    for anything else."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if is_conv1d(module):
         n_in, n_out = module.weight.shape
         return int(n_in), int(n_out)
-    return None
+    return quantized.linear_features(module)
 
 
 # ---- layouts -------------------------------------------------------------------------------

@@ -283,7 +283,8 @@ def check_merge_storage(node: TreeNode, edit: str, method: Method, span: Span) -
             span=span,
             hint=f"`remove {edit}` instead, or merge into the full-precision checkpoint",
         )
-    owned = ("weight",) if quantized.kind_of(node.module) is not None else ()
+    kind = quantized.kind_of(node.module)
+    owned = (kind.storage,) if kind is not None else ()
     for name, param in node.module.named_parameters(recurse=False):
         if name not in owned and not method.can_merge_into(param):
             raise PlanError(
@@ -318,8 +319,9 @@ def storage_problem(module: nn.Module, target: bool = True) -> str | None:
     why = quantized.unsupported(module)
     if why is not None:
         return why
-    known = quantized.kind_of(module) is not None
-    owned = ("weight",) if target and known else ()
+    kind = quantized.kind_of(module)
+    known = kind is not None
+    owned = (kind.storage,) if target and known else ()
     for name, param in module._parameters.items():  # a plain walk: planning 7B skeletons
         if param is not None and name not in owned and not is_plain_float(param):
             why = (

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery import quantized_hqq
+
 Undo = Callable[[], None]
 
 
@@ -35,17 +37,20 @@ class Kind:
     layer_class: tuple[str, str] | None
     weight_class: tuple[str, str] | None
     # the module's weight in fp32, [out, in], from the weight tensor and, for a kind that keeps
-    # part of its state on the module (`weight_context`, an attribute name), that attribute:
-    # DoRA's norm reads it inside the site graph. None: `dequantize_module` is used
+    # part of its state on the module (`weight_context`, an attribute name), that attribute.
+    # None: `dequantize_module` is used
     dequantize_weight: Callable[[torch.Tensor, Any], torch.Tensor] | None
     # write an fp32 [out, in] weight into the module's quantized storage in place: the undo
     requantize: Callable[[nn.Module, torch.Tensor], Undo] | None
     # why a merge into this module is refused (None: `requantize` can take it)
     merge_refusal: Callable[[nn.Module], str | None]
     dequantize_module: Callable[[nn.Module], torch.Tensor] | None = None
-    # why no edit may stand over this kind yet (a kind recognised but not verified)
-    apply_refusal: str | None = None
     weight_context: str | None = None
+    storage: str = "weight"  # the parameter holding the quantized data (HQQ: its codes W_q)
+    # (in, out) of a layer class that is not an nn.Linear (None: the Linear's own)
+    features: Callable[[nn.Module], tuple[int, int] | None] | None = None
+    # plain float tensors kept as attributes, not parameters (HQQ's bias): a merge writes them
+    attribute_tensors: tuple[str, ...] = ()
 
     def recognise(self, module: nn.Module) -> bool:
         return (self.layer_class is None or _is(module, *self.layer_class)) and (
@@ -188,22 +193,26 @@ def _leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 def _copy_into(param: torch.Tensor, new: torch.Tensor) -> Undo:
     """Copy the inner tensors of `new` (same subclass and layout) into `param`'s in place."""
-    targets, sources = _leaves(param), _leaves(new)
+    return _copy_tensors(_leaves(param), _leaves(new), type(param).__name__)
+
+
+def _copy_tensors(targets: list[torch.Tensor], sources: list[torch.Tensor], what: str) -> Undo:
+    """Copy each source into its target (same shapes and dtypes) in place: the undo. hqq's
+    tensors, made in inference mode, can only be written inside it."""
     if len(targets) != len(sources) or any(
         t.shape != s.shape or t.dtype != s.dtype for t, s in zip(targets, sources, strict=True)
     ):
-        raise RuntimeError(f"re-quantized {type(param).__name__} has another layout")
+        raise RuntimeError(f"re-quantized {what} has another layout")
     saved = [t.clone() for t in targets]
-    with torch.no_grad():
-        for target, source in zip(targets, sources, strict=True):
-            target.copy_(source)
+    inference = any(t.is_inference() for t in targets)
 
-    def undo() -> None:
-        with torch.no_grad():
-            for target, value in zip(targets, saved, strict=True):
+    def write(values: list[torch.Tensor]) -> None:
+        with torch.inference_mode() if inference else torch.no_grad():
+            for target, value in zip(targets, values, strict=True):
                 target.copy_(value)
 
-    return undo
+    write(sources)
+    return lambda: write(saved)
 
 
 _AO = "torchao.quantization"
@@ -260,10 +269,6 @@ def _never(_: nn.Module) -> str | None:
     return None
 
 
-def _hqq_refusal(_: nn.Module) -> str:
-    return "merging into HQQ layers is not supported yet"
-
-
 KINDS: tuple[Kind, ...] = (
     Kind(
         "bitsandbytes Linear8bitLt",
@@ -306,19 +311,17 @@ KINDS: tuple[Kind, ...] = (
         _quanto_requantize,
         _quanto_refusal,
     ),
-    # HQQ: recognised when hqq is imported, dequantized by the layer's own `dequantize()`;
-    # edits are refused for now: HQQLinear holds no `weight` tensor, which the methods read
-    # for the adapters' dtype and device
-    Kind(
+    Kind(  # no `weight` tensor: the layer dequantizes and re-quantizes itself (quantized_hqq)
         "HQQ HQQLinear",
         ("hqq.core.quantize", "HQQLinear"),
         None,
         None,
-        None,
-        _hqq_refusal,
-        dequantize_module=lambda m: m.dequantize().float(),
-        apply_refusal="edits over HQQ layers are not supported yet (HQQLinear holds no "
-        "`weight` tensor; see docs/quantization.md)",
+        lambda m, w: _copy_tensors(*quantized_hqq.requantized(m, w), "HQQLinear"),
+        quantized_hqq.refusal,
+        dequantize_module=quantized_hqq.dequantize,
+        storage="W_q",
+        features=quantized_hqq.features,
+        attribute_tensors=("bias",),
     ),
 )
 
@@ -328,13 +331,17 @@ def kind_of(module: nn.Module) -> Kind | None:
     return next((kind for kind in KINDS if kind.recognise(module)), None)
 
 
-def dequantized(weight: torch.Tensor, context: Any = None) -> torch.Tensor:
-    """A quantized weight tensor in fp32, given its kind's `weight_context` (a site graph calls
-    this: DoRA's norm reads it)."""
-    for kind in KINDS:
-        if kind.dequantize_weight is not None and kind.holds(weight):
-            return kind.dequantize_weight(weight, context)
-    raise TypeError(f"not a quantized weight surgery knows: {type(weight).__name__}")
+def storage(module: nn.Module) -> torch.Tensor:
+    """The tensor adapters over `module` take their dtype policy (`adapter_dtype`) and device
+    from: the weight, or a quantized kind's storage parameter (HQQ's `W_q`)."""
+    kind = kind_of(module)
+    return module.weight if kind is None else getattr(module, kind.storage)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a quantized layer that is not an nn.Linear (HQQLinear), else None."""
+    kind = kind_of(module)
+    return None if kind is None or kind.features is None else kind.features(module)
 
 
 def unsupported(module: nn.Module) -> str | None:
@@ -344,6 +351,8 @@ def unsupported(module: nn.Module) -> str | None:
             f"{type(module).__name__} is not frozen: it re-quantizes its float weight on every "
             "call (run optimum.quanto.freeze(model) first)"
         )
+    if _is(module, "hqq.core.quantize", "HQQLinear") and module.meta is None:
+        return f"{type(module).__name__} holds no quantized weight yet (hqq's `meta` is None)"
     return None
 
 
@@ -355,26 +364,21 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 # The methods whose edits may stand over a quantized layer: each builds its tensors from the
 # layer's logical shape and computes through the layer's own forward (DoRA's norm reads the
-# dequantized weight), verified against PEFT in tests/test_quantized.py.
+# dequantized weight), verified against PEFT in tests/test_quantized.py and test_hqq.py.
 SUPPORTED_METHODS = ("lora", "dora", "ia3")
 
 
-def check_method(method: str, module: nn.Module, dense: bool) -> str | None:
-    """Why `method` cannot attach to the quantized `module` (None when it can, or when the
-    module is not quantized). `dense`: the method reads the weight's values while it runs."""
+def check_method(method: str, module: nn.Module) -> str | None:
+    """Why `method` cannot attach to the quantized `module` (None: it can, or not quantized)."""
     kind = kind_of(module)
     if kind is None:
         return None
-    if kind.apply_refusal is not None:
-        return f"{type(module).__name__} ({kind.name}): {kind.apply_refusal}"
-    if method not in SUPPORTED_METHODS:
-        return (
-            f"{method} does not support quantized bases ({type(module).__name__}: {kind.name}); "
-            f"{', '.join(SUPPORTED_METHODS)} do"
-        )
-    if dense and kind.dequantize_weight is None:
-        return f"{method} reads the weight's values, which {kind.name} layers cannot give"
-    return None
+    if method in SUPPORTED_METHODS:
+        return unsupported(module)
+    return (
+        f"{method} does not support quantized bases ({type(module).__name__}: {kind.name}); "
+        f"{', '.join(SUPPORTED_METHODS)} do"
+    )
 
 
 def merge_problem(module: nn.Module) -> str | None:

@@ -42,7 +42,9 @@ def merge_into_quantized(
     undo and the re-quantization error (None when the weight did not change)."""
     kind = quantized.kind_of(module)
     assert kind is not None and kind.requantize is not None, path
-    plain = {n: p for n, p in module.named_parameters(recurse=False) if n != "weight"}
+    plain = {n: p for n, p in module.named_parameters(recurse=False) if n != kind.storage}
+    attributes = {name: getattr(module, name, None) for name in kind.attribute_tensors}
+    plain.update({name: t for name, t in attributes.items() if t is not None})
     assert all(is_plain_float(p) for p in plain.values()), path  # checked at plan time
     weights = {"weight": kind.dequantize(module), **plain}
     changed = merge_edits(weights, edits)

@@ -283,23 +283,27 @@ def test_unfrozen_quanto_is_refused():
     assert "freeze" in refused(model, "apply lora to *.q_proj")
 
 
-def test_hqq_is_recognised_without_hqq_and_refused(monkeypatch):
+def test_hqq_is_recognised_without_importing_hqq(monkeypatch):
     """A stand-in for hqq's module makes its layer class known, as importing hqq would (the
-    real import costs seconds; recognition only needs the class)."""
+    real import costs seconds: tests/test_hqq.py runs the real layer). An HQQLinear is a Linear
+    of the shape it records, which only lora, dora and ia3 take."""
+    from surgery.fused import projection_dims
+
     module = types.ModuleType("hqq.core.quantize")
 
     class HQQLinear(nn.Module):
         def __init__(self):
             super().__init__()
-            self.in_features = self.out_features = 64
-            self.W_q = nn.Parameter(torch.zeros(2048, 1, dtype=torch.uint8), requires_grad=False)
+            self.meta = {"shape": torch.Size([48, 64])}  # [out, in]
+            self.W_q = nn.Parameter(torch.zeros(48, 32, dtype=torch.uint8), requires_grad=False)
 
     module.HQQLinear = HQQLinear
     monkeypatch.setitem(sys.modules, "hqq.core.quantize", module)
     model = tiny("llama")
-    model.model.layers[0].self_attn.q_proj = HQQLinear()
-    message = refused(model, "apply lora to model.layers.0.self_attn.q_proj")
-    assert "HQQLinear" in message and "not supported yet" in message
+    model.model.layers[0].self_attn.q_proj = layer = HQQLinear()
+    assert projection_dims(layer) == (64, 48)
+    message = refused(model, "apply loha(r=4) to model.layers.0.self_attn.q_proj")
+    assert "(HQQLinear: HQQ HQQLinear); lora, dora, ia3 do" in message
 
 
 def test_surgery_never_imports_a_quantization_library():

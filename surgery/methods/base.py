@@ -118,8 +118,9 @@ def needs_cast(weight: torch.Tensor) -> bool:
 
 
 def require_linear(method: str, module: nn.Module) -> Problem | None:
-    """The Problem for a Linear-only method asked to attach to anything else."""
-    if isinstance(module, nn.Linear):
+    """The Problem for a Linear-only method asked to attach to anything else (a quantized
+    Linear of another class, HQQLinear, is a Linear)."""
+    if isinstance(module, nn.Linear) or quantized.linear_features(module) is not None:
         return None
     return Problem(
         f"{method} attaches to Linear layers (and their subclasses), not {type(module).__name__}",
@@ -291,7 +292,7 @@ class SiteMethod(Method):
     def check_quantized(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
         """Why this method cannot attach to `module` if it is a quantized layer (None when it
         can, or when `module` is not quantized): see surgery.quantized."""
-        why = quantized.check_method(self.name, module, dense=False)
+        why = quantized.check_method(self.name, module)
         return None if why is None else Problem(why, hint=QUANTIZED_HINT)
 
     def check_target(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:

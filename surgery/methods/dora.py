@@ -28,10 +28,10 @@ from surgery import quantized
 from surgery.errors import PlanError
 from surgery.graph.site import EditKey, GraphBuilder, is_base_call
 from surgery.methods import register
-from surgery.methods.base import QUANTIZED_HINT, Problem
 from surgery.methods.lora import LoRA, LoRAAdapter
 from surgery.methods.lora_layers import layer_kind
 from surgery.methods.lora_routed import emit_dora_routed
+from surgery.methods.routed import base_module
 
 
 def direction(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
@@ -91,11 +91,6 @@ class DoRA(LoRA):
         if p.name != "bias"
     )
 
-    def check_quantized(self, module: nn.Module, args: dict[str, Any]) -> Problem | None:
-        """The norm reads the weight's values: the kind must dequantize it."""
-        why = quantized.check_method(self.name, module, dense=True)
-        return None if why is None else Problem(why, hint=QUANTIZED_HINT)
-
     def parameter_shapes(
         self, module: nn.Module, args: dict[str, Any]
     ) -> dict[str, tuple[int, ...]]:
@@ -106,9 +101,8 @@ class DoRA(LoRA):
         key = super().edit_key(name, module, args)
         bias = getattr(module, "bias", None) is not None  # an Embedding has none
         options = (*key.options, ("bias", bias))
-        kind = quantized.kind_of(module)
-        if kind is not None:  # the norm reads the dequantized weight (and the kind's context)
-            options += (("dequantize", kind.weight_context or ""),)
+        if quantized.kind_of(module) is not None:  # the norm reads the dequantized weight
+            options += (("dequantize", True),)
         return EditKey(name, self.name, options)
 
     def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:
@@ -141,10 +135,10 @@ class DoRA(LoRA):
         if b.edit.option("dropout"):
             x = b.module("dropout", x)
         A, B, s = b.attr("A"), b.attr("B"), b.edit.option("scaling")
-        weight, context = b.base_attr("weight"), b.edit.option("dequantize")
-        if context is not None:  # a quantized base, dequantized as PEFT does for DoRA
-            holder = b.base_attr(context) if context else None
-            weight = b.function(quantized.dequantized, weight, holder)
+        if b.edit.option("dequantize"):  # a quantized base, dequantized as PEFT does for DoRA
+            weight = b.function(quantized.dense_weight, base_module(b))
+        else:
+            weight = b.base_attr("weight")
         g = b.function(operator.truediv, b.attr("m"), b.function(weight_norm, weight, A, B, s))
         gs = g if s == 1.0 else b.function(operator.mul, g, s)
         B = b.function(operator.mul, B, b.method("unsqueeze", gs, -1))  # g·s·B: [out, r]

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery import quantized
 from surgery.fused import Parts, merge_options, projection_dims, with_rows
 from surgery.graph.builder import RoutedBuilder
 from surgery.graph.site import EditKey, GraphBuilder
@@ -141,12 +142,12 @@ class IA3(SiteMethod):
         return {"l": (n_out if args["on"] == "output" else n_in,)}
 
     def edit_key(self, name: str, module: nn.Module, args: dict[str, Any]) -> EditKey:
-        cast = needs_cast(module.weight)
+        cast = needs_cast(quantized.storage(module))
         options: tuple[tuple[str, Any], ...] = (("on", args["on"]), ("cast", cast))
         return EditKey(name, self.name, options + merge_options(module, args.get("parts")))
 
     def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:
-        weight = module.weight
+        weight = quantized.storage(module)
         adapters = {}
         for key, (size,) in self.parameter_shapes(module, args).items():
             l = torch.ones(size, dtype=adapter_dtype(weight), device=weight.device)  # noqa: E741

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery import quantized
 from surgery.fused import Parts, merge_options, projection_dims, with_rows
 from surgery.graph.site import EditKey, GraphBuilder
 from surgery.methods import register
@@ -254,11 +255,10 @@ class LoRA(SiteMethod):
         return shapes
 
     def edit_key(self, name: str, module: nn.Module, args: dict[str, Any]) -> EditKey:
-        cast = needs_cast(module.weight)
         options: tuple[tuple[str, Any], ...] = (
             ("dropout", args["dropout"] > 0),
             ("scaling", scaling(args)),
-            ("cast", cast),
+            ("cast", needs_cast(quantized.storage(module))),
         )
         kind = layer_kind(module)
         if kind in self.layer_kinds:
@@ -269,7 +269,7 @@ class LoRA(SiteMethod):
         return EditKey(name, self.name, options)
 
     def build(self, module: nn.Module, args: dict[str, Any]) -> nn.Module:
-        weight = module.weight
+        weight = quantized.storage(module)
         kind = layer_kind(module)
         if kind in self.layer_kinds:
             A, B = layer_factors(kind, module, args, adapter_dtype(weight))

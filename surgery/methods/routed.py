@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from surgery.graph.builder import EDIT_META, RoutedBuilder
+from surgery.graph.builder import EDIT_META, GraphBuilder, RoutedBuilder
 from surgery.graph.state_dict import BASE
 
 Form = Any  # one edit's tensors in the method's bank form (a method-specific tuple)
@@ -48,7 +48,7 @@ def edit_modules(b: RoutedBuilder) -> tuple[fx.Node, ...]:
     return tuple(nodes)
 
 
-def base_module(b: RoutedBuilder) -> fx.Node:
+def base_module(b: GraphBuilder) -> fx.Node:
     """The wrapped module: the owner of the group's cached bank (and its weight, for methods
     whose edits read it)."""
     node = b.graph.get_attr(BASE)
