@@ -82,16 +82,6 @@ class ParamSite(TransparentStateDict):
         first, dot, _ = rest.partition(".")
         return bool(dot) and isinstance(self._modules.get(first), ParamEdits)
 
-    def __getattr__(self, name: str) -> Any:
-        # the owner's attributes (`num_experts`, `is_transposed`) read through the site
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self._modules.get(BASE)
-            if base is None or name.startswith("_"):
-                raise
-            return getattr(base, name)
-
     def values(self) -> dict[str, torch.Tensor]:
         """Each edited parameter's effective value: its active edits folded in, in order."""
         base = self._modules[BASE]

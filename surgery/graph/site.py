@@ -92,20 +92,6 @@ class Site(TransparentStateDict, fx.GraphModule):
         """The module holding edit `name`'s tensors (e.g. a LoRA's A and B)."""
         return self._modules[name]
 
-    def __getattr__(self, name: str) -> Any:
-        # Code outside the site (HF modules, user code) may read `q_proj.weight` or
-        # `q_proj.in_features`: fall through to the wrapped module. Private names (`_lineno_map`,
-        # `_in_spec`, `_initialize_hook`, ...) are questions about the site itself, asked by fx,
-        # dynamo and nn.Module machinery: answering them from the base would describe the wrong
-        # object (dynamo read a Linear's missing `_lineno_map` and failed on every site).
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self._modules.get(BASE)
-            if base is None or name.startswith("_"):
-                raise
-            return getattr(base, name)
-
     def extra_repr(self) -> str:
         return "edits=" + ", ".join(f"{e.name}:{e.method}" for e in self._surgery_edits)
 

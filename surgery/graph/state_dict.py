@@ -20,11 +20,27 @@ BASE = "base"  # the site's submodule that is the wrapped module (and the fx cal
 
 
 class TransparentStateDict(nn.Module):
-    """What `Site` does with state dicts; a site registers `report_logical_keys` as its load
-    post-hook. Its edits' names (`_surgery_edits`) are never names of the wrapped module's
-    tensors or children (the planner refuses them), so the keys cannot collide."""
+    """What a site (`Site`, `ParamSite`) does with state dicts and attribute reads; a site
+    registers `report_logical_keys` as its load post-hook. Its edits' names (`_surgery_edits`)
+    are never names of the wrapped module's tensors or children (the planner refuses them), so
+    the keys cannot collide."""
 
     _surgery_edits: tuple[Any, ...]
+
+    def __getattr__(self, name: str) -> Any:
+        # Code outside the site (HF modules, user code) may read `q_proj.weight`,
+        # `q_proj.in_features` or an experts module's `num_experts`: fall through to the wrapped
+        # module. Private names (`_lineno_map`, `_in_spec`, `_initialize_hook`, ...) are
+        # questions about the site itself, asked by fx, dynamo and nn.Module machinery: answering
+        # them from the base would describe the wrong object (dynamo read a Linear's missing
+        # `_lineno_map` and failed on every site).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self._modules.get(BASE)
+            if base is None or name.startswith("_"):
+                raise
+            return getattr(base, name)
 
     def state_dict(  # type: ignore[override]
         self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False

@@ -20,7 +20,7 @@ from surgery.methods.base import Problem, Selection
 from surgery.methods.experts import ParamMethod
 from surgery.parent_calls import skipped_reason
 from surgery.plan.parameters import apply_to_parameters, refuse_mixed_placements, resolve_targets
-from surgery.plan.planner import ParamState, Planner, Scope, handles, weight_dtype
+from surgery.plan.planner import Planner, Scope, handles, weight_dtype
 from surgery.select import TreeNode, group_parts
 
 Matched = list[tuple[TreeNode, Span, str]]
@@ -97,16 +97,7 @@ def apply(planner: Planner, st: ast.Apply, scope: Scope) -> None:
         )
         planner.edits[(node.path, edit)] = record
         records.append(record)
-    # trainability: the base freezes, the new adapter parameters train
-    for state in planner.params.values():
-        if not state.adapter:
-            state.trainable = False
-    for record in records:
-        for pnode in planner.node(record.prefix).params():
-            planner.params[pnode.key] = ParamState(pnode.numel, True, True)
-    planner.record(
-        st, "apply", method=method.name, edit=edit, arguments=arguments, targets=tuple(records)
-    )
+    planner.record_apply(st, method.name, edit, arguments, records)
 
 
 def _refuse_wrapped_model(planner: Planner, st: ast.Apply, method: Method) -> None:

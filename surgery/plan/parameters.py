@@ -19,7 +19,7 @@ from surgery.merge_rules import describe_storage, is_plain_float
 from surgery.methods import REGISTRY, Method
 from surgery.methods.base import Selection
 from surgery.methods.experts import PARAMETER_FORMS, ParamMethod
-from surgery.plan.planner import ParamState, Planner
+from surgery.plan.planner import Planner
 from surgery.select import TreeNode
 
 Matched = list[tuple[TreeNode, Span, str]]
@@ -132,15 +132,7 @@ def apply_to_parameters(
         )
         planner.edits[(whole.path, edit)] = record
         records.append(record)
-    for state in planner.params.values():
-        if not state.adapter:
-            state.trainable = False
-    for record in records:
-        for pnode in planner.node(record.prefix).params():
-            planner.params[pnode.key] = ParamState(pnode.numel, True, True)
-    planner.record(
-        st, "apply", method=form.name, edit=edit, arguments=arguments, targets=tuple(records)
-    )
+    planner.record_apply(st, form.name, edit, arguments, records)
     return records
 
 

@@ -128,6 +128,20 @@ class Planner:
             error.hint = f"{note}; {error.hint}" if error.hint else note
         return error
 
+    def record_apply(
+        self, st: ast.Apply, method: str, edit: str, arguments: Any, records: list[Edit]
+    ) -> None:
+        """An apply step's new edits (site or parameter ones): the base freezes, the new adapter
+        parameters train, and the step is recorded."""
+        for state in self.params.values():
+            if not state.adapter:
+                state.trainable = False
+        for record in records:
+            for pnode in self.node(record.prefix).params():
+                self.params[pnode.key] = ParamState(pnode.numel, True, True)
+        fields = {"method": method, "edit": edit, "arguments": arguments}
+        self.record(st, "apply", **fields, targets=tuple(records))
+
     def record(self, st: ast.Statement, action: str, **fields: Any) -> None:
         """The step of a statement that acts on the model, with the totals after it."""
         self.statements.append(st)
