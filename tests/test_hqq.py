@@ -11,7 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_quantized import IDS, logits, refused, surgery_key, swap_linears
+from test_quantized import (
+    IDS,
+    logits,
+    refused,
+    surgery_key,
+    swap_linears,
+    train_adapters,
+)
 from torch import nn
 
 from surgery import rewrite
@@ -104,17 +111,7 @@ def test_training_changes_only_the_adapters(hqq):
                    "apply lora(r=4) to *.down_proj")
     assert torch.equal(logits(model), before_logits)  # every init is the identity
     before = hqq_storage(model)
-    adapters = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
-    assert adapters and all(p.dtype == torch.float32 for p in adapters.values())
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(3):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    adapters = train_adapters(model)
     after = hqq_storage(model)
     assert before.keys() == after.keys() and len(before) == 3 * 7 * 4
     assert all(torch.equal(before[k], after[k]) for k in before), "quantized storage changed"

@@ -170,6 +170,23 @@ def test_same_logits_and_counts_as_peft(case):
 # ---- training changes the adapters only --------------------------------------------------------
 
 
+def train_adapters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Three AdamW steps on the LM loss (the adapters are fp32 and the loss falls); returns the
+    adapters as they were before training."""
+    adapters = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+    assert adapters and all(p.dtype == torch.float32 for p in adapters.values())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    return adapters
+
+
 def storage(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor the quantized layers hold, as raw bytes: weights, bnb's quant_state (absmax,
     nested absmax, code), LLM.int8()'s row scales, torchao's inner tensors."""
@@ -203,17 +220,7 @@ def test_training_changes_only_the_adapters(kind):
         for k, p in model.named_parameters()
         if not p.requires_grad and type(p) is nn.Parameter
     }
-    adapters = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
-    assert adapters and all(p.dtype == torch.float32 for p in adapters.values())
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(3):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    adapters = train_adapters(model)
     after = storage(model)
     assert before.keys() == after.keys() and len(before) > 20
     assert all(torch.equal(before[k], after[k]) for k in before), "quantized storage changed"
