@@ -26,7 +26,7 @@ from surgery.adapters.names import BASE_ROW
 from surgery.adapters.units import check_names
 from surgery.errors import SurgeryError
 from surgery.graph.logical import base_of
-from surgery.graph.model_edit import bind_arguments, edit_keys
+from surgery.graph.model_edit import bind_arguments, call_keywords, edit_keys
 from surgery.graph.param_site import ParamSite
 from surgery.graph.site import EditKey, Emitted, Routed, Site, retemplate, routes
 from surgery.hf import Call
@@ -288,7 +288,8 @@ class AdapterNamesForward:
 
     transformers' `generate` refuses keyword arguments its model's `forward` signature does not
     list, so that `generate(..., adapter_names=...)` reaches every step's call, this instance
-    attribute shows the argument (accelerate puts its hooks on `module.forward` the same way).
+    attribute shows the argument (accelerate puts its hooks on `module.forward` the same way),
+    and those the model-level edits' hooks read (`call_keywords`: infix tuning's position).
     The routing itself is the pre-hook's work: by the time this runs the argument is gone.
     """
 
@@ -301,10 +302,12 @@ class AdapterNamesForward:
     @property
     def __signature__(self) -> inspect.Signature:
         params = list(inspect.signature(type(self.model).forward).parameters.values())[1:]
-        extra = inspect.Parameter(ARGUMENT, inspect.Parameter.KEYWORD_ONLY, default=None)
+        taken = {p.name for p in params}
+        names = [n for n in (ARGUMENT, *call_keywords(self.model)) if n not in taken]
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in names]
         tail = [p for p in params if p.kind is p.VAR_KEYWORD]
         head = [p for p in params if p.kind is not p.VAR_KEYWORD]
-        return inspect.Signature([*head, extra, *tail])
+        return inspect.Signature([*head, *extra, *tail])
 
 
 def install_hooks(model: nn.Module) -> None:

@@ -35,6 +35,10 @@ class ModelEditHook:
     It holds the edit's `EditKey` (name, method, static options): a model-level edit has no site,
     so its hook is where the model records what the edit is."""
 
+    # keyword arguments of the model's call that this hook consumes (listed in the forward's
+    # signature, so that generate() passes them to every step: surgery.adapters.router)
+    keywords: tuple[str, ...] = ()
+
     def __init__(self, key: EditKey):
         self.key = key
 
@@ -114,16 +118,25 @@ def edit_keys(model: nn.Module) -> list[EditKey]:
     return [h.key for h in hooks if isinstance(h, ModelEditHook)]
 
 
+def call_keywords(model: nn.Module) -> tuple[str, ...]:
+    """The extra keyword arguments the model-level edits on `model` read from its calls."""
+    hooks = model._forward_pre_hooks.values()
+    edits = [h for h in hooks if isinstance(h, ModelEditHook)]
+    return tuple(dict.fromkeys(k for h in edits for k in h.keywords))
+
+
 def edit_names(model: nn.Module) -> list[str]:
     """The names of the model-level edits on `model`, in the order they were applied."""
     return [key.name for key in edit_keys(model)]
 
 
 def install(model: nn.Module, key: EditKey, adapter: nn.Module) -> Callable[[], None]:
-    """Attach `adapter` as `model.<edit>` with its hooks; return the function that undoes it."""
+    """Attach `adapter` as `model.<edit>` with its hooks (its own pre-hook class when it names
+    one, `call_hook`); return the function that undoes it."""
     edit = key.name
     model.add_module(edit, adapter)
-    before = model.register_forward_pre_hook(ModelEditHook(key), with_kwargs=True)
+    hook = getattr(adapter, "call_hook", ModelEditHook)
+    before = model.register_forward_pre_hook(hook(key), with_kwargs=True)
     after = model.register_forward_hook(ModelEditOutputHook(key))
 
     def undo() -> None:
@@ -179,7 +192,7 @@ def detach_hook(
     """Take edit `edit`'s hook of type `kind` out of `hooks` (one of `model`'s hook tables) and
     out of the flag tables that name its key; return the function that puts it back in place.
     A model edited before the edit had that hook has none to take: nothing to do."""
-    key = next((k for k, h in hooks.items() if type(h) is kind and h.edit == edit), None)
+    key = next((k for k, h in hooks.items() if isinstance(h, kind) and h.edit == edit), None)
     if key is None:
         return lambda: None
     hook, order = hooks[key], list(hooks)

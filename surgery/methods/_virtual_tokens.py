@@ -44,8 +44,9 @@ from surgery.methods.base import (
 )
 
 IGNORE_INDEX = -100  # the label value HF losses skip
-# where an adapter's tokens go: in front of the input embeddings, or of every layer's cache
-PROMPT, PREFIX = "prompt slots", "cache prefix"
+# where an adapter's tokens go: in front of the input embeddings, in front of every layer's
+# cache, or among the input embeddings at a column of each row (surgery/methods/infix.py)
+PROMPT, PREFIX, INFIX = "prompt slots", "cache prefix", "infix slots"
 N_PARAM = Param("n", int, 20, "number of virtual tokens", check=at_least(1))
 
 
@@ -104,7 +105,7 @@ class VirtualTokenMethod(ModelMethod):
         unit = "the model" if selection.adapter == DEFAULT else f"adapter '{selection.adapter}'"
         problem = Problem(
             f"{unit} already has a virtual-token edit, '{edit}' ({other.name}); "
-            "an adapter takes one prompt, P-tuning or prefix edit",
+            "an adapter takes one prompt, P-tuning, prefix or infix edit",
             hint=f"`remove {edit}` first, or declare the new one in its own `adapter NAME {{ }}`",
         )
         return [(None, problem)]
@@ -188,7 +189,7 @@ class VirtualTokenMethod(ModelMethod):
 class VirtualTokenAdapter(nn.Module):
     """A table of `n` virtual tokens, optionally produced by an encoder while training."""
 
-    goes_to: ClassVar[str]  # PROMPT or PREFIX
+    goes_to: ClassVar[str]  # PROMPT, PREFIX or INFIX
 
     def __init__(self, table: nn.Parameter, encoder: nn.Module | None, options: dict[str, Any]):
         super().__init__()
@@ -211,7 +212,8 @@ class VirtualTokenAdapter(nn.Module):
         return type(self)(nn.Parameter(table, requires_grad=False), None, options)
 
     def entries(self, dtype: torch.dtype) -> torch.Tensor:
-        """The tokens as they are placed: `[n, hidden]` for a PROMPT, `[2 * layers, kv_heads,
+        """The tokens as they are placed: `[n, hidden]` for a PROMPT or an INFIX (rows in the
+        input-embedding space), `[2 * layers, kv_heads,
         n, head_dim]` (each layer's keys then values) for a PREFIX."""
         raise NotImplementedError
 

@@ -47,7 +47,7 @@ def input_embedding_problem(
     where = next((p for p, m in model.named_modules() if m is embedding), "the input embedding")
     got = ", ".join(p for p, _ in selected[:3]) + (", ..." if len(selected) > 3 else "")
     return Problem(
-        f"{method} prepends virtual tokens to the input embeddings: select {where} "
+        f"{method} adds virtual tokens to the input embeddings: select {where} "
         f"(the family alias `embed`), not {got}",
         hint=f"apply {method}(...) to embed",
     )
