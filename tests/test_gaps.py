@@ -187,6 +187,7 @@ TARGETS = {
     "p_tuning": "embed",
     "prefix": "layers.*",
     "p_tuning_v2": "layers.*",
+    "infix": "embed",
     "trained_copy": "attn.o",
     "trainable_tokens": "embed",
     "lora_experts": "experts.gate_up",

@@ -39,6 +39,7 @@ EXAMPLES = {
     "p_tuning": "use llama\napply p_tuning(n=3) to embed",
     "prefix": "use llama\napply prefix(n=3) to layers.*.self_attn",
     "p_tuning_v2": "use llama\napply p_tuning_v2(n=3) to layers.*.self_attn",
+    "infix": "use llama\napply infix(n=3) to embed",
     "trainable_tokens": "use llama\napply trainable_tokens(ids=[5, 42, 100]) to embed",
     "trained_copy": "use llama\napply trained_copy to head, norms",
     "lora_experts": "apply lora(r=2) to *.mlp.experts.gate_up_proj[0:2], *.mlp.experts.down_proj",
