@@ -1,19 +1,19 @@
 """Model-level edits: methods that act on the whole input sequence rather than on one module.
 
-Prompt tuning, P-tuning and prefix tuning add *virtual tokens*: prompt embeddings before the
-input embeddings, or key/value vectors before every layer's cache. No single module sees what
-they must change (the attention mask, the labels, the position ids, the cache), so they attach
-to the model itself: the adapter is a child module of the model named after the edit
-(`model.prompt`), and a forward pre-hook on the model rewrites the call's arguments through the
-adapter's `prepare_rows`, which reads and replaces them by role through `surgery.hf.Call` (the
-argument names differ between transformers releases). Several adapters may each have one such
-edit; the hooks cooperate (`serving_rows`): the first one serving a row of the call lays out
-every row's tokens, the active adapter's on a plain call, each row's own on a routed one. A
-forward hook takes out of the output a scratch cache the call's caller did not ask for
-(`surgery.hf.new_cache`), so the output is what the base model returns. All are reversible:
-removing the edit deletes the child and the hooks, and the model is exactly what it was. The
-hooks are plain picklable objects, so `deepcopy` and `torch.save` keep the edit.
-"""
+Prompt tuning, P-tuning, prefix and infix tuning add *virtual tokens*: prompt embeddings before
+(or, for an infix, among) the input embeddings, or key/value vectors before every layer's
+cache. No single module sees what they must change (the attention mask, the labels, the
+position ids, the cache), so they attach to the model itself: the adapter is a child module of
+the model named after the edit (`model.prompt`), and a forward pre-hook on the model rewrites
+the call's arguments through the adapter's `prepare_rows`, which reads and replaces them by
+role through `surgery.hf.Call` (the argument names differ between transformers releases).
+Several adapters may each have one such edit; the hooks cooperate (`serving_rows`): the first
+one serving a row of the call lays out every row's tokens, the active adapter's on a plain
+call, each row's own on a routed one. A forward hook takes out of the output a scratch cache
+the call's caller did not ask for (`surgery.hf.new_cache`), so the output is what the base
+model returns. All are reversible: removing the edit deletes the child and the hooks, and the
+model is exactly what it was. The hooks are plain picklable objects, so `deepcopy` and
+`torch.save` keep the edit."""
 
 from __future__ import annotations
 

@@ -8,7 +8,9 @@ edit stays, as cheap at inference as its plain-table variant.
 
 Each adapter says what its tokens are (`entries`) and where they go (`goes_to`: the prompt slots
 or the cache prefix); `prepare_rows` places them for a whole call, a row at a time in one
-batched gather, so that a routed call mixes adapters, methods and lengths in one batch.
+batched gather, so that a routed call mixes adapters, methods and lengths in one batch. Infix
+tuning's tokens go inside each row (INFIX); its adapter places them itself
+(surgery/methods/infix.py) and does not route.
 """
 
 from __future__ import annotations

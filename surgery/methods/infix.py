@@ -123,9 +123,9 @@ class InfixAdapter(VirtualTokenAdapter):
         table = self.entries(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         call.inputs_embeds = splice(embeds, table, index)
         call.input_ids = None
-        if call.attention_mask is not None:
-            call.attention_mask = splice(call.attention_mask, ones(call.attention_mask, batch,
-                                                                   self.n), index)
+        mask = call.attention_mask
+        if mask is not None:
+            call.attention_mask = splice(mask, mask.new_ones(batch, self.n), index)
         labels = call.labels
         if isinstance(labels, torch.Tensor):
             self.require_rows(labels, batch, length, "labels")
@@ -133,7 +133,7 @@ class InfixAdapter(VirtualTokenAdapter):
             call.labels = splice(labels, ignored, index)
         positions = call.position_ids
         if positions is not None:
-            self.require_rows(positions, positions.shape[0], length, "position ids")
+            self.require_rows(positions, batch, length, "position ids", broadcast=True)
             call.position_ids = spliced_positions(positions.expand(batch, -1), at, self.n)
         if call.cache_position is not None:
             cache_position = call.cache_position
@@ -180,9 +180,9 @@ class InfixAdapter(VirtualTokenAdapter):
                     f"the attention mask of a decoding step must cover the user's {user} tokens "
                     f"([{batch}, {user}]), not shape {tuple(mask.shape)}"
                 )
-            call.attention_mask = splice(mask, ones(mask, batch, n), splice_index(at, user, n))
+            call.attention_mask = splice(mask, mask.new_ones(batch, n), splice_index(at, user, n))
         if call.position_ids is not None:
-            self.require_rows(call.position_ids, call.position_ids.shape[0], length, "position ids")
+            self.require_rows(call.position_ids, batch, length, "position ids", broadcast=True)
             call.position_ids = call.position_ids + n
         if call.cache_position is not None:
             call.cache_position = call.cache_position + n
@@ -273,16 +273,16 @@ class InfixAdapter(VirtualTokenAdapter):
         return mask.bool()
 
     @staticmethod
-    def require_rows(values: torch.Tensor, batch: int, length: int, what: str) -> None:
-        if values.ndim != 2 or values.shape[1] != length or values.shape[0] not in (1, batch):
+    def require_rows(
+        values: torch.Tensor, batch: int, length: int, what: str, broadcast: bool = False
+    ) -> None:
+        """`values` must be `[batch, length]` (or `[1, length]` when it may `broadcast`)."""
+        rows = (1, batch) if broadcast else (batch,)
+        if values.ndim != 2 or values.shape[1] != length or values.shape[0] not in rows:
             raise InfixError(
                 f"infix splices its tokens into the {what}, which must be [{batch}, {length}], "
                 f"not shape {tuple(values.shape)}"
             )
-
-
-def ones(like: torch.Tensor, batch: int, n: int) -> torch.Tensor:
-    return like.new_ones(batch, n)
 
 
 @register
