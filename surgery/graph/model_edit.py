@@ -13,7 +13,8 @@ call, each row's own on a routed one. A forward hook takes out of the output a s
 the call's caller did not ask for (`surgery.hf.new_cache`), so the output is what the base
 model returns. All are reversible: removing the edit deletes the child and the hooks, and the
 model is exactly what it was. The hooks are plain picklable objects, so `deepcopy` and
-`torch.save` keep the edit."""
+`torch.save` keep the edit.
+"""
 
 from __future__ import annotations
 
