@@ -168,9 +168,10 @@ def test_cached_generate_equals_uncached_greedy_decoding(family: str, args: str)
     cached = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **NO_EOS)
     expected = greedy_without_cache(model, ids, mask, 6, infix_position=torch.tensor(at))
     assert torch.equal(cached, expected)
-    uncached = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                              use_cache=False, infix_position=torch.tensor(at), **NO_EOS)
-    assert torch.equal(uncached, expected)
+    for use_cache in (False, True):  # the column given: every step gets it, and checks it
+        given = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                               use_cache=use_cache, infix_position=torch.tensor(at), **NO_EOS)
+        assert torch.equal(given, expected)
     with disabled(model):  # and the infix changes what is generated
         plain = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                                **NO_EOS)
@@ -320,6 +321,9 @@ def test_calls_that_cannot_place_or_keep_the_infix_are_refused() -> None:
     more = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     with pytest.raises(InfixError, match="did not fill"):
         model(ids[:, :1], attention_mask=more, past_key_values=cache)
+    cache = model(ids, attention_mask=mask, infix_position=6).past_key_values
+    with pytest.raises(InfixError, match="differs from where the infix went"):
+        model(ids[:, :1], attention_mask=more, past_key_values=cache, infix_position=5)
 
 
 def test_routed_calls_are_refused_by_name() -> None:
