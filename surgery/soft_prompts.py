@@ -129,12 +129,14 @@ def _vocabulary(model: nn.Module, key: EditKey) -> torch.Tensor:
     """The base input embedding table `[vocab, hidden]`: what a prompt's rows sit beside. An
     edit of the same adapter on the embedding would change it: refused, not read past."""
     embedding = model.get_input_embeddings()
-    changed = sorted({k.name for _, k, _ in held_edits(embedding) if k.adapter == key.adapter})
+    changed = [f"{k.method} '{k.name}'" for _, k, _ in held_edits(embedding)
+               if k.adapter == key.adapter]
     if changed:
         raise SurgeryError(
             f"adapter '{key.adapter}' also edits the input embedding ({', '.join(changed)}), so "
-            "its vocabulary is not the base table the neighbours would be read from",
-            hint=f"merge {changed[0]} first (then the table is the merged one)",
+            "the vocabulary its virtual tokens sit beside is not the base table",
+            hint="merge that edit into the embedding first (`apply ... as NAME`, then "
+            "`merge NAME`): the merged table is then the one compared with",
         )
     weight = base_of(embedding).weight
     if weight.is_meta or not weight.is_floating_point():
