@@ -4,6 +4,8 @@ nearest vocabulary tokens by cosine similarity, refused with the reason for pref
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import string
 from pathlib import Path
 
@@ -278,3 +280,35 @@ def test_the_command_checks_top(tmp_path: Path, capsys) -> None:
     assert code == 1 and "top=300 is more than the 256 vocabulary tokens" in err
     code, _, err = cli(capsys, "--adapter", str(tmp_path / "missing"), "--model", "tiny-llama")
     assert code == 1 and "Traceback" not in err
+
+
+# ---- docs/methods.md's example and transcript are real -----------------------------------------
+
+SECTION = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text(
+    encoding="utf-8").split("### Reading soft prompts back", 1)[1].split("\n## ", 1)[0]
+
+
+def blocks(language: str) -> list[str]:
+    """The section's fenced blocks opened with ```language (every other line closes or opens)."""
+    found = re.findall(r"^```(\w*)\n(.*?)^```$", SECTION, flags=re.S | re.M)
+    return [body for opened, body in found if opened == language]
+
+
+def test_the_documented_example_prints_what_its_comments_say(capsys) -> None:
+    (code,) = blocks("python")
+    exec(compile(code, "docs/methods.md", "exec"), {})
+    shown = [line[2:] for line in code.splitlines() if line.startswith("# ")]
+    assert capsys.readouterr().out.splitlines() == shown
+
+
+def test_the_documented_transcript_is_real_output(tmp_path: Path, capsys, monkeypatch) -> None:
+    (transcript,) = blocks("")
+    monkeypatch.chdir(tmp_path)
+    commands = re.split(r"^\$ surgery ", transcript, flags=re.M)[1:]
+    for command in commands:
+        argv, *shown = command.rstrip("\n").splitlines()
+        capsys.readouterr()
+        assert main(shlex.split(argv)) == 0
+        if shown:
+            assert [line.rstrip() for line in capsys.readouterr().out.splitlines()] == shown
+    assert shown and argv.startswith("inspect")
