@@ -16,7 +16,7 @@ from torch import nn
 import surgery.soft_prompts
 from surgery import SurgeryError, nearest_tokens, rewrite
 from surgery.cli import main
-from surgery.models import tiny
+from surgery.models import load_model, tiny
 
 IDS = [3, 4, 250]
 PROMPT = f"use llama\napply prompt(n=5, init=ids, ids={IDS}) to embed"
@@ -101,6 +101,17 @@ def test_a_prefix_is_refused_with_the_reason(method: str) -> None:
         nearest_tokens(model)
 
 
+def test_a_bf16_model_reads_back_exactly_and_a_meta_model_is_refused() -> None:
+    model = tiny("llama").to(torch.bfloat16)
+    rewrite(model, "use llama\napply prompt(n=2, init=ids, ids=[9, 77]) to embed")
+    assert [(t.neighbours[0].token_id, t.neighbours[0].score) for t in nearest_tokens(model, 1)] \
+        == [(9, 1.0), (77, 1.0)]
+    meta = load_model("tiny-llama", meta=True)
+    rewrite(meta, "use llama\napply prompt(n=2, init=ids, ids=[9, 77]) to embed")
+    with pytest.raises(SurgeryError, match=r"no float values to compare with \(the meta device"):
+        nearest_tokens(meta)
+
+
 def test_a_model_without_virtual_tokens_is_an_error() -> None:
     with pytest.raises(SurgeryError, match="has no virtual-token edit"):
         nearest_tokens(tiny("llama"))
@@ -166,6 +177,11 @@ def test_zero_rows_have_no_direction_and_ties_go_to_the_lower_id() -> None:
         weight[0] = 0  # a zero vocabulary row is never a neighbour (no NaN)
         model.prompt.embedding[1] = 0
     first, zero = nearest_tokens(model, 2)
+    with torch.no_grad():
+        model.prompt.embedding[0, 3] = torch.nan
+    assert nearest_tokens(model, 1)[0].note == "the vector is not finite"
+    with torch.no_grad():
+        model.prompt.embedding[0] = weight[5]
     assert [n.token_id for n in first.neighbours] == [5, 10]  # 20 ties with them, and loses
     assert [n.token_id for n in nearest_tokens(model, 4)[0].neighbours][:3] == [5, 10, 20]
     assert (zero.neighbours, zero.norm, zero.note) == ((), 0.0, "a zero vector has no direction")
