@@ -120,7 +120,8 @@ def _chosen_edits(
             f"edit '{key.name}' ({key.method}, adapter '{key.adapter}') is a prefix: its "
             "virtual tokens are keys and values in every layer's attention cache, not input "
             "embeddings, so they have no nearest vocabulary tokens",
-            hint=f"choose adapter {', '.join(repr(a) for a in others)}" if others else None,
+            hint=f"inspect only the adapters whose virtual tokens are input embeddings: "
+            f"{', '.join(repr(a) for a in others)}" if others else None,
         )
     return [(k, model._modules[k.name]) for k in keys]
 

@@ -137,7 +137,7 @@ def test_several_adapters_are_chosen_by_adapter_or_edit() -> None:
     # every adapter: the prefix among them is named, and so are the ones that can be read
     with pytest.raises(SurgeryError, match="edit 'deep' \\(prefix, adapter 'deep'\\)") as caught:
         nearest_tokens(model)
-    assert "choose adapter 'words', 'coded'" in str(caught.value)
+    assert "virtual tokens are input embeddings: 'words', 'coded'" in str(caught.value)
     with pytest.raises(SurgeryError, match="adapter 'low' has no virtual-token edit"):
         nearest_tokens(model, adapter="low")
     with pytest.raises(SurgeryError, match=r"(?s)no adapter named 'wrods'.*did you mean 'words'"):
