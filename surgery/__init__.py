@@ -27,6 +27,7 @@ from surgery.lang import parse as _parse
 from surgery.lang import parse_file as _parse_file
 from surgery.methods import REGISTRY as METHODS
 from surgery.plan import Plan
+from surgery.soft_prompts import Neighbour, VirtualToken, nearest_tokens
 from surgery.train import param_groups
 
 # The parser's entry points, with their arguments' types checked (as `rewrite`'s are); inside
@@ -48,6 +49,7 @@ __all__ = [
     "ExecutionError",
     "HotSwapError",
     "ModelLoadError",
+    "Neighbour",
     "OutputError",
     "Plan",
     "PlanError",
@@ -57,6 +59,7 @@ __all__ = [
     "Site",
     "SurgeryError",
     "SurgerySyntaxError",
+    "VirtualToken",
     "active_adapters",
     "adapter_names",
     "combine_adapters",
@@ -67,6 +70,7 @@ __all__ = [
     "load_adapters",
     "load_rules",
     "merge_adapter",
+    "nearest_tokens",
     "param_groups",
     "parse",
     "parse_file",

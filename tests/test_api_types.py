@@ -28,6 +28,7 @@ from surgery import (
     load_adapters,
     load_rules,
     merge_adapter,
+    nearest_tokens,
     param_groups,
     parse,
     parse_file,
@@ -86,6 +87,11 @@ CALLS: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], str]] = [
     (prepare_kbit, (None,), {}, "model"),
     (prepare_kbit, (M,), {"gradient_checkpointing": 1}, "gradient_checkpointing"),
     (prepare_kbit, (M,), {"use_reentrant": "yes"}, "use_reentrant"),
+    (nearest_tokens, (None,), {}, "model"),
+    (nearest_tokens, (M, "5"), {}, "top"),
+    (nearest_tokens, (M, True), {}, "top"),
+    (nearest_tokens, (M,), {"adapter": 1}, "adapter"),
+    (nearest_tokens, (M,), {"edit": ["prompt"]}, "edit"),
 ]
 
 

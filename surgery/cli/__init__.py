@@ -5,9 +5,10 @@ Exit codes: 0 success, 1 a SurgeryError (its message, no traceback), 2 a usage e
 
 The package by job: `parser` (the arguments), `inputs` (reading rules and the model, checking
 --out), `rules` (check/plan/apply), `adapters` (load/export/import/merge), `listing`
-(families/methods/presets), `generate` (requests through named adapters), `table` (the plan
-table). The two consoles live here, and the commands read them as `cli.out` / `cli.err` when
-they print, so replacing `surgery.cli.out` (as tests do) redirects every command.
+(families/methods/presets), `generate` (requests through named adapters), `inspect` (soft
+prompts read back as words), `table` (the plan table). The two consoles live here, and the
+commands read them as `cli.out` / `cli.err` when they print, so replacing `surgery.cli.out`
+(as tests do) redirects every command.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rich.console import Console
 from surgery.cli.adapters import cmd_export, cmd_import, cmd_load, cmd_merge
 from surgery.cli.generate import cmd_generate
 from surgery.cli.inputs import DTYPES
+from surgery.cli.inspect import cmd_inspect
 from surgery.cli.listing import cmd_families, cmd_methods, cmd_presets
 from surgery.cli.parser import build_parser
 from surgery.cli.rules import cmd_apply, cmd_check, cmd_plan
@@ -80,6 +82,7 @@ COMMANDS = {
     "import": cmd_import,
     "merge": cmd_merge,
     "generate": cmd_generate,
+    "inspect": cmd_inspect,
     "methods": cmd_methods,
     "presets": cmd_presets,
     "families": cmd_families,

@@ -10,10 +10,16 @@ import argparse
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from surgery import cli
 from surgery.cli.inputs import _config_warnings, _inputs, _model, _print_warnings, _refuse_output
 from surgery.cli.table import plan_table
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from surgery.io.load import LoadReport
 
 
 def adapter_specs(texts: list[str]) -> list[tuple[str | None, Path]]:
@@ -38,17 +44,15 @@ def _spec_inputs(specs: list[tuple[str | None, Path]]) -> dict[str, Path]:
     return {f"adapter directory {i + 1}": path for i, (_, path) in enumerate(specs)}
 
 
-def cmd_load(args: argparse.Namespace) -> int:
-    from surgery.io.adapters import ADAPTER_OUTPUT, write_adapter_dir
+def loaded_model(
+    args: argparse.Namespace, specs: list[tuple[str | None, Path]]
+) -> tuple[nn.Module, list[tuple[Path, LoadReport]]]:
+    """The --model with every adapter of `specs` loaded (each directory read and checked before
+    the model is built), and each adapter's (directory, report): what `load` and `inspect` do."""
     from surgery.io.load import load_adapter, read_adapter_dir
-    from surgery.io.several import ADAPTERS_OUTPUT, is_several, load_adapters, saved_adapters
+    from surgery.io.several import is_several, load_adapters, saved_adapters
 
-    specs = adapter_specs(args.adapter)
-    inputs = _inputs(args, **_spec_inputs(specs))
     several = [name is None and is_several(path) for name, path in specs]
-    if args.out is not None:
-        kind = ADAPTERS_OUTPUT if len(specs) > 1 or any(several) else ADAPTER_OUTPUT
-        _refuse_output(args, inputs, kind)
     for (name, path), many in zip(specs, several, strict=True):  # bad directories fail first
         for _, folder in saved_adapters(path) if many else [(name, path)]:
             read_adapter_dir(folder)
@@ -60,6 +64,19 @@ def cmd_load(args: argparse.Namespace) -> int:
             loaded = load_adapters(model, path) if many else [load_adapter(model, path, name)]
             reports += [(path, report) for report in loaded]
     _print_warnings(caught)
+    return model, reports
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from surgery.io.adapters import ADAPTER_OUTPUT, write_adapter_dir
+    from surgery.io.several import ADAPTERS_OUTPUT, is_several
+
+    specs = adapter_specs(args.adapter)
+    inputs = _inputs(args, **_spec_inputs(specs))
+    if args.out is not None:
+        several = len(specs) > 1 or any(n is None and is_several(p) for n, p in specs)
+        _refuse_output(args, inputs, ADAPTERS_OUTPUT if several else ADAPTER_OUTPUT)
+    model, reports = loaded_model(args, specs)
     for path, report in reports:
         cli.out.print(plan_table(report.plan, full=False))
         cli.out.print(f"loaded {report.tensors} tensor(s) from {path}/ as '{report.adapter}'")

@@ -8,6 +8,7 @@ from pathlib import Path
 from surgery import __version__
 from surgery.cli.generate import add_generate
 from surgery.cli.inputs import DTYPES
+from surgery.cli.inspect import add_inspect
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_out(merge, True, "the merged checkpoint directory to write")
 
     add_generate(commands)
+    add_inspect(commands)
 
     commands.add_parser("methods", help="list the methods and their parameters")
     commands.add_parser("presets", help="list the built-in model presets")
