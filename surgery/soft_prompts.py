@@ -67,7 +67,7 @@ def nearest_tokens(
     edit: str | None = None,
     tokenizer: Any = None,
 ) -> list[VirtualToken]:
-    """For each virtual token of each prompt-like edit on `model` (`prompt`, `p_tuning`, ...),
+    """For each virtual token of each prompt-like edit on `model` (`prompt`, `p_tuning`, `infix`),
     its `top` nearest vocabulary tokens by cosine similarity with the base model's input
     embeddings, in edit then token order. `adapter` / `edit` choose one adapter's or one edit's
     tokens (default: every virtual-token edit); `tokenizer` (a transformers tokenizer) adds

@@ -62,6 +62,14 @@ def test_a_prompt_initialized_from_ids_reads_back_those_ids_at_similarity_one() 
         assert all(n.text is None for n in token.neighbours)
 
 
+def test_an_infix_reads_back_like_a_prompt() -> None:
+    """An infix's tokens are input embeddings too (they only sit elsewhere in the row)."""
+    tokens = nearest_tokens(prompted(PROMPT.replace("prompt(", "infix(after=7, ")), top=2)
+    assert [t.neighbours[0].token_id for t in tokens] == CYCLED
+    assert {(t.edit, t.method) for t in tokens} == {("infix", "infix")}
+    assert all(t.neighbours[0].score == pytest.approx(1.0, abs=1e-6) for t in tokens)
+
+
 def hand_computed(rows: torch.Tensor, table: torch.Tensor, top: int) -> tuple[list, list]:
     """Every cosine similarity one at a time (no shared normalization), then a full sort."""
     cosine = torch.stack([torch.nn.functional.cosine_similarity(row[None], table) for row in rows])
