@@ -25,6 +25,13 @@ from surgery.io.load import load_adapter
 from surgery.io.several import load_adapters as _load_adapters
 from surgery.lang import parse as _parse
 from surgery.lang import parse_file as _parse_file
+from surgery.losses import (
+    MultipleChoiceBatch,
+    TFewLosses,
+    choice_scores,
+    multiple_choice_batch,
+    t_few_losses,
+)
 from surgery.methods import REGISTRY as METHODS
 from surgery.plan import Plan
 from surgery.train import param_groups
@@ -48,6 +55,7 @@ __all__ = [
     "ExecutionError",
     "HotSwapError",
     "ModelLoadError",
+    "MultipleChoiceBatch",
     "OutputError",
     "Plan",
     "PlanError",
@@ -57,8 +65,10 @@ __all__ = [
     "Site",
     "SurgeryError",
     "SurgerySyntaxError",
+    "TFewLosses",
     "active_adapters",
     "adapter_names",
+    "choice_scores",
     "combine_adapters",
     "delete_adapter",
     "disabled",
@@ -67,6 +77,7 @@ __all__ = [
     "load_adapters",
     "load_rules",
     "merge_adapter",
+    "multiple_choice_batch",
     "param_groups",
     "parse",
     "parse_file",
@@ -74,4 +85,5 @@ __all__ = [
     "prepare_kbit",
     "rewrite",
     "set_active",
+    "t_few_losses",
 ]
