@@ -118,9 +118,7 @@ def choice_scores(logits: torch.Tensor, labels: torch.Tensor, num_choices: int) 
     `[batch · num_choices, length]` (module docstring: layout and label convention).
     """
     _check_rows(logits, labels, num_choices)
-    log_probs, scored = _token_log_probs(logits, labels)
-    counts = scored.sum(dim=1)
-    return (log_probs.sum(dim=1) / counts.to(log_probs.dtype)).view(-1, num_choices)
+    return _scores(*_token_log_probs(logits, labels), num_choices)
 
 
 @checked
@@ -137,7 +135,8 @@ def t_few_losses(logits: torch.Tensor, labels: torch.Tensor, answers: torch.Tens
             f"answers must be a 1-d integer tensor with one entry per example, got "
             f"{answers.dtype} of shape {tuple(answers.shape)}"
         )
-    rows = logits.shape[0] if logits.ndim else 0
+    _check_logits(logits)
+    rows = logits.shape[0]
     num_choices = rows // answers.numel()
     if num_choices < 2 or num_choices * answers.numel() != rows:
         raise ValueError(
@@ -164,7 +163,7 @@ def t_few_losses(logits: torch.Tensor, labels: torch.Tensor, answers: torch.Tens
     log_not = torch.logsumexp(others, dim=1) - torch.logsumexp(wrong_logits, dim=1)
     unlikelihood = -log_not.mean()
 
-    scores = (log_probs.sum(dim=1) / scored.sum(dim=1).to(log_probs.dtype)).view(-1, num_choices)
+    scores = _scores(log_probs, scored, num_choices)
     length_normalized = F.cross_entropy(scores, answers)
     return TFewLosses(lm, unlikelihood, length_normalized, scores)
 
@@ -183,13 +182,23 @@ def _token_log_probs(
     return (-nll).masked_fill(~scored, 0.0), scored
 
 
-def _check_rows(logits: torch.Tensor, labels: torch.Tensor, num_choices: int) -> None:
-    """Shapes and values that would otherwise give a wrong number without an error."""
+def _scores(log_probs: torch.Tensor, scored: torch.Tensor, num_choices: int) -> torch.Tensor:
+    """β per choice, `[batch, num_choices]`: the mean of each row's scored log-probabilities."""
+    means = log_probs.sum(dim=1) / scored.sum(dim=1).to(log_probs.dtype)
+    return means.view(-1, num_choices)
+
+
+def _check_logits(logits: torch.Tensor) -> None:
     if logits.ndim != 3 or not logits.is_floating_point():
         raise ValueError(
             f"logits must be a float tensor [batch · choices, length, vocab], got "
             f"{logits.dtype} of shape {tuple(logits.shape)}"
         )
+
+
+def _check_rows(logits: torch.Tensor, labels: torch.Tensor, num_choices: int) -> None:
+    """Shapes and values that would otherwise give a wrong number without an error."""
+    _check_logits(logits)
     if labels.shape != logits.shape[:2] or labels.is_floating_point() or labels.is_complex():
         raise ValueError(
             f"labels must be an integer tensor of shape {tuple(logits.shape[:2])} (logits' first "
