@@ -3,6 +3,7 @@ multiple-choice task, predicting by rank classification (Liu et al. 2022, arXiv:
 
     python examples/t_few.py                   # about 25 s on one CPU core
     python examples/t_few.py --steps 400 --seed 3
+    python examples/t_few.py --lm-only         # the same run on L_LM alone, to compare
 
 The task is made here. An input is 5 symbols (token ids 10-41) and a separator; each symbol has
 one of four colours (its id mod 4); the right answer is the colour word of the *first* symbol.
@@ -91,9 +92,10 @@ def accuracy(model: nn.Module, batch: surgery.MultipleChoiceBatch) -> float:
 
 def train(
     model: nn.Module, inputs: list[list[int]], answers: list[int], *, steps: int, lr: float,
-    seed: int, batch_size: int = 16,
+    seed: int, batch_size: int = 16, lm_only: bool = False,
 ) -> list[dict[str, float]]:
-    """T-Few's loop: random batches, loss L_LM + L_UL + L_LN, the IA3 vectors only."""
+    """T-Few's loop: random batches, loss L_LM + L_UL + L_LN (L_LM alone with `lm_only`, to
+    compare), the IA3 vectors only."""
     optimizer = torch.optim.AdamW(surgery.param_groups(model, lr=lr))
     generator = torch.Generator().manual_seed(seed)
     model.train()
@@ -104,7 +106,7 @@ def train(
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         losses = surgery.t_few_losses(logits, batch.labels, batch.answers)
         optimizer.zero_grad()
-        losses.total.backward()
+        (losses.lm if lm_only else losses.total).backward()
         optimizer.step()
         history.append({
             "lm": losses.lm.item(),
@@ -117,7 +119,10 @@ def train(
     return history
 
 
-def run(steps: int = 200, pretrain_steps: int = 150, lr: float = 5e-2, seed: int = 0) -> Result:
+def run(
+    steps: int = 200, pretrain_steps: int = 150, lr: float = 5e-2, seed: int = 0,
+    lm_only: bool = False,
+) -> Result:
     start = time.perf_counter()
     torch.manual_seed(seed)
     train_inputs, train_answers = make_task(512, seed=2 * seed)
@@ -132,7 +137,10 @@ def run(steps: int = 200, pretrain_steps: int = 150, lr: float = 5e-2, seed: int
 
     report = surgery.rewrite(model, RULES)
     print(f"{RULES.name}: {report.totals_line()}")
-    history = train(model, train_inputs, train_answers, steps=steps, lr=lr, seed=seed)
+    print("training on " + ("L_LM alone" if lm_only else "L_LM + L_UL + L_LN"))
+    history = train(
+        model, train_inputs, train_answers, steps=steps, lr=lr, seed=seed, lm_only=lm_only
+    )
     after = accuracy(model, test)
     print(f"accuracy after:  {after:.1%} on {len(test.answers)} held-out examples")
     return Result(before, after, history, report.trainable, time.perf_counter() - start)
@@ -144,11 +152,12 @@ def main(argv: list[str] | None = None) -> Result:
     parser.add_argument("--pretrain-steps", type=int, default=150, help="LM pre-training steps")
     parser.add_argument("--lr", type=float, default=5e-2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lm-only", action="store_true", help="train on L_LM alone, to compare")
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: more threads only wait on each other
     try:
-        result = run(args.steps, args.pretrain_steps, args.lr, args.seed)
+        result = run(args.steps, args.pretrain_steps, args.lr, args.seed, args.lm_only)
     finally:
         torch.set_num_threads(threads)
     print(f"done in {result.seconds:.1f} s")

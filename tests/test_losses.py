@@ -7,6 +7,8 @@ arithmetic on those numbers (math.log), not the code under test run a second tim
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,3 +192,18 @@ def test_wrong_types_are_type_errors_naming_the_argument() -> None:
     with pytest.raises(TypeError, match="argument 'num_choices' must be int"):
         choice_scores(ONE_LOGITS, ONE_LABELS, 2.0)
     assert surgery.t_few_losses is t_few_losses
+
+
+def test_the_docs_snippet_runs() -> None:
+    """docs/methods.md's T-Few snippet, on the tiny Llama."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text("utf-8")
+    section = text.split("### T-Few:", 1)[1].split("\n## ", 1)[0]
+    (snippet,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    model = tiny("llama")
+    namespace = {
+        "surgery": surgery, "model": model,
+        "inputs": [[5, 6], [7]], "choices": [[[1], [2, 3]], [[4], [9, 9]]], "answers": [0, 1],
+    }
+    exec(compile(snippet, "methods.md", "exec"), namespace)
+    assert 0.0 <= namespace["accuracy"].item() <= 1.0
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
