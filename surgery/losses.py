@@ -118,7 +118,7 @@ def choice_scores(logits: torch.Tensor, labels: torch.Tensor, num_choices: int) 
     `[batch · num_choices, length]` (module docstring: layout and label convention).
     """
     _check_rows(logits, labels, num_choices)
-    return _scores(*_token_log_probs(logits, labels), num_choices)
+    return _scores(*_token_log_probs(logits, labels.to(logits.device)), num_choices)
 
 
 @checked
@@ -144,7 +144,7 @@ def t_few_losses(logits: torch.Tensor, labels: torch.Tensor, answers: torch.Tens
             f"choices (at least 2 each)"
         )
     _check_rows(logits, labels, num_choices)
-    answers = answers.to(logits.device)
+    labels, answers = labels.to(logits.device), answers.to(logits.device)
     if bool(((answers < 0) | (answers >= num_choices)).any()):
         raise ValueError(f"answers must lie in [0, {num_choices}), got {answers.tolist()}")
 
