@@ -25,6 +25,13 @@ from surgery.io.load import load_adapter
 from surgery.io.several import load_adapters as _load_adapters
 from surgery.lang import parse as _parse
 from surgery.lang import parse_file as _parse_file
+from surgery.losses import (
+    MultipleChoiceBatch,
+    TFewLosses,
+    choice_scores,
+    multiple_choice_batch,
+    t_few_losses,
+)
 from surgery.methods import REGISTRY as METHODS
 from surgery.plan import Plan
 from surgery.soft_prompts import Neighbour, VirtualToken, nearest_tokens
@@ -49,6 +56,7 @@ __all__ = [
     "ExecutionError",
     "HotSwapError",
     "ModelLoadError",
+    "MultipleChoiceBatch",
     "Neighbour",
     "OutputError",
     "Plan",
@@ -59,9 +67,11 @@ __all__ = [
     "Site",
     "SurgeryError",
     "SurgerySyntaxError",
+    "TFewLosses",
     "VirtualToken",
     "active_adapters",
     "adapter_names",
+    "choice_scores",
     "combine_adapters",
     "delete_adapter",
     "disabled",
@@ -70,6 +80,7 @@ __all__ = [
     "load_adapters",
     "load_rules",
     "merge_adapter",
+    "multiple_choice_batch",
     "nearest_tokens",
     "param_groups",
     "parse",
@@ -78,4 +89,5 @@ __all__ = [
     "prepare_kbit",
     "rewrite",
     "set_active",
+    "t_few_losses",
 ]

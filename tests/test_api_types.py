@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from test_load import assert_unchanged, state
 
 import surgery
@@ -20,6 +21,7 @@ from surgery import (
     SurgeryError,
     active_adapters,
     adapter_names,
+    choice_scores,
     combine_adapters,
     delete_adapter,
     disabled,
@@ -28,6 +30,7 @@ from surgery import (
     load_adapters,
     load_rules,
     merge_adapter,
+    multiple_choice_batch,
     nearest_tokens,
     param_groups,
     parse,
@@ -36,6 +39,7 @@ from surgery import (
     prepare_kbit,
     rewrite,
     set_active,
+    t_few_losses,
 )
 from surgery.lang import ast
 from surgery.models import tiny
@@ -92,6 +96,14 @@ CALLS: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], str]] = [
     (nearest_tokens, (M, True), {}, "top"),
     (nearest_tokens, (M,), {"adapter": 1}, "adapter"),
     (nearest_tokens, (M,), {"edit": ["prompt"]}, "edit"),
+    (t_few_losses, (None, torch.zeros(2, 3, dtype=torch.long), torch.zeros(1)), {}, "logits"),
+    (t_few_losses, (torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), [0]), {},
+     "answers"),
+    (choice_scores, (torch.zeros(2, 3, 4), [[0, 0, 0]], 2), {}, "labels"),
+    (choice_scores, (torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), "2"), {},
+     "num_choices"),
+    (multiple_choice_batch, ("ab", [[[1], [2]]], [0]), {}, "inputs"),
+    (multiple_choice_batch, ([[1]], [[[1], [2]]], [0]), {"pad_id": 0.5}, "pad_id"),
 ]
 
 
