@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery import PlanError, RoutingError, disabled, load_adapter, rewrite
+from surgery import PlanError, RoutingError, disabled, load_adapter, rewrite, set_active
 from surgery.cli import main
 from surgery.io import write_adapter_dir
 from surgery.methods.infix import InfixError
@@ -67,7 +67,8 @@ def by_hand(model: nn.Module, ids, mask, positions, at, labels=None) -> dict:
         embeds.append(torch.cat([e[:p], table, e[p:]]))
         masks.append(torch.cat([mask[i, :p], torch.ones(N, dtype=mask.dtype), mask[i, p:]]))
         pos = positions[i]
-        start = pos[p] if p < len(pos) else pos[-1] + 1
+        end = int(mask[i].nonzero().max()) + 1  # one past the row's last real token
+        start = pos[p] if p < end else pos[end - 1] + 1  # right padding has its own positions
         places.append(torch.cat([pos[:p], start + torch.arange(N), pos[p:] + N]))
         if labels is not None:
             targets.append(torch.cat([labels[i, :p], torch.full((N,), -100), labels[i, p:]]))
@@ -128,6 +129,28 @@ def test_each_row_equals_the_row_alone(side: str) -> None:
             start = ids.shape[1] - len(row) if side == "left" else 0
             torch.testing.assert_close(mixed[i, start : start + len(row) + N], alone,
                                        rtol=0, atol=1e-5)
+
+
+def hf_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as transformers makes them from any mask: padding gets 1."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+@pytest.mark.parametrize("positions", [hf_positions, positions_of, None])
+def test_an_infix_ending_a_right_padded_row_counts_on_from_its_last_token(positions) -> None:
+    """The infix after a row's last real token (its separator ends the row) takes the
+    positions after that token's, not after the padding's that follows it."""
+    model = infixed("llama", f", after={SEP}")
+    rows = [[5, 6, 7, SEP], [12, 13, SEP, 14, 15, 16]]
+    ids, mask = torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    call = {} if positions is None else {"position_ids": positions(mask)}
+    with torch.no_grad():
+        mixed = model(ids, attention_mask=mask, **call).logits
+        for i, row in enumerate(rows):
+            alone = model(torch.tensor([row])).logits[0]
+            torch.testing.assert_close(mixed[i, : len(row) + N], alone, rtol=0, atol=1e-5)
 
 
 def test_without_a_separator_or_position_the_infix_follows_the_input() -> None:
@@ -324,6 +347,43 @@ def test_calls_that_cannot_place_or_keep_the_infix_are_refused() -> None:
     cache = model(ids, attention_mask=mask, infix_position=6).past_key_values
     with pytest.raises(InfixError, match="differs from where the infix went"):
         model(ids[:, :1], attention_mask=more, past_key_values=cache, infix_position=5)
+
+
+def test_assisted_decoding_needs_a_stated_column() -> None:
+    """Prompt lookup (and assistant models) run the prompt with draft tokens in one call, so
+    'after the last token' is refused there; a stated column gives plain greedy's tokens."""
+    model = infixed()
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
+    call = {"max_new_tokens": 6, "do_sample": False, **NO_EOS}
+    with pytest.raises(InfixError, match="prompt lookup"):
+        model.generate(ids, prompt_lookup_num_tokens=3, **call)
+    at = torch.tensor([ids.shape[1]])
+    plain = model.generate(ids, **call)
+    assert torch.equal(model.generate(ids, prompt_lookup_num_tokens=3, infix_position=at, **call),
+                       plain)
+    assert torch.equal(greedy_without_cache(model, ids, torch.ones_like(ids), 6,
+                                            infix_position=at), plain)
+
+
+def test_a_cache_keeps_the_infix_that_filled_it() -> None:
+    """A sequence the infix started cannot go on without it (disabled(), another adapter),
+    nor under another infix edit of the same size."""
+    model = tiny("llama").eval()
+    rewrite(model, "use llama\nadapter a { apply infix(n=2) to embed }\n"
+                   "adapter b { apply infix(n=2) to embed as other }\n"
+                   "adapter c { apply prompt(n=2) to embed }")
+    ids = torch.tensor([ROWS[0]])
+    step = {"input_ids": ids[:, :1], "attention_mask": torch.ones(1, ids.shape[1] + 1,
+                                                                   dtype=torch.long)}
+    cache = model(ids).past_key_values  # adapter a (the first) is active
+    with disabled(model), pytest.raises(InfixError, match="does not serve it"):
+        model(past_key_values=cache, **step)
+    for other, message in (("c", "does not serve it"), ("b", "infix edit 'a' filled")):
+        set_active(model, other)
+        with pytest.raises(InfixError, match=message):
+            model(past_key_values=cache, **step)
+    set_active(model, "a")
+    model(past_key_values=cache, **step)  # its own adapter goes on
 
 
 def test_routed_calls_are_refused_by_name() -> None:

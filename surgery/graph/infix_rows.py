@@ -30,15 +30,22 @@ def splice(values: torch.Tensor, inserted: torch.Tensor, index: torch.Tensor) ->
     return source.gather(1, index)
 
 
-def spliced_positions(positions: torch.Tensor, at: torch.Tensor, n: int) -> torch.Tensor:
+def spliced_positions(
+    positions: torch.Tensor, at: torch.Tensor, end: torch.Tensor, n: int
+) -> torch.Tensor:
     """Position ids `[B, L]` with the infix's spliced in: the tokens before it keep theirs, the
-    infix takes `q .. q + n - 1` where `q` is the position of the token it now precedes (one
-    past the row's last position when it ends the row), and the tokens after it move by `n`."""
+    infix takes `q .. q + n - 1` where `q` is the position of the real token it now precedes, or
+    one past the row's last real token's when it ends the row's real tokens (`end`: one past
+    each row's last real column; right padding after it has positions of its own, e.g. the 1
+    HF gives pads), and the tokens after it move by `n`."""
     length = positions.shape[1]
     columns = torch.arange(length, device=positions.device).unsqueeze(0)
     moved = positions + n * (columns >= at.unsqueeze(1)).to(positions.dtype)
-    following = positions.gather(1, at.clamp(max=length - 1).unsqueeze(1)).squeeze(1)
-    start = torch.where(at < length, following, positions[:, -1] + 1)
+
+    def at_column(column: torch.Tensor) -> torch.Tensor:
+        return positions.gather(1, column.clamp(0, length - 1).unsqueeze(1)).squeeze(1)
+
+    start = torch.where(at < end, at_column(at), at_column(end - 1) + 1)
     virtual = start.unsqueeze(1) + torch.arange(n, device=positions.device, dtype=positions.dtype)
     return splice(moved, virtual, splice_index(at, length, n))
 

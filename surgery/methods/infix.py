@@ -32,10 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery.errors import SurgeryError
 from surgery.graph.infix_rows import (
     first_column,
-    real_span,
     splice,
     splice_index,
     spliced_positions,
@@ -51,18 +49,21 @@ from surgery.methods._virtual_tokens import (
     VirtualTokenMethod,
 )
 from surgery.methods.base import Param, Problem, at_least
+from surgery.methods.infix_calls import (
+    HINT,
+    POSITION,
+    InfixError,
+    given_columns,
+    real_tokens,
+    refuse_rows,
+    require_rows,
+    span,
+    under_assisted_decoding,
+)
 from surgery.methods.prompt import INIT_PARAMS, init_problem, initial_rows, input_embedding_problem
 
-POSITION = "infix_position"  # the call's keyword: each row's infix column
-RECORD = "_surgery_infix"  # on a cache: (each row's infix column [B], n), for the decoding steps
-HINT = (
-    "give each row's column with infix_position=[...] (in generate() too), or a separator "
-    "token with apply infix(after=ID)"
-)
-
-
-class InfixError(SurgeryError):
-    """A call whose rows' infix position cannot be found, or kept exactly."""
+# on a cache: (each row's infix column [B], n, the edit's name), for the decoding steps
+RECORD = "_surgery_infix"
 
 
 class InfixHook(ModelEditHook):
@@ -81,6 +82,7 @@ class InfixHook(ModelEditHook):
         if serving is None or serving.name != self.edit:
             if serving is not None and isinstance(model._modules[serving.name], InfixAdapter):
                 return None  # the serving infix edit's hook takes the keyword
+            refuse_unserved_infix_cache(model, args, kwargs)
             if POSITION not in kwargs:
                 return None
             if kwargs.pop(POSITION) is not None:
@@ -92,8 +94,26 @@ class InfixHook(ModelEditHook):
             return args, kwargs
         call = Call(model, bind_arguments(model, args, kwargs))
         given = call.inputs.pop(POSITION, None)
-        model._modules[self.edit].prepare(model, call, given)
+        model._modules[self.edit].prepare(model, call, given, self.edit)
         return (), call.inputs
+
+
+def refuse_unserved_infix_cache(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """A call that continues a cache an infix filled, while no infix edit serves it (inside
+    `disabled()`, or with another adapter active): its mask and positions would not count the
+    infix's columns, so the logits would be wrong without an error. Refused."""
+    call = Call(model, bind_arguments(model, args, kwargs))
+    record = getattr(call.cache, RECORD, None)
+    if record is not None and call.cached_length:
+        raise InfixError(
+            f"this call continues a cache that holds the tokens of infix edit '{record[2]}', "
+            "but that edit does not serve it (disabled(), or another adapter active): the "
+            "call's mask and positions would not count the infix's columns",
+            hint="continue the sequence with the adapter that started it active, or start a "
+            "new one",
+        )
 
 
 class InfixAdapter(VirtualTokenAdapter):
@@ -103,19 +123,23 @@ class InfixAdapter(VirtualTokenAdapter):
     def entries(self, dtype: torch.dtype) -> torch.Tensor:
         return self.table().to(dtype)
 
-    def prepare(self, model: nn.Module, call: Call, given: Any = None) -> None:  # type: ignore[override]
+    def prepare(  # type: ignore[override]
+        self, model: nn.Module, call: Call, given: Any = None, edit: str = ""
+    ) -> None:
         """Rewrite a call's arguments in place: the infix spliced into every row at prefill,
-        the mask and positions kept in step with it at every later step."""
+        the mask and positions kept in step with it at every later step (`edit`: this
+        adapter's edit name, recorded on the cache)."""
         if call.cached_length == 0:
-            self.insert(model, call, given)
+            self.insert(model, call, given, edit)
         else:
-            self.continue_after(call, given)
+            self.continue_after(call, given, edit)
 
-    def insert(self, model: nn.Module, call: Call, given: Any) -> None:
+    def insert(self, model: nn.Module, call: Call, given: Any, edit: str) -> None:
         sequence = call.sequence
         batch, length = sequence.shape[:2]
-        real = self.real_tokens(call, batch, length)
-        at = self.columns(model, call, given, real, batch, length)
+        real = real_tokens(call, batch, length)
+        first, end = span(real, batch, length, sequence.device)
+        at = self.columns(model, call, given, real, first, end)
         index = splice_index(at, length, self.n)
         embeds = call.inputs_embeds
         if embeds is None:
@@ -128,28 +152,28 @@ class InfixAdapter(VirtualTokenAdapter):
             call.attention_mask = splice(mask, mask.new_ones(batch, self.n), index)
         labels = call.labels
         if isinstance(labels, torch.Tensor):
-            self.require_rows(labels, batch, length, "labels")
+            require_rows(labels, batch, length, "labels")
             ignored = labels.new_full((batch, self.n), IGNORE_INDEX)
             call.labels = splice(labels, ignored, index)
         positions = call.position_ids
         if positions is not None:
-            self.require_rows(positions, batch, length, "position ids", broadcast=True)
-            call.position_ids = spliced_positions(positions.expand(batch, -1), at, self.n)
+            require_rows(positions, batch, length, "position ids", broadcast=True)
+            call.position_ids = spliced_positions(positions.expand(batch, -1), at, end, self.n)
         if call.cache_position is not None:
             cache_position = call.cache_position
             call.cache_position = torch.arange(length + self.n, device=cache_position.device,
                                                dtype=cache_position.dtype)
         token_types = call.token_type_ids
         if isinstance(token_types, torch.Tensor):
-            self.require_rows(token_types, batch, length, "token type ids")
+            require_rows(token_types, batch, length, "token type ids")
             call.token_type_ids = splice(token_types, token_types.new_zeros(batch, self.n), index)
         cache = call.cache
         if cache is None and wants_cache(model, call):
             cache = call.cache = new_cache(model)
         if cache is not None:
-            setattr(cache, RECORD, (at, self.n))
+            setattr(cache, RECORD, (at, self.n, edit))
 
-    def continue_after(self, call: Call, given: Any) -> None:
+    def continue_after(self, call: Call, given: Any, edit: str) -> None:
         """A decoding step: the cache holds the infix; the user's mask gets its `n` ones at
         each row's recorded column, positions (all after the infix) move by `n`."""
         record = getattr(call.cache, RECORD, None)
@@ -161,13 +185,19 @@ class InfixAdapter(VirtualTokenAdapter):
                 "edit did not fill: the infix can only be inserted when a sequence starts",
                 hint="start the sequence (prefill) with the infix adapter active",
             )
-        at, n = record
+        at, n, filled_by = record
+        if filled_by != edit:
+            raise InfixError(
+                f"this call continues a cache that infix edit '{filled_by}' filled, with infix "
+                f"edit '{edit}' serving it: a sequence keeps the infix it started with",
+                hint="continue with the adapter that started the sequence active",
+            )
         if at.shape[0] != batch or n != self.n:
             raise InfixError(
                 f"the cache was filled for {at.shape[0]} rows with {n} infix tokens; this call "
                 f"has {batch} rows and the infix {self.n} tokens"
             )
-        if given is not None and not torch.equal(self.given_columns(given, batch, at.device), at):
+        if given is not None and not torch.equal(given_columns(given, batch, at.device), at):
             raise InfixError(
                 f"{POSITION}={given!r} differs from where the infix went when the sequence "
                 f"started ({at.tolist()})"
@@ -182,28 +212,25 @@ class InfixAdapter(VirtualTokenAdapter):
                 )
             call.attention_mask = splice(mask, mask.new_ones(batch, n), splice_index(at, user, n))
         if call.position_ids is not None:
-            self.require_rows(call.position_ids, batch, length, "position ids", broadcast=True)
+            require_rows(call.position_ids, batch, length, "position ids", broadcast=True)
             call.position_ids = call.position_ids + n
         if call.cache_position is not None:
             call.cache_position = call.cache_position + n
 
     # ---- where each row's infix goes
+
     def columns(
-        self, model: nn.Module, call: Call, given: Any, real: torch.Tensor | None, batch: int,
-        length: int,
+        self, model: nn.Module, call: Call, given: Any, real: torch.Tensor | None,
+        first: torch.Tensor, end: torch.Tensor,
     ) -> torch.Tensor:
-        """Each row's infix column `[B]`, by the rules of the module docstring."""
-        device = call.sequence.device
-        if real is None:
-            first = torch.zeros(batch, dtype=torch.long, device=device)
-            end = torch.full((batch,), length, dtype=torch.long, device=device)
-        else:
-            first, end = real_span(real)
+        """Each row's infix column `[B]` (`real`: the real tokens, None: all; `first`, `end`:
+        each row's span of them), by the rules of the module docstring."""
+        device, batch = call.sequence.device, first.shape[0]
         after = self.options["after"]
         if given is not None:
-            at = self.given_columns(given, batch, device)
+            at = given_columns(given, batch, device)
             bad = (at < first) | (at > end)
-            self.refuse_rows(bad, lambda i: f"{POSITION} {int(at[i])} is outside its real tokens "
+            refuse_rows(bad, lambda i: f"{POSITION} {int(at[i])} is outside its real tokens "
                              f"(columns {int(first[i])}..{int(end[i])})")
             return at
         if after >= 0:
@@ -217,7 +244,7 @@ class InfixAdapter(VirtualTokenAdapter):
                                  f"has no separator token {after} among its real tokens") + 1
         labels = call.labels
         if isinstance(labels, torch.Tensor):
-            self.require_rows(labels, batch, length, "labels")
+            require_rows(labels, batch, call.sequence.shape[1], "labels")
             scored = labels != IGNORE_INDEX
             return self.first_of(scored if real is None else scored & real,
                                  "has no labelled token to put the infix in front of")
@@ -228,61 +255,24 @@ class InfixAdapter(VirtualTokenAdapter):
                 "re-runs the growing sequence, so an infix after its last token would move)",
                 hint=HINT,
             )
-        self.refuse_rows(end == 0, lambda i: "has no real token to put the infix after")
+        if under_assisted_decoding():
+            raise InfixError(
+                "infix has no position for this call: generate() with an assistant model or "
+                "prompt lookup runs the prompt together with draft tokens, so 'after the last "
+                "token' would put the infix after the drafts",
+                hint="give the prompt's length with infix_position=, or a separator with "
+                "apply infix(after=ID)",
+            )
+        refuse_rows(end == 0, lambda i: "has no real token to put the infix after")
         return end
 
     def first_of(self, hits: torch.Tensor, missing: str) -> torch.Tensor:
-        self.refuse_rows(~hits.any(dim=1), lambda i: missing)
+        refuse_rows(~hits.any(dim=1), lambda i: missing)
         return first_column(hits)
 
-    @staticmethod
-    def given_columns(given: Any, batch: int, device: torch.device) -> torch.Tensor:
-        """`infix_position` as one column per row: an int (every row), a list or a 1-D integer
-        tensor of `batch` entries."""
-        try:
-            at = torch.as_tensor(given, device=device)
-        except (TypeError, ValueError, RuntimeError):
-            at = None
-        if at is None or at.dtype in (torch.bool,) or at.is_floating_point() or at.ndim > 1:
-            raise InfixError(
-                f"{POSITION} must be an int or one int per row, not {type(given).__name__}",
-                hint=HINT,
-            )
-        if at.ndim == 1 and at.shape[0] != batch:
-            raise InfixError(f"{POSITION} has {at.shape[0]} entries but the batch has {batch} rows")
-        return at.to(torch.long).expand(batch).clone()
 
-    @staticmethod
-    def refuse_rows(bad: torch.Tensor, why: Any) -> None:
-        if bool(bad.any()):
-            rows = bad.nonzero().flatten().tolist()
-            raise InfixError(f"row {rows[0]} {why(rows[0])}" + (
-                f" (and rows {rows[1:]})" if len(rows) > 1 else ""), hint=HINT)
 
-    @staticmethod
-    def real_tokens(call: Call, batch: int, length: int) -> torch.Tensor | None:
-        """The real (unmasked) tokens `[B, L]`, from a 2-D mask; None: no mask, all real."""
-        mask = call.attention_mask
-        if mask is None:
-            return None
-        if mask.ndim != 2 or tuple(mask.shape) != (batch, length):
-            raise InfixError(
-                f"infix splices its tokens into a 2-D attention mask over the input "
-                f"([{batch}, {length}]), not one of shape {tuple(mask.shape)}"
-            )
-        return mask.bool()
 
-    @staticmethod
-    def require_rows(
-        values: torch.Tensor, batch: int, length: int, what: str, broadcast: bool = False
-    ) -> None:
-        """`values` must be `[batch, length]` (or `[1, length]` when it may `broadcast`)."""
-        rows = (1, batch) if broadcast else (batch,)
-        if values.ndim != 2 or values.shape[1] != length or values.shape[0] not in rows:
-            raise InfixError(
-                f"infix splices its tokens into the {what}, which must be [{batch}, {length}], "
-                f"not shape {tuple(values.shape)}"
-            )
 
 
 @register
