@@ -412,3 +412,20 @@ def test_plan_time_refusals(family: str, rule: str, message: str) -> None:
     with pytest.raises(PlanError, match=message):
         rewrite(model, f"use {family}\n{rule}")
     assert model.state_dict().keys() == before.keys() and not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("method", ["prompt", "infix"])
+def test_a_token_initialized_from_an_id_is_that_token(family: str, method: str) -> None:
+    """`init=ids` starts each virtual token at the vector the model feeds for that id: on
+    Gemma the embedding module scales its table by sqrt(hidden), so the table's row is not it."""
+    model = tiny(family).eval()
+    where = f"after={SEP}, " if method == "infix" else ""
+    rewrite(model, f"use {family}\napply {method}({where}n=1, init=ids, ids=[17]) to embed")
+    ids = [5, SEP, 6, 7]
+    real = [17, *ids] if method == "prompt" else [5, SEP, 17, 6, 7]
+    with torch.no_grad():
+        virtual = model(torch.tensor([ids])).logits
+        with disabled(model):
+            expected = model(torch.tensor([real])).logits
+    torch.testing.assert_close(virtual, expected, rtol=0, atol=1e-5)

@@ -54,8 +54,11 @@ def input_embedding_problem(
 
 
 def initial_rows(model: nn.Module, args: dict[str, Any], n: int) -> torch.Tensor:
-    """The prompt's starting rows `[n, hidden]` for `init` = random | vocab | ids | text."""
-    weight = model.get_input_embeddings().weight
+    """The prompt's starting rows `[n, hidden]` for `init` = random | vocab | ids | text: for
+    tokens, what the input embedding module feeds for them (Gemma's scales its table by
+    sqrt(hidden): the rows must be those vectors, as PEFT's are, not the table's rows)."""
+    embedding = base_of(model.get_input_embeddings())
+    weight = embedding.weight
     init = args["init"]
     if init == "random":
         return torch.empty(n, weight.shape[1]).uniform_(-args["range"], args["range"])
@@ -64,7 +67,8 @@ def initial_rows(model: nn.Module, args: dict[str, Any], n: int) -> torch.Tensor
     else:
         ids = torch.tensor(token_ids(model, args))  # checked at plan time (init_problem)
         ids = ids.repeat((n + len(ids) - 1) // len(ids))[:n]  # cycle, as Lester et al. do
-    return weight.detach()[ids.to(weight.device)].float().cpu()
+    with torch.no_grad():
+        return embedding(ids.to(weight.device)).float().cpu()
 
 
 def token_ids(model: nn.Module, args: dict[str, Any]) -> list[int]:
