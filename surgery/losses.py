@@ -27,7 +27,9 @@ is needed, and none is applied: a confidently wrong token costs its true, large,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 import torch.nn.functional as F
@@ -77,27 +79,31 @@ def multiple_choice_batch(
     one. Rows are right-padded with `pad_id` (masked out, never scored), so positions need no
     adjusting.
     """
+    if pad_id < 0:
+        raise ValueError(f"pad_id must be a token id (>= 0), got {pad_id}")
     if not (len(inputs) == len(choices) == len(answers) > 0):
         raise ValueError(
             f"inputs, choices and answers must have one entry per example, got "
             f"{len(inputs)}, {len(choices)} and {len(answers)}"
         )
-    count = len(choices[0])
+    count = len(_ids_lists(choices[0], "choices[0]"))
     rows: list[tuple[list[int], int]] = []  # (ids, length of x)
     for example, (x, options, answer) in enumerate(zip(inputs, choices, answers, strict=True)):
+        x = _ids(x, f"inputs[{example}]")
+        options = _ids_lists(options, f"choices[{example}]")
         if len(options) != count or count < 2:
             raise ValueError(
                 f"choices[{example}] has {len(options)} choices; every example needs the same "
                 f"number (here {count}), at least 2"
             )
-        if not (isinstance(answer, int) and 0 <= answer < count):
+        if not (_is_int(answer) and 0 <= answer < count):
             raise ValueError(f"answers[{example}] must be an int in [0, {count}), got {answer!r}")
         if len(x) == 0:
             raise ValueError(f"inputs[{example}] is empty: a choice's first token needs a context")
         for index, option in enumerate(options):
             if len(option) == 0:
                 raise ValueError(f"choices[{example}][{index}] is empty")
-            rows.append(([int(t) for t in x] + [int(t) for t in option], len(x)))
+            rows.append((x + option, len(x)))
     length = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -106,7 +112,35 @@ def multiple_choice_batch(
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention_mask[row, : len(ids)] = 1
         labels[row, start : len(ids)] = input_ids[row, start : len(ids)]
-    return MultipleChoiceBatch(input_ids, attention_mask, labels, torch.tensor(list(answers)))
+    answers = torch.tensor([int(a) for a in answers], dtype=torch.long)
+    return MultipleChoiceBatch(input_ids, attention_mask, labels, answers)
+
+
+def _is_int(value: object) -> bool:
+    """An integer (Python, numpy or a 0-d integer tensor), never a bool."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not (value.is_floating_point() or value.is_complex()
+                                        or value.dtype == torch.bool)
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _ids(value: object, where: str) -> list[int]:
+    """A list of token ids (ints >= 0), or a ValueError naming `where`."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist() if value.ndim == 1 else value
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"{where} must be a list of token ids, got {type(value).__name__}")
+    bad = [t for t in value if not _is_int(t) or int(t) < 0]
+    if bad:
+        raise ValueError(f"{where} must hold token ids (ints >= 0), got {bad[0]!r}")
+    return [int(t) for t in value]
+
+
+def _ids_lists(value: object, where: str) -> list[list[int]]:
+    """A list of lists of token ids (an example's choices)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"{where} must be a list of choices, got {type(value).__name__}")
+    return [_ids(option, f"{where}[{i}]") for i, option in enumerate(value)]
 
 
 @checked
@@ -118,7 +152,8 @@ def choice_scores(logits: torch.Tensor, labels: torch.Tensor, num_choices: int) 
     `[batch · num_choices, length]` (module docstring: layout and label convention).
     """
     _check_rows(logits, labels, num_choices)
-    return _scores(*_token_log_probs(logits, labels.to(logits.device)), num_choices)
+    labels = labels.to(device=logits.device, dtype=torch.long)
+    return _scores(*_token_log_probs(logits, labels), num_choices)
 
 
 @checked
@@ -130,7 +165,13 @@ def t_few_losses(logits: torch.Tensor, labels: torch.Tensor, answers: torch.Tens
     example. The number of choices is `rows / batch`. `L_LM` is exactly Hugging Face's causal-LM
     loss with only the right choices' rows labelled.
     """
-    if answers.ndim != 1 or answers.numel() == 0 or answers.is_floating_point():
+    if (
+        answers.ndim != 1
+        or answers.numel() == 0
+        or answers.is_floating_point()
+        or answers.is_complex()
+        or answers.dtype == torch.bool
+    ):
         raise ValueError(
             f"answers must be a 1-d integer tensor with one entry per example, got "
             f"{answers.dtype} of shape {tuple(answers.shape)}"
@@ -144,7 +185,8 @@ def t_few_losses(logits: torch.Tensor, labels: torch.Tensor, answers: torch.Tens
             f"choices (at least 2 each)"
         )
     _check_rows(logits, labels, num_choices)
-    labels, answers = labels.to(logits.device), answers.to(logits.device)
+    labels = labels.to(device=logits.device, dtype=torch.long)
+    answers = answers.to(device=logits.device, dtype=torch.long)
     if bool(((answers < 0) | (answers >= num_choices)).any()):
         raise ValueError(f"answers must lie in [0, {num_choices}), got {answers.tolist()}")
 

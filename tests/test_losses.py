@@ -179,11 +179,27 @@ def test_multiple_choice_batch_lays_out_rows_example_major_right_padded() -> Non
         (lambda: multiple_choice_batch([[1]], [[[2], [3]]], [2]), r"answers\[0\]"),
         (lambda: multiple_choice_batch([[1]], [[[2], []]], [0]), r"choices\[0\]\[1\] is empty"),
         (lambda: multiple_choice_batch([[]], [[[2], [3]]], [0]), r"inputs\[0\] is empty"),
+        (lambda: t_few_losses(ONE_LOGITS, ONE_LABELS, torch.tensor([False])), "answers must"),
+        (lambda: multiple_choice_batch([[1]], [[[2], [3]]], [True]), r"answers\[0\]"),
+        (lambda: multiple_choice_batch([[1]], [[[2], [1.7]]], [0]), r"choices\[0\]\[1\] must"),
+        (lambda: multiple_choice_batch([[1, -5]], [[[2], [3]]], [0]), r"inputs\[0\] must"),
+        (lambda: multiple_choice_batch([[1]], [[2, 3]], [0]), r"choices\[0\]\[0\] must"),
+        (lambda: multiple_choice_batch([[1]], [[[2], [3]]], [0], pad_id=-100), "pad_id"),
     ],
 )
 def test_bad_input_is_a_value_error_naming_it(call, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_integer_labels_of_any_width_and_numpy_answers_are_taken() -> None:
+    expected = t_few_losses(ONE_LOGITS, ONE_LABELS, torch.tensor([0]))
+    narrow = t_few_losses(ONE_LOGITS, ONE_LABELS.int(), torch.tensor([0], dtype=torch.int32))
+    assert torch.equal(narrow.total, expected.total)
+    assert torch.equal(choice_scores(ONE_LOGITS, ONE_LABELS.int(), 2), expected.scores)
+    numpy = pytest.importorskip("numpy")
+    batch = multiple_choice_batch([[5]], [[[1], [2]]], [numpy.int64(1)])
+    assert batch.answers.tolist() == [1] and batch.answers.dtype == torch.long
 
 
 def test_wrong_types_are_type_errors_naming_the_argument() -> None:
