@@ -1,7 +1,7 @@
 """T-Few with surgery: IA3 trained with the LM, unlikelihood and length-normalized losses on a
 multiple-choice task, predicting by rank classification (Liu et al. 2022, arXiv:2205.05638).
 
-    python examples/t_few.py                   # about 25 s on one CPU core
+    python examples/t_few.py                   # 20-35 s on one CPU core
     python examples/t_few.py --steps 400 --seed 3
     python examples/t_few.py --lm-only         # the same run on L_LM alone, to compare
 

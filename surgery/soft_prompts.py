@@ -121,7 +121,8 @@ def _chosen_edits(
             "virtual tokens are keys and values in every layer's attention cache, not input "
             "embeddings, so they have no nearest vocabulary tokens",
             hint=f"inspect only the adapters whose virtual tokens are input embeddings: "
-            f"{', '.join(repr(a) for a in others)}" if others else None,
+            f"{', '.join(repr(a) for a in others)} (adapter=NAME; `surgery inspect --name "
+            "NAME`)" if others else None,
         )
     return [(k, model._modules[k.name]) for k in keys]
 

@@ -283,6 +283,20 @@ def test_the_command_takes_several_adapters_under_names(tmp_path: Path, capsys) 
     assert tokens[0]["neighbours"][0]["token_id"] == 11
 
 
+def test_the_command_reads_one_adapter_beside_a_prefix(tmp_path: Path, capsys) -> None:
+    prompt = saved(tmp_path, "use llama\napply prompt(n=1, init=ids, ids=[11]) to embed", "p")
+    prefix = saved(tmp_path, "use llama\napply prefix(n=2) to layers.*", "q")
+    capsys.readouterr()
+    both = ("-a", f"x={prompt}", "-a", f"y={prefix}", "-m", "tiny-llama", "--top", "1")
+    code, out, err = cli(capsys, *both)
+    assert code == 1 and "is a prefix" in err and "--name NAME" in err
+    code, out, err = cli(capsys, *both, "--name", "x", "--json")
+    assert code == 0, err
+    assert [(t["adapter"], t["neighbours"][0]["token_id"]) for t in json.loads(out)] == [("x", 11)]
+    code, out, err = cli(capsys, *both, "--edit", "nope")
+    assert code == 1 and "no virtual-token edit named 'nope'" in err
+
+
 @pytest.mark.parametrize("method", ["prefix", "p_tuning_v2"])
 def test_the_command_refuses_a_prefix_with_exit_1(method: str, tmp_path: Path, capsys) -> None:
     adapter = saved(tmp_path, f"use llama\napply {method}(n=2) to layers.*")

@@ -34,6 +34,9 @@ def add_inspect(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", "-a", required=True, action="append", metavar="[NAME=]DIR",
                    help="an adapter directory, loaded as `surgery load` loads it (a directory "
                    "of several loads them all); repeat to load several")
+    p.add_argument("--name", metavar="ADAPTER",
+                   help="read only this adapter's virtual tokens (default: every adapter's)")
+    p.add_argument("--edit", metavar="EDIT", help="read only this virtual-token edit")
     p.add_argument("--top", type=_positive, default=5, metavar="K",
                    help="nearest tokens per virtual token (default 5; at most the vocabulary)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -46,7 +49,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     directory = Path(args.model)
     tokenizer = _tokenizer(directory if has_tokenizer(directory) else None)
     model, _ = loaded_model(args, specs)
-    tokens = nearest_tokens(model, args.top, tokenizer=tokenizer)
+    tokens = nearest_tokens(model, args.top, adapter=args.name, edit=args.edit, tokenizer=tokenizer)
     if args.json:
         print(json.dumps([_as_json(token) for token in tokens], indent=2, ensure_ascii=False))
         return 0
