@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_quantized import (
-    IDS,
+    check_routing_and_saving,
     logits,
     refused,
     surgery_key,
@@ -201,23 +201,8 @@ def test_unsupported_methods_and_empty_layers_are_refused(hqq):
 def test_adapters_route_and_save_over_hqq(hqq, tmp_path):
     """Per-row routing (DoRA's norm from the dequantized weight) equals each adapter alone; a
     saved adapter loads onto a fresh HQQ model and computes the same logits."""
-    from surgery import load_adapter
-    from surgery.adapters.units import set_active
-    from surgery.io import write_adapter_dir
-
     rules = "adapter b { apply dora(r=4) to *.q_proj }\nadapter a { apply ia3 to *.q_proj }"
     model = hqq_llama(hqq)
     report = rewrite(model, rules)
     set_adapters(model, 4, 0.1)
-    with torch.no_grad():
-        routed = model(input_ids=IDS, adapter_names=["a", "b"]).logits
-    alone = {}
-    for name in ("a", "b"):
-        set_active(model, name)
-        alone[name] = logits(model)
-    assert torch.allclose(routed[0], alone["a"][0], atol=1e-5)
-    assert torch.allclose(routed[1], alone["b"][1], atol=1e-5)
-    write_adapter_dir(model, tmp_path / "b", rules_text=rules, plan=report.plan, adapter="b")
-    fresh = hqq_llama(hqq)
-    load_adapter(fresh, tmp_path / "b")
-    assert torch.allclose(logits(fresh), alone["b"], atol=1e-6)
+    check_routing_and_saving(model, report, rules, hqq_llama(hqq), tmp_path / "b")

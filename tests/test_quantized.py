@@ -337,21 +337,14 @@ def test_blocks_holding_quantized_layers_are_refused():
     assert "a quantized layer inside the selected module" in message
 
 
-def test_adapters_route_and_save_over_a_quantized_base(tmp_path):
-    """Per-row routing (DoRA's norm from the dequantized weight) equals each adapter alone; a
-    saved adapter loads onto a fresh quantized model and computes the same logits."""
+def check_routing_and_saving(model, report, rules: str, fresh: nn.Module, folder) -> None:
+    """Rows routed to adapters a and b equal each adapter alone, and adapter b saved to
+    `folder` and loaded onto the `fresh` base computes b's logits: what every quantized base
+    must keep (the adapters already moved off their identity)."""
     from surgery import load_adapter
     from surgery.adapters.units import set_active
     from surgery.io import write_adapter_dir
 
-    rules = "adapter b { apply dora(r=4) to *.q_proj }\nadapter a { apply lora(r=4) to *.q_proj }"
-    model = quantized("bnb8")
-    report = rewrite(model, rules)
-    generator = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=generator))
     with torch.no_grad():
         routed = model(input_ids=IDS, adapter_names=["a", "b"]).logits
     alone = {}
@@ -360,7 +353,20 @@ def test_adapters_route_and_save_over_a_quantized_base(tmp_path):
         alone[name] = logits(model)
     assert torch.allclose(routed[0], alone["a"][0], atol=1e-5)
     assert torch.allclose(routed[1], alone["b"][1], atol=1e-5)
-    write_adapter_dir(model, tmp_path / "b", rules_text=rules, plan=report.plan, adapter="b")
-    fresh = quantized("bnb8")
-    load_adapter(fresh, tmp_path / "b")
+    write_adapter_dir(model, folder, rules_text=rules, plan=report.plan, adapter="b")
+    load_adapter(fresh, folder)
     assert torch.allclose(logits(fresh), alone["b"], atol=1e-6)
+
+
+def test_adapters_route_and_save_over_a_quantized_base(tmp_path):
+    """Per-row routing (DoRA's norm from the dequantized weight) equals each adapter alone; a
+    saved adapter loads onto a fresh quantized model and computes the same logits."""
+    rules = "adapter b { apply dora(r=4) to *.q_proj }\nadapter a { apply lora(r=4) to *.q_proj }"
+    model = quantized("bnb8")
+    report = rewrite(model, rules)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    check_routing_and_saving(model, report, rules, quantized("bnb8"), tmp_path / "b")
